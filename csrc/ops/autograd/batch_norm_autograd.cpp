@@ -1,0 +1,109 @@
+// Autograd kernel of batch_norm_forward, in C++ so LibTorch programs train with it too.
+
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/library.h>
+
+#include "torch_batchnorm/ops.h"
+
+namespace torch_batchnorm {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+bool is_defined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& input,
+      const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias,
+      const std::optional<at::Tensor>& running_mean,
+      const std::optional<at::Tensor>& running_var,
+      bool training,
+      double momentum,
+      double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, save_mean, save_invstd] = batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, momentum, eps);
+    // Evaluation differentiates through the running statistics, which training would
+    // overwrite in place: save them only when they are constants.
+    const at::Tensor undefined;
+    ctx->save_for_backward({
+        input,
+        is_defined(weight) ? *weight : undefined,
+        training ? undefined : *running_mean,
+        training ? undefined : *running_var,
+        save_mean,
+        save_invstd,
+    });
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({save_mean, save_invstd});
+    return {out, save_mean, save_invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_out = grads[0];
+    const at::Tensor& input = saved[0];
+    const auto opt = [](const at::Tensor& t) -> std::optional<at::Tensor> {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    const bool training = ctx->saved_data["training"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const std::array<bool, 3> mask{
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+    at::Tensor grad_input;
+    at::Tensor grad_weight;
+    at::Tensor grad_bias;
+    if (grad_out.defined() && (mask[0] || mask[1] || mask[2])) {
+      std::tie(grad_input, grad_weight, grad_bias) = batch_norm_backward(
+          grad_out, input, opt(saved[1]), opt(saved[2]), opt(saved[3]), opt(saved[4]),
+          opt(saved[5]), training, eps, mask);
+    }
+    const at::Tensor none;
+    return {
+        mask[0] ? grad_input : none,
+        mask[1] ? grad_weight : none,
+        mask[2] ? grad_bias : none,
+        none,
+        none,
+        none,
+        none,
+        none};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training,
+    double momentum,
+    double eps) {
+  auto outs = BatchNormFunction::apply(
+      input, weight, bias, running_mean, running_var, training, momentum, eps);
+  // The update happened below autograd; bump the versions so graphs that saved the
+  // old running statistics notice, as they do with torch's batch_norm.
+  if (training && is_defined(running_mean)) {
+    torch::autograd::increment_version(*running_mean);
+    torch::autograd::increment_version(*running_var);
+  }
+  return {outs[0], outs[1], outs[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_batchnorm, Autograd, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_autograd);
+}
+
+}  // namespace torch_batchnorm

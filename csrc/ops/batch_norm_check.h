@@ -1,0 +1,43 @@
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+
+namespace torch_batchnorm {
+
+// The one validation routine of batch_norm_forward. Every backend kernel calls it
+// before it reads or writes anything, so a rejected call leaves all buffers untouched.
+// Messages and exception types follow torch.nn.functional.batch_norm.
+void check_batch_norm_forward(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training,
+    double eps);
+
+// The one validation routine of batch_norm_backward.
+void check_batch_norm_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& save_mean,
+    const std::optional<at::Tensor>& save_invstd,
+    bool training,
+    double eps);
+
+// True when a float16/bfloat16 input comes with float32 parameters ("mixed type"):
+// the kernels then read and write the parameters and statistics as float.
+bool is_mixed_type(const at::Tensor& input, std::initializer_list<const std::optional<at::Tensor>*> params);
+
+// Input viewed as [N, C, inner]: number of channels and of elements per channel.
+inline int64_t num_channels(const at::Tensor& input) {
+  return input.size(1);
+}
+
+}  // namespace torch_batchnorm

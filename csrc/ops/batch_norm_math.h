@@ -1,0 +1,132 @@
+#pragma once
+
+// Scalar math shared by the CPU and CUDA kernels, so both backends compute the
+// statistics, the inverse standard deviation and the running-stat update the same way.
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TBN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TBN_HOST_DEVICE inline
+#endif
+
+namespace torch_batchnorm {
+namespace math {
+
+// Running mean and sum of squared deviations (M2) of `count` values. Merging two of
+// these is exact algebra (Chan et al.), so partial results from threads, warps, blocks
+// or ranks can be combined in any fixed order without the cancellation that
+// E[x^2] - E[x]^2 suffers for large means.
+template <typename T>
+struct Welford {
+  T mean = T(0);
+  T m2 = T(0);
+  int64_t count = 0;
+};
+
+// Adds one value.
+template <typename T>
+TBN_HOST_DEVICE void welford_step(Welford<T>& w, T x) {
+  w.count += 1;
+  const T delta = x - w.mean;
+  w.mean += delta / static_cast<T>(w.count);
+  w.m2 += delta * (x - w.mean);
+}
+
+// Combines the statistics of two disjoint sets of values.
+template <typename T>
+TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
+  const int64_t count = a.count + b.count;
+  if (count == 0) {
+    return a;
+  }
+  const T b_frac = static_cast<T>(b.count) / static_cast<T>(count);
+  const T delta = b.mean - a.mean;
+  Welford<T> out;
+  out.mean = a.mean + delta * b_frac;
+  out.m2 = a.m2 + b.m2 + delta * delta * static_cast<T>(a.count) * b_frac;
+  out.count = count;
+  return out;
+}
+
+// Statistics of `count` values given their mean and their sum of deviations `dsum`
+// and squared deviations `d2sum` from a nearby `shift`. Lets vectorised code sum
+// (x - shift) and (x - shift)^2 over a cached chunk and still return the exact M2:
+// M2 = d2sum - dsum^2 / count.
+template <typename T>
+TBN_HOST_DEVICE Welford<T> welford_from_shifted_sums(T shift, T dsum, T d2sum, int64_t count) {
+  Welford<T> out;
+  if (count == 0) {
+    return out;
+  }
+  const T n = static_cast<T>(count);
+  const T correction = dsum / n;
+  out.mean = shift + correction;
+  out.m2 = d2sum - dsum * correction;
+  if (out.m2 < T(0)) {
+    out.m2 = T(0);  // rounding only: M2 is a sum of squares
+  }
+  out.count = count;
+  return out;
+}
+
+// 1 / sqrt(var + eps), as torch computes it for batch statistics: a zero variance with
+// zero eps gives 0 rather than inf, so a constant channel normalises to zero.
+template <typename T>
+TBN_HOST_DEVICE T batch_invstd(T var, double eps) {
+  if (var == T(0) && eps == 0.0) {
+    return T(0);
+  }
+  return T(1) / std::sqrt(var + static_cast<T>(eps));
+}
+
+// 1 / sqrt(running_var + eps), as torch computes it for evaluation.
+template <typename T>
+TBN_HOST_DEVICE T running_invstd(T running_var, double eps) {
+  return T(1) / std::sqrt(running_var + static_cast<T>(eps));
+}
+
+// Unbiased variance from M2; count == 1 gives NaN (0/0) as in torch.
+template <typename T>
+TBN_HOST_DEVICE T unbiased_var(T m2, int64_t count) {
+  return m2 / static_cast<T>(count - 1);
+}
+
+// running = (1 - momentum) * running + momentum * batch: torch's convention.
+template <typename T>
+TBN_HOST_DEVICE T running_update(T running, T batch, double momentum) {
+  return static_cast<T>(momentum) * batch + (T(1) - static_cast<T>(momentum)) * running;
+}
+
+// Per-channel coefficients of the input gradient, dx = a * dy + b * (x - mean) + c.
+// Training differentiates through the batch statistics:
+//   dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n)
+// evaluation treats them as constants: dx = w * invstd * dy. Centering x before the
+// multiply keeps large-mean inputs from cancelling.
+template <typename T>
+struct GradInputCoeffs {
+  T a;
+  T b;
+  T c;
+};
+
+template <typename T>
+TBN_HOST_DEVICE GradInputCoeffs<T> grad_input_coeffs(
+    T weight, T invstd, T sum_dy, T sum_dy_xmu, int64_t count, bool training) {
+  GradInputCoeffs<T> k;
+  k.a = weight * invstd;
+  if (!training) {
+    k.b = T(0);
+    k.c = T(0);
+    return k;
+  }
+  const T inv_n = T(1) / static_cast<T>(count);
+  k.b = -k.a * invstd * invstd * sum_dy_xmu * inv_n;
+  k.c = -k.a * sum_dy * inv_n;
+  return k;
+}
+
+}  // namespace math
+}  // namespace torch_batchnorm

@@ -1,0 +1,42 @@
+"""Fake (meta) kernels: shapes and dtypes of the ops' outputs, so torch.compile and
+torch.export trace them without running the kernels."""
+
+import torch
+
+_ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _acc_dtype(dtype):
+    return _ACC.get(dtype, dtype)
+
+
+def _memory_format(input):
+    # The kernels keep channels-last inputs channels-last and make the rest contiguous.
+    if input.dim() >= 2 and input.movedim(1, -1).is_contiguous():
+        return input.movedim(1, -1).contiguous().movedim(-1, 1)
+    return input.contiguous()
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_forward")
+def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    channels = input.shape[1] if training else 0
+    stats = input.new_empty((channels,), dtype=_acc_dtype(input.dtype))
+    return torch.empty_like(_memory_format(input)), stats, stats.clone()
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_backward")
+def _batch_norm_backward_fake(
+    grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+    output_mask,
+):
+    channels = input.shape[1]
+    mixed = input.dtype in _ACC and any(
+        t is not None and t.dtype == torch.float32 for t in (weight, running_mean, running_var)
+    )
+    pdtype = torch.float32 if mixed else input.dtype
+    grad_input = (
+        torch.empty_like(_memory_format(input)) if output_mask[0] else input.new_empty((0,))
+    )
+    grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=pdtype)
+    grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=pdtype)
+    return grad_input, grad_weight, grad_bias
