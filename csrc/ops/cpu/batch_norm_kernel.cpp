@@ -39,13 +39,9 @@ using math::Welford;
 constexpr int64_t kMaxPieces = 64;
 // Channels-last reductions give each piece at least this many rows, which keeps the
 // partial results (two doubles per channel and piece) small next to the input.
-constexpr int64_t kMinRowsPerPiece = 64;
+constexpr int64_t kMinRowsPerPiece = 256;
 // Below this many elements per parallel task, starting threads costs more than it saves.
 constexpr int64_t kGrainElems = 32768;
-// An NCHW channel whose values (forward: input; backward: input and grad_out) fit in
-// this many bytes is reduced and then normalised while it stays in L2: memory is read
-// once rather than twice.
-constexpr int64_t kFuseBytes = 1 << 20;
 
 // The input viewed as the kernels walk it.
 struct Layout {
@@ -160,19 +156,12 @@ void for_each_group(const Layout& l, int64_t c, int64_t n0, int64_t n1, F f) {
   }
 }
 
-// Runs f(c, n0, n1) over every run of every channel, in parallel, each call on
-// consecutive runs of one channel (NCHW).
+// Runs f(run0, runs) over the runs of `inner` values of all channels (NCHW; run r is
+// channel r % C), in memory order, in parallel.
 template <typename F>
-void for_each_channel_runs(const Layout& l, F f) {
-  const int64_t N = l.outer;
-  at::parallel_for(0, l.channels * N, grain_for(l.inner), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end;) {
-      const int64_t c = t / N;
-      const int64_t n0 = t % N;
-      const int64_t n1 = std::min(N, n0 + (end - t));
-      f(c, n0, n1);
-      t += n1 - n0;
-    }
+void for_each_runs(const Layout& l, F f) {
+  at::parallel_for(0, l.outer * l.channels, grain_for(l.inner), [&](int64_t begin, int64_t end) {
+    f(begin, end - begin);
   });
 }
 
@@ -259,10 +248,10 @@ void forward_impl(
       });
       return;
     }
-    for_each_channel_runs(l, [&](int64_t c, int64_t n0, int64_t n1) {
-      const int64_t off = (n0 * C + c) * l.inner;
-      loop.group_affine(
-          x_data + off, y_data + off, n1 - n0, l.inner, C * l.inner, centre[c], scale[c], shift[c]);
+    for_each_runs(l, [&](int64_t r0, int64_t runs) {
+      const int64_t off = r0 * l.inner;
+      loop.runs_affine(
+          x_data + off, y_data + off, runs, l.inner, r0 % C, C, centre, scale, shift);
     });
   };
 
@@ -353,8 +342,9 @@ void forward_impl(
     });
     return acc;
   };
-  if (pieces == 1 && count * static_cast<int64_t>(sizeof(scalar_t)) <= kFuseBytes) {
-    // The same statistics as below, each channel normalised while it is in cache.
+  if (pieces == 1) {
+    // The same statistics as below, each channel normalised right after them, while it is
+    // still in cache (L2, or L3 for large channels): memory is read once, not twice.
     at::parallel_for(0, C, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         finish_channel(c, channel_stats(c, 0, l.outer));
@@ -483,12 +473,11 @@ void backward_impl(
       });
       return;
     }
-    const auto group_fn = training ? loop.group_grad_input : loop.group_grad_input_eval;
-    for_each_channel_runs(l, [&](int64_t c, int64_t n0, int64_t n1) {
-      const int64_t off = (n0 * C + c) * l.inner;
-      group_fn(
-          dy_data + off, x_data + off, dx_data + off, n1 - n0, l.inner, C * l.inner, mean[c],
-          a[c], b[c], k[c]);
+    const auto runs_fn = training ? loop.runs_grad_input : loop.runs_grad_input_eval;
+    for_each_runs(l, [&](int64_t r0, int64_t runs) {
+      const int64_t off = r0 * l.inner;
+      runs_fn(
+          dy_data + off, x_data + off, dx_data + off, runs, l.inner, r0 % C, C, mean, a, b, k);
     });
   };
 
@@ -540,9 +529,9 @@ void backward_impl(
     });
     return acc;
   };
-  if (pieces == 1 && dx_data != nullptr &&
-      2 * count * static_cast<int64_t>(sizeof(scalar_t)) <= kFuseBytes) {
-    // The same sums as below, each channel's dx written while dy and x are in cache.
+  if (pieces == 1 && dx_data != nullptr) {
+    // The same sums as below, each channel's dx written right after them, while its dy
+    // and x are still in cache.
     const auto group_fn = training ? loop.group_grad_input : loop.group_grad_input_eval;
     at::parallel_for(0, C, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {

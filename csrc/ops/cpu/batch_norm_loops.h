@@ -39,6 +39,11 @@ struct Loops {
   void (*group_affine)(
       const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
       acc_t scale, acc_t shift);
+  // The same over `runs` consecutive runs (memory order), run r of channel (c0 + r) % C,
+  // with per-channel arrays.
+  void (*runs_affine)(
+      const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
+      const acc_t* centre, const acc_t* scale, const acc_t* shift);
   // {sum(dy), sum(dy * (x - mean))}.
   std::pair<double, double> (*group_grad_sums)(
       const scalar_t* dy, const scalar_t* x, int64_t spans, int64_t len, int64_t stride,
@@ -50,6 +55,13 @@ struct Loops {
   void (*group_grad_input_eval)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
       int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c);
+  // The same over consecutive runs, as runs_affine.
+  void (*runs_grad_input)(
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
+      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+  void (*runs_grad_input_eval)(
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
+      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
 
   // Rows of C channels (channels-last, 2D), with per-channel arrays of C values.
   // Folds the rows into mean/m2 of *count earlier rows; scratch: 3 * C values.

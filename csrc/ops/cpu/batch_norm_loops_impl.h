@@ -107,7 +107,10 @@ TBN_INLINE void vec_loop(int64_t len, Body4 body4, Body1 body1, Tail tail) {
   }
 }
 
-// Elementwise loops need no accumulators: one body for vectors, one for the tail.
+// Elementwise loops need no accumulators. Each output depends only on inputs at its own
+// index and never aliases them, so a run whose length is not a multiple of the vector
+// width ends with one vector overlapping the previous one (its first lanes are written
+// twice, with the same values) instead of a scalar tail.
 template <typename acc_t, typename Body1, typename Tail>
 TBN_INLINE void vec_map(int64_t len, Body1 body1, Tail tail) {
   constexpr int64_t L = Vec<acc_t>::kLanes;
@@ -119,8 +122,30 @@ TBN_INLINE void vec_map(int64_t len, Body1 body1, Tail tail) {
   for (; i + L <= len; i += L) {
     body1(i);
   }
-  for (; i < len; ++i) {
-    tail(i);
+  if (i < len) {
+    if (len >= L) {
+      body1(len - L);
+    } else {
+      for (; i < len; ++i) {
+        tail(i);
+      }
+    }
+  }
+}
+
+// Row-blocked loops over channels-last data: body(r, kRows) handles rows r..r+kRows-1.
+// Short rows go four at a time, so that per-channel values loaded once serve several
+// rows; long rows (at least 2 KiB) one at a time, which streams memory in order.
+template <typename Body>
+TBN_INLINE void rows_by_four(int64_t rows, int64_t row_bytes, Body body) {
+  int64_t r = 0;
+  if (row_bytes < 2048) {
+    for (; r + 4 <= rows; r += 4) {
+      body(r, std::integral_constant<int64_t, 4>{});
+    }
+  }
+  for (; r < rows; ++r) {
+    body(r, std::integral_constant<int64_t, 1>{});
   }
 }
 
@@ -193,18 +218,37 @@ math::Welford<double> group_stats(
   return math::welford_from_shifted_sums<double>(shift, d, q, count);
 }
 
-// y = (x - centre) * scale + shift.
+// y = (x - centre) * scale + shift over one run.
+template <typename scalar_t, typename acc_t>
+TBN_INLINE void affine_run(
+    const scalar_t* p, scalar_t* q, int64_t len, acc_t centre, acc_t scale, acc_t shift) {
+  vec_map<acc_t>(
+      len,
+      [&](int64_t i) { vstore(q + i, (vload<acc_t>(p + i) - centre) * scale + shift); },
+      [&](int64_t i) {
+        q[i] = static_cast<scalar_t>((static_cast<acc_t>(p[i]) - centre) * scale + shift);
+      });
+}
+
+// affine_run over runs of one channel.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void group_affine(
     const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
     acc_t scale, acc_t shift) {
   for (int64_t s = 0; s < spans; ++s) {
-    const scalar_t* p = x + s * stride;
-    scalar_t* q = y + s * stride;
-    vec_map<acc_t>(
-        len,
-        [&](int64_t i) { vstore(q + i, (vload<acc_t>(p + i) - centre) * scale + shift); },
-        [&](int64_t i) { q[i] = static_cast<scalar_t>((static_cast<acc_t>(p[i]) - centre) * scale + shift); });
+    affine_run(x + s * stride, y + s * stride, len, centre, scale, shift);
+  }
+}
+
+// affine_run over `runs` consecutive runs, run r of channel (c0 + r) % C: memory order.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void runs_affine(
+    const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
+    const acc_t* centre, const acc_t* scale, const acc_t* shift) {
+  int64_t c = c0;
+  for (int64_t r = 0; r < runs; ++r) {
+    affine_run(x + r * len, y + r * len, len, centre[c], scale[c], shift[c]);
+    c = c + 1 == C ? 0 : c + 1;
   }
 }
 
@@ -253,31 +297,51 @@ std::pair<double, double> group_grad_sums(
       static_cast<double>(hsum((h0 + h1) + (h2 + h3)) + ht)};
 }
 
-// dx = a * dy + b * (x - mean) + c (training), or a * dy (evaluation: x is not read).
+// dx = a * dy + b * (x - mean) + c (training), or a * dy (evaluation: x is not read)
+// over one run.
+template <bool kUsesInput, typename scalar_t, typename acc_t>
+TBN_INLINE void grad_input_run(
+    const scalar_t* pg, const scalar_t* px, scalar_t* q, int64_t len, acc_t mean, acc_t a,
+    acc_t b, acc_t c) {
+  vec_map<acc_t>(
+      len,
+      [&](int64_t i) {
+        auto v = a * vload<acc_t>(pg + i);
+        if constexpr (kUsesInput) {
+          v += b * (vload<acc_t>(px + i) - mean) + c;
+        }
+        vstore(q + i, v);
+      },
+      [&](int64_t i) {
+        acc_t v = a * static_cast<acc_t>(pg[i]);
+        if constexpr (kUsesInput) {
+          v += b * (static_cast<acc_t>(px[i]) - mean) + c;
+        }
+        q[i] = static_cast<scalar_t>(v);
+      });
+}
+
+// grad_input_run over runs of one channel.
 template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void group_grad_input(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
     int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c) {
   for (int64_t s = 0; s < spans; ++s) {
-    const scalar_t* pg = dy + s * stride;
-    const scalar_t* px = x + s * stride;
-    scalar_t* q = dx + s * stride;
-    vec_map<acc_t>(
-        len,
-        [&](int64_t i) {
-          auto v = a * vload<acc_t>(pg + i);
-          if constexpr (kUsesInput) {
-            v += b * (vload<acc_t>(px + i) - mean) + c;
-          }
-          vstore(q + i, v);
-        },
-        [&](int64_t i) {
-          acc_t v = a * static_cast<acc_t>(pg[i]);
-          if constexpr (kUsesInput) {
-            v += b * (static_cast<acc_t>(px[i]) - mean) + c;
-          }
-          q[i] = static_cast<scalar_t>(v);
-        });
+    const int64_t off = s * stride;
+    grad_input_run<kUsesInput>(dy + off, x + off, dx + off, len, mean, a, b, c);
+  }
+}
+
+// grad_input_run over `runs` consecutive runs, run r of channel (c0 + r) % C.
+template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void runs_grad_input(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
+    int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k) {
+  int64_t c = c0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const int64_t off = r * len;
+    grad_input_run<kUsesInput>(dy + off, x + off, dx + off, len, mean[c], a[c], b[c], k[c]);
+    c = c + 1 == C ? 0 : c + 1;
   }
 }
 
@@ -297,6 +361,18 @@ TBN_INLINE void channel_loop(int64_t C, Body body, Tail tail) {
   }
 }
 
+// Vectors of channels held in per-channel arrays.
+template <typename V, typename T>
+TBN_INLINE V aload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+TBN_INLINE void astore(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
 // Folds `rows` rows into the per-channel statistics (mean, m2) of `count` earlier rows,
 // block by block: each block of rows_per_block rows is taken in two passes while it is in
 // cache (its mean as the shift, then the shifted sums), then merged (Chan et al.; every
@@ -314,43 +390,53 @@ void rows_stats(
     const int64_t nb = std::min(rows_per_block, rows - r0);
     const scalar_t* xb = x + r0 * C;
     std::fill(scratch, scratch + 3 * C, acc_t(0));
-    for (int64_t r = 0; r < nb; ++r) {
+    rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+      constexpr int64_t R = decltype(rows_const)::value;
       const scalar_t* row = xb + r * C;
       channel_loop<acc_t>(
           C,
           [&](int64_t c) {
-            V s;
-            std::memcpy(&s, shift + c, sizeof(V));
-            s += vload<acc_t>(row + c);
-            std::memcpy(shift + c, &s, sizeof(V));
+            V s = aload<V>(shift + c);
+            for (int64_t j = 0; j < R; ++j) {
+              s += vload<acc_t>(row + j * C + c);
+            }
+            astore(shift + c, s);
           },
-          [&](int64_t c) { shift[c] += static_cast<acc_t>(row[c]); });
-    }
+          [&](int64_t c) {
+            for (int64_t j = 0; j < R; ++j) {
+              shift[c] += static_cast<acc_t>(row[j * C + c]);
+            }
+          });
+    });
     const acc_t inv_nb = acc_t(1) / static_cast<acc_t>(nb);
     for (int64_t c = 0; c < C; ++c) {
       shift[c] *= inv_nb;
     }
-    for (int64_t r = 0; r < nb; ++r) {
+    rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+      constexpr int64_t R = decltype(rows_const)::value;
       const scalar_t* row = xb + r * C;
       channel_loop<acc_t>(
           C,
           [&](int64_t c) {
-            V sh, dv, qv;
-            std::memcpy(&sh, shift + c, sizeof(V));
-            std::memcpy(&dv, d + c, sizeof(V));
-            std::memcpy(&qv, q + c, sizeof(V));
-            const V v = vload<acc_t>(row + c) - sh;
-            dv += v;
-            qv += v * v;
-            std::memcpy(d + c, &dv, sizeof(V));
-            std::memcpy(q + c, &qv, sizeof(V));
+            const V sh = aload<V>(shift + c);
+            V dv = aload<V>(d + c);
+            V qv = aload<V>(q + c);
+            for (int64_t j = 0; j < R; ++j) {
+              const V v = vload<acc_t>(row + j * C + c) - sh;
+              dv += v;
+              qv += v * v;
+            }
+            astore(d + c, dv);
+            astore(q + c, qv);
           },
           [&](int64_t c) {
-            const acc_t v = static_cast<acc_t>(row[c]) - shift[c];
-            d[c] += v;
-            q[c] += v * v;
+            for (int64_t j = 0; j < R; ++j) {
+              const acc_t v = static_cast<acc_t>(row[j * C + c]) - shift[c];
+              d[c] += v;
+              q[c] += v * v;
+            }
           });
-    }
+    });
     // Merge the block (mean_b = shift + d / nb, m2_b = q - d^2 / nb) into the total.
     const int64_t n_a = *count;
     const int64_t n = n_a + nb;
@@ -377,22 +463,27 @@ void rows_affine(
     const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
     const acc_t* scale, const acc_t* shift) {
   using V = typename Vec<acc_t>::type;
-  for (int64_t r = 0; r < rows; ++r) {
+  rows_by_four(rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+    constexpr int64_t R = decltype(rows_const)::value;
     const scalar_t* p = x + r * C;
     scalar_t* o = y + r * C;
     channel_loop<acc_t>(
         C,
         [&](int64_t c) {
-          V m, s, b;
-          std::memcpy(&m, centre + c, sizeof(V));
-          std::memcpy(&s, scale + c, sizeof(V));
-          std::memcpy(&b, shift + c, sizeof(V));
-          vstore(o + c, (vload<acc_t>(p + c) - m) * s + b);
+          const V m = aload<V>(centre + c);
+          const V s = aload<V>(scale + c);
+          const V b = aload<V>(shift + c);
+          for (int64_t j = 0; j < R; ++j) {
+            vstore(o + j * C + c, (vload<acc_t>(p + j * C + c) - m) * s + b);
+          }
         },
         [&](int64_t c) {
-          o[c] = static_cast<scalar_t>((static_cast<acc_t>(p[c]) - centre[c]) * scale[c] + shift[c]);
+          for (int64_t j = 0; j < R; ++j) {
+            o[j * C + c] = static_cast<scalar_t>(
+                (static_cast<acc_t>(p[j * C + c]) - centre[c]) * scale[c] + shift[c]);
+          }
         });
-  }
+  });
 }
 
 // Adds sum(dy) and sum(dy * (x - mean)) of `rows` rows to sum_dy[C] and sum_dy_xmu[C],
@@ -407,28 +498,32 @@ void rows_grad_sums(
   for (int64_t r0 = 0; r0 < rows; r0 += rows_per_block) {
     const int64_t nb = std::min(rows_per_block, rows - r0);
     std::fill(scratch, scratch + 2 * C, acc_t(0));
-    for (int64_t r = r0; r < r0 + nb; ++r) {
-      const scalar_t* pg = dy + r * C;
-      const scalar_t* px = x + r * C;
+    rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+      constexpr int64_t R = decltype(rows_const)::value;
+      const scalar_t* pg = dy + (r0 + r) * C;
+      const scalar_t* px = x + (r0 + r) * C;
       channel_loop<acc_t>(
           C,
           [&](int64_t c) {
-            V gv, hv, m;
-            std::memcpy(&gv, g + c, sizeof(V));
-            std::memcpy(&hv, h + c, sizeof(V));
-            std::memcpy(&m, mean + c, sizeof(V));
-            const V a = vload<acc_t>(pg + c);
-            gv += a;
-            hv += a * (vload<acc_t>(px + c) - m);
-            std::memcpy(g + c, &gv, sizeof(V));
-            std::memcpy(h + c, &hv, sizeof(V));
+            const V m = aload<V>(mean + c);
+            V gv = aload<V>(g + c);
+            V hv = aload<V>(h + c);
+            for (int64_t j = 0; j < R; ++j) {
+              const V a = vload<acc_t>(pg + j * C + c);
+              gv += a;
+              hv += a * (vload<acc_t>(px + j * C + c) - m);
+            }
+            astore(g + c, gv);
+            astore(h + c, hv);
           },
           [&](int64_t c) {
-            const acc_t a = static_cast<acc_t>(pg[c]);
-            g[c] += a;
-            h[c] += a * (static_cast<acc_t>(px[c]) - mean[c]);
+            for (int64_t j = 0; j < R; ++j) {
+              const acc_t a = static_cast<acc_t>(pg[j * C + c]);
+              g[c] += a;
+              h[c] += a * (static_cast<acc_t>(px[j * C + c]) - mean[c]);
+            }
           });
-    }
+    });
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       sum_dy[c] += static_cast<double>(g[c]);
@@ -443,33 +538,40 @@ void rows_grad_input(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
     const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k) {
   using V = typename Vec<acc_t>::type;
-  for (int64_t r = 0; r < rows; ++r) {
+  rows_by_four(rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+    constexpr int64_t R = decltype(rows_const)::value;
     const scalar_t* pg = dy + r * C;
     const scalar_t* px = x + r * C;
     scalar_t* o = dx + r * C;
     channel_loop<acc_t>(
         C,
         [&](int64_t c) {
-          V av;
-          std::memcpy(&av, a + c, sizeof(V));
-          V v = av * vload<acc_t>(pg + c);
+          const V av = aload<V>(a + c);
           if constexpr (kUsesInput) {
-            V bv, kv, m;
-            std::memcpy(&bv, b + c, sizeof(V));
-            std::memcpy(&kv, k + c, sizeof(V));
-            std::memcpy(&m, mean + c, sizeof(V));
-            v += bv * (vload<acc_t>(px + c) - m) + kv;
+            const V bv = aload<V>(b + c);
+            const V kv = aload<V>(k + c);
+            const V m = aload<V>(mean + c);
+            for (int64_t j = 0; j < R; ++j) {
+              const int64_t i = j * C + c;
+              vstore(o + i, av * vload<acc_t>(pg + i) + (bv * (vload<acc_t>(px + i) - m) + kv));
+            }
+          } else {
+            for (int64_t j = 0; j < R; ++j) {
+              vstore(o + j * C + c, av * vload<acc_t>(pg + j * C + c));
+            }
           }
-          vstore(o + c, v);
         },
         [&](int64_t c) {
-          acc_t v = a[c] * static_cast<acc_t>(pg[c]);
-          if constexpr (kUsesInput) {
-            v += b[c] * (static_cast<acc_t>(px[c]) - mean[c]) + k[c];
+          for (int64_t j = 0; j < R; ++j) {
+            const int64_t i = j * C + c;
+            acc_t v = a[c] * static_cast<acc_t>(pg[i]);
+            if constexpr (kUsesInput) {
+              v += b[c] * (static_cast<acc_t>(px[i]) - mean[c]) + k[c];
+            }
+            o[i] = static_cast<scalar_t>(v);
           }
-          o[c] = static_cast<scalar_t>(v);
         });
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -477,9 +579,12 @@ Loops<scalar_t> make_loops() {
   Loops<scalar_t> l;
   l.group_stats = &group_stats<scalar_t>;
   l.group_affine = &group_affine<scalar_t>;
+  l.runs_affine = &runs_affine<scalar_t>;
   l.group_grad_sums = &group_grad_sums<scalar_t>;
   l.group_grad_input = &group_grad_input<true, scalar_t>;
   l.group_grad_input_eval = &group_grad_input<false, scalar_t>;
+  l.runs_grad_input = &runs_grad_input<true, scalar_t>;
+  l.runs_grad_input_eval = &runs_grad_input<false, scalar_t>;
   l.rows_stats = &rows_stats<scalar_t>;
   l.rows_affine = &rows_affine<scalar_t>;
   l.rows_grad_sums = &rows_grad_sums<scalar_t>;
