@@ -19,10 +19,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
+#include <utility>
 
 #include "ops/batch_norm_check.h"
 #include "ops/batch_norm_math.h"
@@ -42,6 +43,11 @@ constexpr int64_t kMaxPieces = 64;
 constexpr int64_t kMinRowsPerPiece = 256;
 // Below this many elements per parallel task, starting threads costs more than it saves.
 constexpr int64_t kGrainElems = 32768;
+
+// Per-call buffers of a few values per channel: on the stack for the channel counts of
+// small inputs, whose arithmetic costs less than a heap allocation.
+template <typename T>
+using Buffer = c10::SmallVector<T, 2048 / sizeof(T)>;
 
 // The input viewed as the kernels walk it.
 struct Layout {
@@ -228,7 +234,7 @@ void forward_impl(
   scalar_t* y_data = out.mutable_data_ptr<scalar_t>();
 
   // Per channel: weight, bias, and y = (x - centre) * scale + shift.
-  std::vector<acc_t> buffer(5 * C);
+  Buffer<acc_t> buffer(5 * C);
   acc_t* w = buffer.data();
   acc_t* b = w + C;
   acc_t* centre = b + C;
@@ -308,10 +314,10 @@ void forward_impl(
     const int64_t rows = l.outer;
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
-    std::vector<double> partial(2 * pieces * C, 0.0);  // per piece: mean[C], m2[C]
-    std::vector<int64_t> partial_count(pieces, 0);
+    Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: mean[C], m2[C]
+    Buffer<int64_t> partial_count(pieces, 0);
     at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(3 * C);
+      Buffer<acc_t> scratch(3 * C);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t r0 = rows * p / pieces;
         const int64_t r1 = rows * (p + 1) / pieces;
@@ -320,7 +326,7 @@ void forward_impl(
             x_data + r0 * C, r1 - r0, C, block, mean, mean + C, &partial_count[p], scratch.data());
       }
     });
-    std::vector<double> total(2 * C, 0.0);
+    Buffer<double> total(2 * C, 0.0);
     int64_t n = 0;
     for (int64_t p = 0; p < pieces; ++p) {
       const double* mean = partial.data() + 2 * p * C;
@@ -355,7 +361,7 @@ void forward_impl(
     });
     return;
   }
-  std::vector<Welford<double>> partial(C * pieces);
+  Buffer<Welford<double>> partial(C * pieces);
   at::parallel_for(0, C * pieces, grain_for(count / pieces), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / pieces;
@@ -425,7 +431,7 @@ void backward_impl(
   param_t* gb = mask[2] ? grad_bias.mutable_data_ptr<param_t>() : nullptr;
 
   // Per channel: mean, invstd, weight, and dx = a * dy + b * (x - mean) + k.
-  std::vector<acc_t> buffer(6 * C);
+  Buffer<acc_t> buffer(6 * C);
   acc_t* mean = buffer.data();
   acc_t* invstd = mean + C;
   acc_t* w = invstd + C;
@@ -493,9 +499,9 @@ void backward_impl(
     const int64_t rows = l.outer;
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
-    std::vector<double> partial(2 * pieces * C, 0.0);  // per piece: sum_dy[C], sum_dy_xmu[C]
+    Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: sum_dy[C], sum_dy_xmu[C]
     at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(2 * C);
+      Buffer<acc_t> scratch(2 * C);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t r0 = rows * p / pieces;
         const int64_t r1 = rows * (p + 1) / pieces;
@@ -545,7 +551,7 @@ void backward_impl(
     });
     return;
   }
-  std::vector<std::pair<double, double>> partial(C * pieces);
+  Buffer<std::pair<double, double>> partial(C * pieces);
   at::parallel_for(0, C * pieces, grain_for(count / pieces), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / pieces;
