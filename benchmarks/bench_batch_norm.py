@@ -2,8 +2,12 @@
 
 For every case (shape, memory layout, dtype, thread count, mode) each implementation is
 warmed up, then timed in interleaved rounds (ours, torch, textbook, ours, ...) so that
-drifting clocks and noisy neighbours hit all of them alike; the reported time is the
-median round. A round runs enough calls to last a few milliseconds.
+drifting clocks and noisy neighbours hit all of them alike. A round runs enough calls to
+last a few milliseconds; the reported time is the median round, and a ratio to ours is
+the median of the per-round ratios. On the CPU, glibc is told to reuse freed large
+blocks (as jemalloc or tcmalloc would; --system-malloc keeps its default of unmapping
+them, which adds page-fault time to every large output, ours and torch's alike). CUDA
+times come from CUDA events.
 
 Implementations:
   ours      torch_batchnorm (the functional op, or the module for the "module" cases)
