@@ -2,6 +2,7 @@
 torch.export trace them without running the kernels."""
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
@@ -10,18 +11,17 @@ def _acc_dtype(dtype):
     return _ACC.get(dtype, dtype)
 
 
-def _memory_format(input):
-    # The kernels keep channels-last inputs channels-last and make the rest contiguous.
-    if input.dim() >= 2 and input.movedim(1, -1).is_contiguous():
-        return input.movedim(1, -1).contiguous().movedim(-1, 1)
-    return input.contiguous()
+def _like_input(input):
+    # The kernels return torch's layout: the input's suggested memory format
+    # (channels_last / channels_last_3d kept, everything else contiguous).
+    return torch.empty_like(input, memory_format=suggest_memory_format(input))
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_forward")
 def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
     channels = input.shape[1] if training else 0
     stats = input.new_empty((channels,), dtype=_acc_dtype(input.dtype))
-    return torch.empty_like(_memory_format(input)), stats, stats.clone()
+    return _like_input(input), stats, stats.clone()
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_backward")
@@ -35,7 +35,7 @@ def _batch_norm_backward_fake(
     )
     pdtype = torch.float32 if mixed else input.dtype
     grad_input = (
-        torch.empty_like(_memory_format(input)) if output_mask[0] else input.new_empty((0,))
+        _like_input(input) if output_mask[0] else input.new_empty((0,))
     )
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=pdtype)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=pdtype)

@@ -44,6 +44,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     });
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = is_defined(bias);
     ctx->mark_non_differentiable({save_mean, save_invstd});
     return {out, save_mean, save_invstd};
   }
@@ -57,8 +58,14 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     };
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
+    // needs_input_grad counts only the tensors that were defined in forward: with weight
+    // None, edge 1 is bias (or a running statistic, or nothing at all).
+    const bool has_weight = saved[1].defined();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 3> mask{
-        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+        ctx->needs_input_grad(0),
+        has_weight && ctx->needs_input_grad(1),
+        has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     at::Tensor grad_input;
     at::Tensor grad_weight;
     at::Tensor grad_bias;

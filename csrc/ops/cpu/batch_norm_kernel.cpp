@@ -53,9 +53,15 @@ struct Layout {
 };
 
 bool is_channels_last(const at::Tensor& t) {
-  // A 2D [N, C] tensor, or any tensor whose dim 1 is innermost: the channels of one
-  // position are adjacent. (A contiguous [N, C, 1, 1] qualifies too.)
-  return t.movedim(1, -1).is_contiguous();
+  // The channels of one position are adjacent: a contiguous 2D [N, C] tensor, or a
+  // channels_last / channels_last_3d one. Not a 3D [N, C, L] tensor with C innermost:
+  // torch returns a contiguous result for it (its suggest_memory_format), and code
+  // calls .view() on that result.
+  if (t.dim() == 2) {
+    return t.is_contiguous();
+  }
+  const auto format = t.suggest_memory_format();
+  return format != at::MemoryFormat::Contiguous && t.is_contiguous(format);
 }
 
 // Returns `t` in a layout the kernels walk, copying only when it is neither
@@ -415,7 +421,10 @@ void forward_impl(
     const auto stats = channel_stats(x_data, l);
     for (int64_t c = 0; c < C; ++c) {
       center[c] = static_cast<acc_t>(stats[c].mean);
-      invstd[c] = math::batch_invstd(static_cast<acc_t>(stats[c].m2 / count), eps);
+      // An empty batch has no variance; invstd 0 rather than NaN keeps the gradients of
+      // weight (sums over no elements) zero, as torch's are.
+      invstd[c] = count == 0 ? acc_t(0)
+                             : math::batch_invstd(static_cast<acc_t>(stats[c].m2 / count), eps);
     }
     if (update_running && count > 0) {
       auto rm = load_channels<param_t, acc_t>(running_mean, C, 0);
