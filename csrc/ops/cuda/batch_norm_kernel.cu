@@ -1,0 +1,1107 @@
+// CUDA kernels of batch_norm_forward and batch_norm_backward.
+//
+// Same contract as the CPU kernels (cpu/batch_norm_kernel.cpp), which are the reference:
+// same layouts, same per-channel formulas from batch_norm_math.h, same outputs. The input
+// is walked either as contiguous planes [N, C, HW] or as channels-last rows [N * HW, C]
+// (channels_last, channels_last_3d and every 2D [N, C] input). Each op is one reduction
+// kernel and one elementwise pass:
+//
+//   reduction    forward: Welford statistics of x; backward: sum(dy), sum(dy * (x - mean)).
+//                A block reduces a slice of one channel (planes) or of a group of channels
+//                (rows). When one block per channel would leave SMs idle, channels are split
+//                over several blocks and the last block of each channel to finish merges
+//                the partial results in a fixed order (deterministic) and finalizes: saved
+//                statistics and the in-place running-stat update, or grad_weight, grad_bias
+//                and the sums of the grad-input pass. No host synchronisation anywhere.
+//   elementwise  out = a * dy + (b * (x - m) + c) with per-channel a, b, c, m: normalize
+//                (a = 0) and grad input alike. When a block owns whole channels it runs
+//                this pass itself right after its reduction (one launch per op); otherwise
+//                a second kernel runs it. Either way the pass walks the data backwards, so
+//                it starts with what the reduction read last, which is still in L2.
+//
+// Loads and stores are 16 bytes wide whenever the channel runs and pointers allow it.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "ops/batch_norm_check.h"
+#include "ops/batch_norm_math.h"
+
+namespace torch_batchnorm {
+namespace cuda {
+namespace {
+
+// Loops over compile-time counts are unrolled in device code; the host compiler, which
+// also sees the host-callable functions, does not know the pragma.
+#if defined(__CUDA_ARCH__)
+#define TBN_UNROLL _Pragma("unroll")
+#else
+#define TBN_UNROLL
+#endif
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Vectors each thread loads before it uses any: enough bytes in flight per SM to cover
+// DRAM latency at the occupancy these kernels reach.
+constexpr int kUnroll = 4;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+static_assert(kWarps <= 32 && (kWarps & (kWarps - 1)) == 0, "block reduction needs a power-of-two warp count");
+
+// Elements of one 16-byte load.
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// ---------------------------------------------------------------------------------
+// Geometry: how blocks and threads cover the input. Offsets are counted in vectors of
+// VEC elements and kept in 64 bits; they advance by additions, never by division.
+
+// Contiguous [N, C, HW]: channel c is N runs ("planes") of HW elements, C * HW apart.
+struct PlaneGeom {
+  int64_t channels;
+  int64_t plane;        // vectors per plane: HW / VEC
+  int64_t per_channel;  // vectors per channel: N * plane
+  int64_t splits;       // blocks per channel; block b covers slice b % splits of channel b / splits
+
+  __host__ __device__ int64_t begin(int64_t s) const {
+    return per_channel * s / splits;
+  }
+};
+
+// Channels-last [rows, C]: a block covers tx vectors of channels ("a group") times a
+// slice of the rows, with ty threads along the rows.
+struct RowGeom {
+  int64_t rows;
+  int64_t vecs;    // vectors per row: C / VEC
+  int tx;          // a power of two <= 32, so a warp holds whole columns of threads
+  int ty;          // kThreads / tx
+  int64_t groups;  // ceil(vecs / tx)
+  int64_t splits;  // blocks per group; block b covers slice b / groups of group b % groups
+
+  __host__ __device__ int64_t begin(int64_t s) const {
+    return rows * s / splits;
+  }
+};
+
+// Walks the vectors of channel `c` in [v0, v1) that thread `tid` of a block owns: v0 + tid,
+// then every kThreads-th. Calls f(offsets, n) for each group of kUnroll of them, of which
+// the first n are in range. kReverse walks them from the last to the first.
+// (Host-callable like the other per-thread pieces, so they can be exercised without a GPU.)
+template <bool kReverse, typename F>
+TBN_HOST_DEVICE void for_each_plane_tile(
+    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, F&& f) {
+  const int64_t first = v0 + tid;
+  if (first >= v1) {
+    return;
+  }
+  const int64_t mine = (v1 - first + kThreads - 1) / kThreads;
+  int64_t v = kReverse ? first + (mine - 1) * kThreads : first;
+  const int64_t n = v / g.plane;
+  int64_t j = v - n * g.plane;
+  int64_t off = (n * g.channels + c) * g.plane + j;
+  // A step of kThreads vectors moves dn planes of this channel and dj within a plane.
+  const int64_t dn = kThreads / g.plane;
+  const int64_t dj = kThreads % g.plane;
+  const int64_t plane_stride = g.channels * g.plane;
+  const int64_t step = dn * plane_stride + dj;
+  for (int64_t left = mine; left > 0; left -= kUnroll) {
+    int64_t offs[kUnroll];
+TBN_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      offs[u] = off;
+      if constexpr (kReverse) {
+        j -= dj;
+        off -= step;
+        if (j < 0) {
+          j += g.plane;
+          off -= plane_stride - g.plane;
+        }
+      } else {
+        j += dj;
+        off += step;
+        if (j >= g.plane) {
+          j -= g.plane;
+          off += plane_stride - g.plane;
+        }
+      }
+    }
+    f(offs, static_cast<int>(left < kUnroll ? left : kUnroll));
+  }
+}
+
+// Walks a thread's rows r0 + y, r0 + y + ty, ... < r1 of column vector `cv`.
+template <bool kReverse, typename F>
+TBN_HOST_DEVICE void for_each_row_tile(
+    const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, F&& f) {
+  const int64_t first = r0 + y;
+  if (first >= r1) {
+    return;
+  }
+  const int64_t mine = (r1 - first + g.ty - 1) / g.ty;
+  const int64_t r = kReverse ? first + (mine - 1) * g.ty : first;
+  const int64_t step = kReverse ? -g.ty * g.vecs : g.ty * g.vecs;
+  int64_t off = r * g.vecs + cv;
+  for (int64_t left = mine; left > 0; left -= kUnroll) {
+    int64_t offs[kUnroll];
+TBN_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      offs[u] = off;
+      off += step;
+    }
+    f(offs, static_cast<int>(left < kUnroll ? left : kUnroll));
+  }
+}
+
+// Loads the first n of kUnroll vectors; the rest are zero (never used, but defined).
+template <int VEC, typename scalar_t>
+TBN_HOST_DEVICE void load_packs(
+    const scalar_t* __restrict__ base, const int64_t (&offs)[kUnroll], int n,
+    Pack<scalar_t, VEC> (&out)[kUnroll]) {
+  const auto* packs = reinterpret_cast<const Pack<scalar_t, VEC>*>(base);
+TBN_UNROLL
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < n) {
+      out[u] = packs[offs[u]];
+    } else {
+TBN_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        out[u].v[k] = scalar_t(0);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Per-channel tensors. Parameters and running statistics are either in the input dtype
+// or, for float16/bfloat16 input, in float ("mixed type"); saved statistics and sums are
+// always in the accumulation type. Which one is a runtime property of the tensor, so one
+// kernel serves both and the dtype check stays in the validation routine.
+
+template <typename scalar_t>
+struct ChannelRef {
+  using acc_t = at::opmath_type<scalar_t>;
+  void* ptr;
+  bool is_acc;  // elements are acc_t; otherwise scalar_t
+
+  TBN_HOST_DEVICE acc_t load(int64_t c, acc_t fallback) const {
+    if (ptr == nullptr) {
+      return fallback;
+    }
+    return is_acc ? static_cast<const acc_t*>(ptr)[c]
+                  : static_cast<acc_t>(static_cast<const scalar_t*>(ptr)[c]);
+  }
+  TBN_HOST_DEVICE void store(int64_t c, acc_t value) const {
+    if (is_acc) {
+      static_cast<acc_t*>(ptr)[c] = value;
+    } else {
+      static_cast<scalar_t*>(ptr)[c] = static_cast<scalar_t>(value);
+    }
+  }
+};
+
+template <typename scalar_t>
+ChannelRef<scalar_t> channel_ref(const at::Tensor* t) {
+  if (t == nullptr || !t->defined()) {
+    return {nullptr, true};
+  }
+  return {t->data_ptr(), t->scalar_type() == at::toOpMathType(c10::CppTypeToScalarType<scalar_t>::value)};
+}
+
+// ---------------------------------------------------------------------------------
+// Elementwise pass: out = a * dy + (b * (x - m) + c), in the order the CPU kernel uses.
+
+enum class Pass : int {
+  kNormalizeTraining,  // y = (x - mean) * (invstd * w) + bias
+  kNormalizeEval,      // y = x * scale + shift, running statistics folded into scale/shift
+  kGradTraining,       // dx through the batch statistics
+  kGradEval,           // dx = w * invstd * dy: reads dy only
+};
+
+template <typename acc_t>
+struct ChannelMap {
+  acc_t a, b, c, m;
+};
+
+template <typename scalar_t>
+struct ChannelArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Pass pass;
+  ChannelRef<scalar_t> mean;    // save_mean (training) or running_mean (evaluation)
+  ChannelRef<scalar_t> spread;  // save_invstd (training) or running_var (evaluation)
+  ChannelRef<scalar_t> weight;
+  ChannelRef<scalar_t> bias;
+  const acc_t* sums;  // [2, C]: sum(dy), sum(dy * (x - mean)); read by kGradTraining
+  int64_t channels;
+  int64_t count;  // values per channel
+  double eps;
+
+  TBN_HOST_DEVICE bool training() const {
+    return pass == Pass::kNormalizeTraining || pass == Pass::kGradTraining;
+  }
+  TBN_HOST_DEVICE bool reads_dy() const {
+    return pass == Pass::kGradTraining || pass == Pass::kGradEval;
+  }
+  TBN_HOST_DEVICE bool reads_x() const {
+    return pass != Pass::kGradEval;
+  }
+  TBN_HOST_DEVICE acc_t invstd(int64_t c) const {
+    return training() ? spread.load(c, acc_t(0)) : math::running_invstd(spread.load(c, acc_t(1)), eps);
+  }
+
+  TBN_HOST_DEVICE ChannelMap<acc_t> map(int64_t c) const {
+    const acc_t w = weight.load(c, acc_t(1));
+    const acc_t is = invstd(c);
+    switch (pass) {
+      case Pass::kNormalizeTraining: {
+        // Centre first: (x - mean) is exact for inputs near the mean.
+        return {acc_t(0), is * w, bias.load(c, acc_t(0)), mean.load(c, acc_t(0))};
+      }
+      case Pass::kNormalizeEval: {
+        const acc_t scale = is * w;
+        return {acc_t(0), scale, bias.load(c, acc_t(0)) - mean.load(c, acc_t(0)) * scale, acc_t(0)};
+      }
+      case Pass::kGradTraining: {
+        const auto k = math::grad_input_coeffs<acc_t>(w, is, sums[c], sums[channels + c], count, true);
+        return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
+      }
+      default: {
+        const auto k = math::grad_input_coeffs<acc_t>(w, is, acc_t(0), acc_t(0), count, false);
+        return {k.a, k.b, k.c, acc_t(0)};
+      }
+    }
+  }
+};
+
+template <typename acc_t>
+TBN_HOST_DEVICE acc_t apply_map(
+    const ChannelMap<acc_t>& k, acc_t dy, acc_t x, bool reads_dy, bool reads_x) {
+  if (!reads_x) {
+    return k.a * dy;
+  }
+  const acc_t v = k.b * (x - k.m) + k.c;
+  return reads_dy ? k.a * dy + v : v;
+}
+
+// Writes out = map(dy, x) for one tile of kUnroll vectors, n of them in range.
+template <int VEC, typename scalar_t, typename MapOf>
+TBN_HOST_DEVICE void elementwise_tile(
+    const ChannelArgs<scalar_t>& ch, const scalar_t* __restrict__ dy,
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const int64_t (&offs)[kUnroll],
+    int n, MapOf map_of) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool rdy = ch.reads_dy();
+  const bool rx = ch.reads_x();
+  Pack<scalar_t, VEC> xs[kUnroll];
+  Pack<scalar_t, VEC> gs[kUnroll];
+  load_packs<VEC>(x, offs, rx ? n : 0, xs);
+  load_packs<VEC>(dy, offs, rdy ? n : 0, gs);
+  auto* dst = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
+TBN_UNROLL
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < n) {
+      Pack<scalar_t, VEC> o;
+TBN_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        o.v[k] = static_cast<scalar_t>(apply_map<acc_t>(
+            map_of(k), static_cast<acc_t>(gs[u].v[k]), static_cast<acc_t>(xs[u].v[k]), rdy, rx));
+      }
+      dst[offs[u]] = o;
+    }
+  }
+}
+
+template <int VEC, typename scalar_t>
+TBN_HOST_DEVICE void elementwise_planes(
+    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, const ChannelArgs<scalar_t>& ch,
+    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+  const auto map = ch.map(c);
+  for_each_plane_tile<true>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
+    elementwise_tile<VEC>(ch, dy, x, out, offs, n, [&](int) { return map; });
+  });
+}
+
+template <int VEC, typename scalar_t>
+TBN_HOST_DEVICE void elementwise_rows(
+    const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, const ChannelArgs<scalar_t>& ch,
+    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+  ChannelMap<at::opmath_type<scalar_t>> map[VEC];
+TBN_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    map[k] = ch.map(cv * VEC + k);
+  }
+  for_each_row_tile<true>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
+    elementwise_tile<VEC>(ch, dy, x, out, offs, n, [&](int k) { return map[k]; });
+  });
+}
+
+// Blocks run in reverse order: the first to start cover what the reduction read last.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads) elementwise_planes_kernel(
+    PlaneGeom g, ChannelArgs<scalar_t> ch, const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+  const int64_t b = gridDim.x - 1 - static_cast<int64_t>(blockIdx.x);
+  const int64_t c = b / g.splits;
+  const int64_t s = b % g.splits;
+  elementwise_planes<VEC>(g, c, g.begin(s), g.begin(s + 1), threadIdx.x, ch, dy, x, out);
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads) elementwise_rows_kernel(
+    RowGeom g, ChannelArgs<scalar_t> ch, const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+  const int64_t b = gridDim.x - 1 - static_cast<int64_t>(blockIdx.x);
+  const int64_t s = b / g.groups;
+  const int64_t cv = (b % g.groups) * g.tx + (threadIdx.x & (g.tx - 1));
+  if (cv < g.vecs) {
+    elementwise_rows<VEC>(g, cv, g.begin(s), g.begin(s + 1), threadIdx.x / g.tx, ch, dy, x, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Reductions. An Op says what a thread accumulates from a tile, how two partial results
+// merge, and what the final result of a channel writes.
+
+// Outputs written once a channel's reduction is complete.
+template <typename scalar_t>
+struct FinalizeArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  // forward
+  acc_t* save_mean;
+  acc_t* save_invstd;
+  ChannelRef<scalar_t> running_mean;  // ptr null when not tracked
+  ChannelRef<scalar_t> running_var;
+  double momentum;
+  // backward
+  ChannelRef<scalar_t> grad_weight;  // ptr null when masked off
+  ChannelRef<scalar_t> grad_bias;
+  acc_t* sums;  // [2, C] for the grad-input pass, or null
+};
+
+template <typename scalar_t>
+struct StatsOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Acc = math::Welford<acc_t>;
+  static constexpr bool kReadsDy = false;
+
+  TBN_HOST_DEVICE static Acc identity() {
+    return Acc{};
+  }
+  TBN_HOST_DEVICE static Acc merge(const Acc& a, const Acc& b) {
+    return math::welford_merge(a, b);
+  }
+  __device__ static Acc shfl_xor(const Acc& a, int lane_mask) {
+    Acc o;
+    o.mean = __shfl_xor_sync(kFullMask, a.mean, lane_mask);
+    o.m2 = __shfl_xor_sync(kFullMask, a.m2, lane_mask);
+    o.count = __shfl_xor_sync(kFullMask, a.count, lane_mask);
+    return o;
+  }
+
+  // Folds n values x[0], x[S], ... into acc: a two-pass mean and M2 over the registers,
+  // then one Welford merge, so memory is read once and no per-element division is paid.
+  template <int LEN, int S, typename InX, typename InDy>
+  TBN_HOST_DEVICE static void accumulate(Acc& acc, const InX& x, const InDy&, int n, acc_t) {
+    if (n == 0) {
+      return;
+    }
+    acc_t sum = 0;
+TBN_UNROLL
+    for (int i = 0; i < LEN; ++i) {
+      if (i < n) {
+        sum += x(i * S);
+      }
+    }
+    const acc_t shift = sum / static_cast<acc_t>(n);
+    acc_t d = 0;
+    acc_t d2 = 0;
+TBN_UNROLL
+    for (int i = 0; i < LEN; ++i) {
+      if (i < n) {
+        const acc_t t = x(i * S) - shift;
+        d += t;
+        d2 += t * t;
+      }
+    }
+    acc = math::welford_merge(acc, math::welford_from_shifted_sums<acc_t>(shift, d, d2, n));
+  }
+
+  TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
+    p0[i] = a.mean;
+    p1[i] = a.m2;
+  }
+  // Partials are read by a different block than wrote them: load from L2, not L1.
+  __device__ static Acc load_partial(const acc_t* p0, const acc_t* p1, int64_t i, int64_t count) {
+    Acc a;
+    a.mean = __ldcg(p0 + i);
+    a.m2 = __ldcg(p1 + i);
+    a.count = count;
+    return a;
+  }
+
+  TBN_HOST_DEVICE static void finalize(
+      const Acc& a, int64_t c, const FinalizeArgs<scalar_t>& f, const ChannelArgs<scalar_t>& ch) {
+    // count == 0 (an empty batch) gives mean 0 and invstd NaN, as on the CPU.
+    f.save_mean[c] = a.mean;
+    f.save_invstd[c] = math::batch_invstd(a.m2 / static_cast<acc_t>(a.count), ch.eps);
+    if (f.running_mean.ptr != nullptr && a.count > 0) {
+      f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), a.mean, f.momentum));
+      f.running_var.store(
+          c, math::running_update(f.running_var.load(c, 0), math::unbiased_var(a.m2, a.count), f.momentum));
+    }
+  }
+};
+
+template <typename acc_t>
+struct GradSums {
+  acc_t dy;
+  acc_t dy_xmu;
+};
+
+template <typename scalar_t>
+struct GradOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Acc = GradSums<acc_t>;
+  static constexpr bool kReadsDy = true;
+
+  TBN_HOST_DEVICE static Acc identity() {
+    return {acc_t(0), acc_t(0)};
+  }
+  TBN_HOST_DEVICE static Acc merge(const Acc& a, const Acc& b) {
+    return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+  }
+  __device__ static Acc shfl_xor(const Acc& a, int lane_mask) {
+    return {__shfl_xor_sync(kFullMask, a.dy, lane_mask), __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
+  }
+
+  template <int LEN, int S, typename InX, typename InDy>
+  TBN_HOST_DEVICE static void accumulate(Acc& acc, const InX& x, const InDy& dy, int n, acc_t mean) {
+    acc_t s = 0;
+    acc_t sx = 0;
+TBN_UNROLL
+    for (int i = 0; i < LEN; ++i) {
+      if (i < n) {
+        const acc_t g = dy(i * S);
+        s += g;
+        sx += g * (x(i * S) - mean);
+      }
+    }
+    acc.dy += s;
+    acc.dy_xmu += sx;
+  }
+
+  TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
+    p0[i] = a.dy;
+    p1[i] = a.dy_xmu;
+  }
+  __device__ static Acc load_partial(const acc_t* p0, const acc_t* p1, int64_t i, int64_t) {
+    return {__ldcg(p0 + i), __ldcg(p1 + i)};
+  }
+
+  TBN_HOST_DEVICE static void finalize(
+      const Acc& a, int64_t c, const FinalizeArgs<scalar_t>& f, const ChannelArgs<scalar_t>& ch) {
+    if (f.grad_weight.ptr != nullptr) {
+      f.grad_weight.store(c, a.dy_xmu * ch.invstd(c));
+    }
+    if (f.grad_bias.ptr != nullptr) {
+      f.grad_bias.store(c, a.dy);
+    }
+    if (f.sums != nullptr) {
+      f.sums[c] = a.dy;
+      f.sums[ch.channels + c] = a.dy_xmu;
+    }
+  }
+};
+
+template <typename scalar_t>
+struct ReduceArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* dy;  // backward only
+  scalar_t* out;       // non-null: run the elementwise pass in this kernel (splits == 1)
+  acc_t* partial;      // [2, splits, C] when splits > 1
+  int* semaphores;     // one per channel (planes) or per group (rows), zeroed
+  FinalizeArgs<scalar_t> fin;
+  ChannelArgs<scalar_t> ch;
+};
+
+// Reads element i of a tile of kUnroll packs as acc_t.
+template <typename scalar_t, int VEC>
+struct TileView {
+  const Pack<scalar_t, VEC>* packs;
+  TBN_HOST_DEVICE at::opmath_type<scalar_t> operator()(int i) const {
+    return static_cast<at::opmath_type<scalar_t>>(packs[i / VEC].v[i % VEC]);
+  }
+};
+
+// A thread's share of a planes reduction: its vectors of channel c in [v0, v1).
+template <typename Op, int VEC, typename scalar_t>
+TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(
+    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, const ReduceArgs<scalar_t>& args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t mean = Op::kReadsDy ? args.ch.mean.load(c, acc_t(0)) : acc_t(0);
+  typename Op::Acc acc = Op::identity();
+  for_each_plane_tile<false>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
+    Pack<scalar_t, VEC> xs[kUnroll];
+    Pack<scalar_t, VEC> gs[kUnroll];
+    load_packs<VEC>(args.x, offs, n, xs);
+    load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
+    Op::template accumulate<kUnroll * VEC, 1>(
+        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n * VEC, mean);
+  });
+  return acc;
+}
+
+// A thread's share of a rows reduction: channels cv * VEC + k of rows r0 + y, r0 + y + ty, ...
+template <typename Op, int VEC, typename scalar_t>
+TBN_HOST_DEVICE void thread_reduce_rows(
+    const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, const ReduceArgs<scalar_t>& args,
+    typename Op::Acc (&acc)[VEC]) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t mean[VEC];
+TBN_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    acc[k] = Op::identity();
+    mean[k] = Op::kReadsDy ? args.ch.mean.load(cv * VEC + k, acc_t(0)) : acc_t(0);
+  }
+  for_each_row_tile<false>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
+    Pack<scalar_t, VEC> xs[kUnroll];
+    Pack<scalar_t, VEC> gs[kUnroll];
+    load_packs<VEC>(args.x, offs, n, xs);
+    load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
+    const TileView<scalar_t, VEC> xv{xs};
+    const TileView<scalar_t, VEC> gv{gs};
+TBN_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      // Channel k of the tile: elements k, k + VEC, ... of the kUnroll rows.
+      Op::template accumulate<kUnroll, VEC>(
+          acc[k], [xv, k](int i) { return xv(i + k); }, [gv, k](int i) { return gv(i + k); }, n, mean[k]);
+    }
+  });
+}
+
+// Merges every thread's value into thread 0 (all threads of the block call it). The tree
+// is fixed, so the result does not depend on timing.
+template <typename Op>
+__device__ typename Op::Acc block_reduce_all(typename Op::Acc v, typename Op::Acc* smem) {
+TBN_UNROLL
+  for (int m = 16; m > 0; m >>= 1) {
+    v = Op::merge(v, Op::shfl_xor(v, m));
+  }
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    smem[warp] = v;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? smem[lane] : Op::identity();
+TBN_UNROLL
+    for (int m = kWarps / 2; m > 0; m >>= 1) {
+      v = Op::merge(v, Op::shfl_xor(v, m));
+    }
+  }
+  __syncthreads();  // smem may be reused on return
+  return v;
+}
+
+// Merges the K values of every thread over the rows of the block (threads with the same
+// threadIdx.x % tx). On return smem[x * K + k] holds the result of column x, slot k.
+template <typename Op, int K>
+__device__ void block_reduce_rows(typename Op::Acc (&acc)[K], int tx, typename Op::Acc* smem) {
+  // Lanes of a warp that share a column are tx apart.
+  for (int m = 16; m >= tx; m >>= 1) {
+TBN_UNROLL
+    for (int k = 0; k < K; ++k) {
+      acc[k] = Op::merge(acc[k], Op::shfl_xor(acc[k], m));
+    }
+  }
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane < tx) {
+TBN_UNROLL
+    for (int k = 0; k < K; ++k) {
+      smem[(warp * tx + lane) * K + k] = acc[k];
+    }
+  }
+  __syncthreads();
+  // Thread t < tx * K merges the warps' values of (x, k) = (t / K, t % K), stored at
+  // smem[w * tx * K + t]; it alone writes slot t, which the others never read.
+  const int t = threadIdx.x;
+  if (t < tx * K) {
+    typename Op::Acc r = smem[t];
+    for (int w = 1; w < kWarps; ++w) {
+      r = Op::merge(r, smem[w * tx * K + t]);
+    }
+    smem[t] = r;
+  }
+  __syncthreads();
+}
+
+// Called by every thread of a block once its partial result is in global memory: true in
+// the last block of the `expected` that share `semaphore`, which then sees all partials.
+__device__ bool arrive_last(int* semaphore, int64_t expected) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(semaphore, 1) == static_cast<int>(expected - 1);
+  }
+  __syncthreads();
+  if (last) {
+    __threadfence();
+  }
+  return last;
+}
+
+template <typename Op, typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads) reduce_planes_kernel(PlaneGeom g, ReduceArgs<scalar_t> args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Acc = typename Op::Acc;
+  __shared__ alignas(16) unsigned char smem_raw[kWarps * sizeof(Acc)];
+  Acc* smem = reinterpret_cast<Acc*>(smem_raw);
+
+  const int64_t c = blockIdx.x / g.splits;
+  const int64_t s = blockIdx.x % g.splits;
+  const int64_t v0 = g.begin(s);
+  const int64_t v1 = g.begin(s + 1);
+  Acc acc = thread_reduce_planes<Op, VEC>(g, c, v0, v1, threadIdx.x, args);
+  acc = block_reduce_all<Op>(acc, smem);
+
+  if (g.splits > 1) {
+    acc_t* p0 = args.partial;
+    acc_t* p1 = args.partial + g.splits * g.channels;
+    if (threadIdx.x == 0) {
+      Op::store_partial(acc, p0, p1, s * g.channels + c);
+    }
+    if (!arrive_last(args.semaphores + c, g.splits)) {
+      return;
+    }
+    acc = Op::identity();
+    for (int64_t t = threadIdx.x; t < g.splits; t += kThreads) {
+      acc = Op::merge(acc, Op::load_partial(p0, p1, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
+    }
+    acc = block_reduce_all<Op>(acc, smem);
+  }
+  if (threadIdx.x == 0) {
+    Op::finalize(acc, c, args.fin, args.ch);
+  }
+  if (args.out != nullptr) {
+    __syncthreads();  // the finalized statistics are read back by every thread
+    elementwise_planes<VEC>(g, c, v0, v1, threadIdx.x, args.ch, args.dy, args.x, args.out);
+  }
+}
+
+template <typename Op, typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads) reduce_rows_kernel(RowGeom g, ReduceArgs<scalar_t> args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Acc = typename Op::Acc;
+  __shared__ alignas(16) unsigned char smem_raw[kThreads * VEC * sizeof(Acc)];
+  Acc* smem = reinterpret_cast<Acc*>(smem_raw);
+
+  const int64_t s = blockIdx.x / g.groups;
+  const int64_t group = blockIdx.x % g.groups;
+  const int y = threadIdx.x / g.tx;
+  const int64_t cv = group * g.tx + (threadIdx.x & (g.tx - 1));
+  const bool active = cv < g.vecs;
+  const int64_t r0 = g.begin(s);
+  const int64_t r1 = g.begin(s + 1);
+  const int64_t channels = g.vecs * VEC;
+
+  Acc acc[VEC];
+  thread_reduce_rows<Op, VEC>(g, active ? cv : 0, r0, active ? r1 : r0, y, args, acc);
+  block_reduce_rows<Op, VEC>(acc, g.tx, smem);
+
+  // Thread t < tx * VEC owns the result of channel vector t / VEC, slot t % VEC.
+  const int t = threadIdx.x;
+  const int64_t own_cv = group * g.tx + t / VEC;
+  const bool owner = t < g.tx * VEC && own_cv < g.vecs;
+  const int64_t own_channel = own_cv * VEC + t % VEC;
+  Acc total = owner ? smem[t] : Op::identity();
+
+  if (g.splits > 1) {
+    acc_t* p0 = args.partial;
+    acc_t* p1 = args.partial + g.splits * channels;
+    if (owner) {
+      Op::store_partial(total, p0, p1, s * channels + own_channel);
+    }
+    if (!arrive_last(args.semaphores + group, g.splits)) {
+      return;
+    }
+TBN_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      acc[k] = Op::identity();
+    }
+    if (active) {
+      for (int64_t p = y; p < g.splits; p += g.ty) {
+        const int64_t count = g.begin(p + 1) - g.begin(p);
+TBN_UNROLL
+        for (int k = 0; k < VEC; ++k) {
+          acc[k] = Op::merge(acc[k], Op::load_partial(p0, p1, p * channels + cv * VEC + k, count));
+        }
+      }
+    }
+    block_reduce_rows<Op, VEC>(acc, g.tx, smem);
+    total = owner ? smem[t] : Op::identity();
+  }
+  if (owner) {
+    Op::finalize(total, own_channel, args.fin, args.ch);
+  }
+  if (args.out != nullptr) {
+    __syncthreads();  // the finalized statistics are read back by every thread
+    if (active) {
+      elementwise_rows<VEC>(g, cv, r0, r1, y, args.ch, args.dy, args.x, args.out);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Host side
+
+// The input viewed as the kernels walk it, decided exactly as on the CPU.
+struct Layout {
+  int64_t outer;  // N (planes) or N * prod(spatial) (rows)
+  int64_t channels;
+  int64_t inner;  // prod(spatial) (planes) or 1 (rows)
+  bool rows;
+
+  int64_t per_channel() const {
+    return outer * inner;
+  }
+};
+
+bool is_rows(const at::Tensor& t) {
+  // Channels adjacent in memory: channels_last(_3d), 2D [N, C], contiguous [N, C, 1, 1].
+  return t.movedim(1, -1).is_contiguous();
+}
+
+at::Tensor walkable(const at::Tensor& input, Layout& l) {
+  at::Tensor x = input;
+  if (!is_rows(x) && !x.is_contiguous()) {
+    x = x.contiguous(x.suggest_memory_format());
+    if (!is_rows(x)) {
+      x = x.contiguous();
+    }
+  }
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    spatial *= x.size(d);
+  }
+  l.channels = x.size(1);
+  l.rows = is_rows(x);
+  l.outer = l.rows ? x.size(0) * spatial : x.size(0);
+  l.inner = l.rows ? 1 : spatial;
+  return x;
+}
+
+// grad_out in the input's layout.
+at::Tensor walkable_like(const at::Tensor& t, const Layout& l) {
+  return l.rows ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Blocks of `kernel` that run at once on the current device: a full wave. Blocks per SM
+// are cached per kernel: they depend on the architecture only, and merely shape launches.
+// (Only c10's CUDA headers are used here, so a compiler-only toolkit builds this file.)
+template <auto kKernel>
+int64_t wave_size() {
+  static const int per_sm = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0));
+    return std::max(n, 1);
+  }();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return static_cast<int64_t>(per_sm) * sms;
+}
+
+// Blocks per channel (or group): about one wave in all, and each at least one full round
+// of kThreads * kUnroll vectors (rows: ty * kUnroll rows). With enough channels, one block
+// owns a whole channel and the elementwise pass runs in the reduction kernel.
+int64_t choose_splits(int64_t units, int64_t rounds, int64_t wave) {
+  const int64_t want = (wave + units / 2) / units;
+  return std::max<int64_t>(1, std::min(want, rounds));
+}
+
+PlaneGeom plane_geom(const Layout& l, int vec, int64_t wave) {
+  PlaneGeom g{};
+  g.channels = l.channels;
+  g.plane = l.inner / vec;
+  g.per_channel = l.outer * g.plane;
+  g.splits = choose_splits(l.channels, ceil_div(g.per_channel, kThreads * kUnroll), wave);
+  return g;
+}
+
+RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
+  RowGeom g{};
+  g.rows = l.outer;
+  g.vecs = l.channels / vec;
+  g.tx = 1;
+  while (g.tx < 32 && g.tx < g.vecs) {
+    g.tx *= 2;
+  }
+  g.ty = kThreads / g.tx;
+  g.groups = ceil_div(g.vecs, g.tx);
+  g.splits = choose_splits(g.groups, ceil_div(g.rows, static_cast<int64_t>(g.ty) * kUnroll), wave);
+  return g;
+}
+
+template <typename scalar_t, int VEC>
+void launch_elementwise(
+    const Layout& l, const PlaneGeom* pg, const RowGeom* rg, const ChannelArgs<scalar_t>& ch,
+    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (l.rows) {
+    const RowGeom g = rg ? *rg : row_geom(l, VEC, wave_size<elementwise_rows_kernel<scalar_t, VEC>>());
+    elementwise_rows_kernel<scalar_t, VEC><<<g.groups * g.splits, kThreads, 0, stream>>>(g, ch, dy, x, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const PlaneGeom g = pg ? *pg : plane_geom(l, VEC, wave_size<elementwise_planes_kernel<scalar_t, VEC>>());
+    elementwise_planes_kernel<scalar_t, VEC><<<g.channels * g.splits, kThreads, 0, stream>>>(g, ch, dy, x, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Runs the reduction of Op and, when args.out is set, the elementwise pass: inside the
+// reduction kernel when one block owns each channel, else as a second kernel.
+template <typename Op, typename scalar_t, int VEC>
+void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t> args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  PlaneGeom pg{};
+  RowGeom rg{};
+  int64_t splits;
+  int64_t semaphores;
+  if (l.rows) {
+    rg = row_geom(l, VEC, wave_size<reduce_rows_kernel<Op, scalar_t, VEC>>());
+    splits = rg.splits;
+    semaphores = rg.groups;
+  } else {
+    pg = plane_geom(l, VEC, wave_size<reduce_planes_kernel<Op, scalar_t, VEC>>());
+    splits = pg.splits;
+    semaphores = l.channels;
+  }
+  scalar_t* out = args.out;
+  const bool fused = splits == 1;
+  if (!fused) {
+    args.out = nullptr;
+  }
+
+  at::Tensor workspace;
+  if (splits > 1) {
+    const int64_t partial_bytes = 2 * splits * l.channels * static_cast<int64_t>(sizeof(acc_t));
+    workspace = at::empty({partial_bytes + semaphores * static_cast<int64_t>(sizeof(int))}, like.options().dtype(at::kByte));
+    auto* base = static_cast<char*>(workspace.data_ptr());
+    args.partial = reinterpret_cast<acc_t*>(base);
+    args.semaphores = reinterpret_cast<int*>(base + partial_bytes);
+    C10_CUDA_CHECK(cudaMemsetAsync(args.semaphores, 0, semaphores * sizeof(int), stream));
+  }
+
+  if (l.rows) {
+    reduce_rows_kernel<Op, scalar_t, VEC><<<rg.groups * rg.splits, kThreads, 0, stream>>>(rg, args);
+  } else {
+    reduce_planes_kernel<Op, scalar_t, VEC><<<pg.channels * pg.splits, kThreads, 0, stream>>>(pg, args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (out != nullptr && !fused) {
+    launch_elementwise<scalar_t, VEC>(l, &pg, &rg, args.ch, args.dy, args.x, out);
+  }
+}
+
+// Calls f(std::integral_constant<int, VEC>) with the widest vector every pointer and the
+// layout allow: a channel's run (planes) or a row (rows) must hold whole vectors.
+template <typename scalar_t, typename F>
+void with_vector_width(const Layout& l, std::initializer_list<const void*> ptrs, F&& f) {
+  constexpr int V = kVec<scalar_t>;
+  bool ok = (l.rows ? l.channels : l.inner) % V == 0;
+  for (const void* p : ptrs) {
+    ok = ok && aligned16(p);
+  }
+  if (ok) {
+    f(std::integral_constant<int, V>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// A per-channel tensor the kernels can index as [C]: itself when contiguous.
+at::Tensor dense(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+const at::Tensor* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? &t : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training,
+    double momentum,
+    double eps) {
+  check_batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Layout l{};
+  const at::Tensor x = walkable(input, l);
+  at::Tensor out = at::empty_like(x);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor save_mean = at::empty({training ? l.channels : 0}, x.options().dtype(acc_type));
+  at::Tensor save_invstd = at::empty_like(save_mean);
+  // Training with an empty batch still writes the saved statistics (mean 0, invstd NaN).
+  if (l.channels == 0 || (!training && x.numel() == 0)) {
+    return {out, save_mean, save_invstd};
+  }
+
+  const at::Tensor w = dense(weight);
+  const at::Tensor b = dense(bias);
+  const at::Tensor rm = dense(running_mean);
+  const at::Tensor rv = dense(running_var);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_cuda", [&] {
+    ChannelArgs<scalar_t> ch{};
+    ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
+    ch.bias = channel_ref<scalar_t>(ptr_or_null(b));
+    ch.channels = l.channels;
+    ch.count = l.per_channel();
+    ch.eps = eps;
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    with_vector_width<scalar_t>(l, {x_data, out_data}, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      if (!training) {
+        ch.pass = Pass::kNormalizeEval;
+        ch.mean = channel_ref<scalar_t>(&rm);
+        ch.spread = channel_ref<scalar_t>(&rv);
+        launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, nullptr, x_data, out_data);
+        return;
+      }
+      ch.pass = Pass::kNormalizeTraining;
+      ch.mean = channel_ref<scalar_t>(&save_mean);
+      ch.spread = channel_ref<scalar_t>(&save_invstd);
+      ReduceArgs<scalar_t> args{};
+      args.x = x_data;
+      args.out = x.numel() > 0 ? out_data : nullptr;
+      args.fin.save_mean = save_mean.mutable_data_ptr<at::opmath_type<scalar_t>>();
+      args.fin.save_invstd = save_invstd.mutable_data_ptr<at::opmath_type<scalar_t>>();
+      args.fin.running_mean = channel_ref<scalar_t>(ptr_or_null(rm));
+      args.fin.running_var = channel_ref<scalar_t>(ptr_or_null(rv));
+      args.fin.momentum = momentum;
+      args.ch = ch;
+      launch_reduce<StatsOp<scalar_t>, scalar_t, VEC>(l, x, args);
+    });
+  });
+
+  // Strided running statistics were updated in a dense copy.
+  if (training && rm.defined() && !rm.is_same(*running_mean)) {
+    running_mean->copy_(rm);
+  }
+  if (training && rv.defined() && !rv.is_same(*running_var)) {
+    running_var->copy_(rv);
+  }
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& save_mean,
+    const std::optional<at::Tensor>& save_invstd,
+    bool training,
+    double eps,
+    std::array<bool, 3> mask) {
+  check_batch_norm_backward(
+      grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Layout l{};
+  const at::Tensor x = walkable(input, l);
+  const at::Tensor dy = walkable_like(grad_out, l);
+  const bool mixed = is_mixed_type(input, {&weight, &running_mean, &running_var});
+  const auto param_type = mixed ? at::kFloat : input.scalar_type();
+  const int64_t C = l.channels;
+  at::Tensor grad_input = mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_weight = at::empty({mask[1] ? C : 0}, x.options().dtype(param_type));
+  at::Tensor grad_bias = at::empty({mask[2] ? C : 0}, x.options().dtype(param_type));
+  // As on the CPU: the sums are taken whenever an output depends on them, so an empty
+  // batch still produces grad_weight and grad_bias.
+  const bool need_sums = training ? (mask[0] || mask[1] || mask[2]) : (mask[1] || mask[2]);
+  const bool need_dx = mask[0] && x.numel() > 0;
+  if (C == 0 || (!need_sums && !need_dx)) {
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  const at::Tensor w = dense(weight);
+  const at::Tensor mean = dense(training ? save_mean : running_mean);
+  const at::Tensor spread = dense(training ? save_invstd : running_var);
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const at::Tensor sums = training && need_dx ? at::empty({2 * C}, x.options().dtype(acc_type)) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ChannelArgs<scalar_t> ch{};
+    ch.pass = training ? Pass::kGradTraining : Pass::kGradEval;
+    ch.mean = channel_ref<scalar_t>(&mean);
+    ch.spread = channel_ref<scalar_t>(&spread);
+    ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
+    ch.bias = channel_ref<scalar_t>(nullptr);
+    ch.sums = sums.defined() ? sums.const_data_ptr<acc_t>() : nullptr;
+    ch.channels = C;
+    ch.count = l.per_channel();
+    ch.eps = eps;
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    scalar_t* dx_data = need_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+    with_vector_width<scalar_t>(l, {x_data, dy_data, dx_data}, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      if (!need_sums) {
+        launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, dy_data, x_data, dx_data);
+        return;
+      }
+      ReduceArgs<scalar_t> args{};
+      args.x = x_data;
+      args.dy = dy_data;
+      args.out = dx_data;
+      args.fin.grad_weight = channel_ref<scalar_t>(mask[1] ? &grad_weight : nullptr);
+      args.fin.grad_bias = channel_ref<scalar_t>(mask[2] ? &grad_bias : nullptr);
+      args.fin.sums = sums.defined() ? sums.mutable_data_ptr<acc_t>() : nullptr;
+      args.ch = ch;
+      launch_reduce<GradOp<scalar_t>, scalar_t, VEC>(l, x, args);
+    });
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(torch_batchnorm, CUDA, m) {
+  m.impl("batch_norm_forward", &cuda::batch_norm_forward_cuda);
+  m.impl("batch_norm_backward", &cuda::batch_norm_backward_cuda);
+}
+
+}  // namespace torch_batchnorm

@@ -1,0 +1,423 @@
+"""CUDA-specific tests of the torch_batchnorm ops.
+
+Parity with torch.nn.BatchNorm on CUDA (dtypes, layouts, modes) comes from the shared
+parity suite through its ``device`` fixture. This file checks what only CUDA has: agreement
+with the CPU kernels (the reference implementation of the op contract), both launch shapes
+of the kernels (one block per channel, and channels split over blocks with a grid merge),
+vector and scalar memory paths, gradcheck/opcheck/torch.compile on CUDA tensors, no host
+synchronisation, streams, device guards, determinism and tensors beyond 2**31 elements.
+"""
+
+import pytest
+import torch
+
+import torch_batchnorm as tbn
+
+HAS_GPU = torch.cuda.is_available()
+
+pytestmark = pytest.mark.skipif(not HAS_GPU, reason="CUDA is not available")
+needs_kernels = pytest.mark.skipif(
+    not tbn.with_cuda, reason="torch_batchnorm was built without its CUDA kernels"
+)
+
+forward_op = torch.ops.torch_batchnorm.batch_norm_forward.default
+backward_op = torch.ops.torch_batchnorm.batch_norm_backward.default
+
+MIXED = "mixed"  # float16/bfloat16 input with float32 parameters and statistics
+
+# (shape, memory layout). Chosen to reach every launch shape of the kernels:
+#   planes = contiguous [N, C, HW]; rows = channels-last and 2D [N, C].
+#   few channels with many values -> channels split over blocks, merged by the last block;
+#   many channels -> one block per channel (statistics and elementwise pass in one kernel);
+#   HW or C not a multiple of the 16-byte vector -> scalar path.
+LAYOUTS = [
+    ((4, 3, 32, 32), "contiguous"),  # planes, split channels, vector path
+    ((2, 5, 7, 7), "contiguous"),  # planes, HW = 49: scalar path
+    ((2, 3000, 4, 4), "contiguous"),  # planes, one block per channel (fused)
+    ((6, 16, 10, 10), "channels_last"),  # rows, vector path
+    ((3, 7, 9, 9), "channels_last"),  # rows, C = 7: scalar path
+    ((2, 3, 4, 5, 6), "channels_last_3d"),
+    ((2, 3, 4, 5, 6), "contiguous"),
+    ((64, 40), "contiguous"),  # 2D [N, C] is rows
+    ((4, 70000), "contiguous"),  # 2D with many channels: rows, one block per group (fused)
+    ((5, 6, 11), "contiguous"),  # 3D [N, C, L]
+    ((8, 6, 12, 12), "strided"),  # neither layout: made contiguous once
+    ((512, 8, 1, 1), "contiguous"),  # [N, C, 1, 1] is rows in memory
+    ((0, 5, 3), "contiguous"),  # empty batch
+]
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, MIXED]
+
+
+def _make_input(shape, layout, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    if layout == "strided":
+        # Every other element of a wider tensor: dense in no layout.
+        wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64)
+        wide[..., ::2] = base
+        x = wide.to(device=device, dtype=dtype)[..., ::2]
+        assert not x.is_contiguous()
+        return x
+    x = base.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def _params(channels, dtype, device, affine=True, track=True, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    pdtype = torch.float32 if dtype == MIXED else dtype
+    w = b = rm = rv = None
+    if affine:
+        w = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).to(device, pdtype)
+        b = torch.randn(channels, generator=gen, dtype=torch.float64).to(device, pdtype)
+    if track:
+        rm = torch.randn(channels, generator=gen, dtype=torch.float64).to(device, pdtype)
+        rv = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).to(device, pdtype)
+    return w, b, rm, rv
+
+
+def _input_dtype(dtype):
+    return torch.bfloat16 if dtype == MIXED else dtype
+
+
+def _tolerances(dtype):
+    """(outputs, statistics, gradients) rtol/atol pairs for CPU-vs-CUDA agreement.
+
+    Both backends accumulate in the same type but in a different order, so results agree
+    to rounding: a few ulps of the accumulation type for statistics, one ulp of the
+    output type for outputs rounded to float16/bfloat16.
+    """
+    if dtype == torch.float64:
+        return (1e-10, 1e-10), (1e-12, 1e-12), (1e-9, 1e-10)
+    if dtype == torch.float32:
+        return (1e-5, 1e-5), (1e-5, 1e-6), (1e-4, 1e-5)
+    if dtype == torch.float16:
+        return (1e-3, 1e-3), (1e-5, 1e-6), (2e-3, 2e-3)
+    return (8e-3, 8e-3), (1e-5, 1e-6), (1.6e-2, 1.6e-2)  # bfloat16 and mixed
+
+
+def _run(device, x_cpu, layout, dtype, params, training, momentum=0.1, eps=1e-5, grad=None):
+    """Forward (op), backward (autograd) on `device`; returns every result on the CPU."""
+    if layout == "strided":
+        x = _make_input(tuple(x_cpu.shape), layout, _input_dtype(dtype), device)
+    else:
+        x = x_cpu.to(device)
+    x = x.detach().requires_grad_(x.numel() > 0)
+    w, b, rm, rv = (None if p is None else p.to(device).clone() for p in params)
+    if w is not None:
+        w.requires_grad_(True)
+        b.requires_grad_(True)
+    out, save_mean, save_invstd = forward_op(x, w, b, rm, rv, training, momentum, eps)
+    result = {
+        "out": out,
+        "save_mean": save_mean,
+        "save_invstd": save_invstd,
+        "running_mean": rm,
+        "running_var": rv,
+    }
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    if grad is not None and leaves:
+        y = tbn.functional.batch_norm(x, None if training else rm, None if training else rv, w, b,
+                                      training, momentum, eps)
+        grads = torch.autograd.grad(y, leaves, grad.to(device))
+        for name, t, g in zip(("grad_input", "grad_weight", "grad_bias"), leaves, grads):
+            result[name] = g
+    return {k: (None if v is None else v.detach().cpu()) for k, v in result.items()}
+
+
+def _assert_agree(cpu, cuda, dtype, what):
+    tol_out, tol_stats, tol_grad = _tolerances(dtype)
+    for key in cpu:
+        a, b = cpu[key], cuda[key]
+        if a is None:
+            assert b is None, key
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, key, a.dtype, b.dtype, a.shape, b.shape)
+        if key == "out" or key == "grad_input":
+            assert a.stride() == b.stride(), (what, key, "layout differs", a.stride(), b.stride())
+        tol = tol_out if key == "out" else tol_grad if key.startswith("grad") else tol_stats
+        torch.testing.assert_close(b, a, rtol=tol[0], atol=tol[1], equal_nan=True,
+                                   msg=lambda m: f"{what} {key}: {m}")
+
+
+def test_built_with_cuda():
+    # A GPU is visible, so a build without the CUDA kernels is a broken build, not a skip.
+    assert tbn.with_cuda, "torch_batchnorm was built without CUDA kernels on a machine with a GPU"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", LAYOUTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("mode", ["train", "train_untracked", "eval", "train_noaffine"])
+def test_cuda_matches_cpu(shape, layout, dtype, mode):
+    training = mode != "eval"
+    if training and shape[0] * (torch.Size(shape[2:]).numel()) == 1:
+        pytest.skip("one value per channel is rejected in training")
+    x = _make_input(shape, "contiguous" if layout == "strided" else layout, _input_dtype(dtype), "cpu")
+    params = _params(shape[1], dtype, "cpu", affine=mode != "train_noaffine",
+                     track=mode != "train_untracked")
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(_input_dtype(dtype))
+    cpu = _run("cpu", x, layout, dtype, params, training, grad=grad)
+    cuda = _run("cuda", x, layout, dtype, params, training, grad=grad)
+    _assert_agree(cpu, cuda, dtype, f"{mode} {shape} {layout} {dtype}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, True), (True, True, False),
+                                  (False, False, True)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,layout", [((4, 3, 16, 16), "contiguous"),
+                                          ((4, 24, 6, 6), "channels_last"),
+                                          ((4, 5000, 2, 2), "contiguous")])
+def test_backward_op_masks_match_cpu(shape, layout, training, mask):
+    x = _make_input(shape, layout, torch.float32, "cpu")
+    g = _make_input(shape, "contiguous", torch.float32, "cpu", seed=3)
+    w, _, rm, rv = _params(shape[1], torch.float32, "cpu")
+    _, sm, si = forward_op(x, w, None, None, None, True, 0.1, 1e-5)
+    args = (g, x, w, rm, rv, sm, si, training, 1e-5, list(mask))
+    expected = backward_op(*args)
+    actual = backward_op(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+    for e, a in zip(expected, actual):
+        assert e.shape == a.shape and e.dtype == a.dtype
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(layout, training):
+    shape = (3, 4, 5, 6)
+    x = _make_input(shape, layout, torch.float64, "cuda").requires_grad_(True)
+    w, b, rm, rv = _params(4, torch.float64, "cuda")
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def fn(x, w, b):
+        # Running statistics: constants in evaluation, left out in training (they would
+        # be updated on every evaluation of fn).
+        return tbn.functional.batch_norm(
+            x, None if training else rm, None if training else rv, w, b, training, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, MIXED], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(layout, dtype, training):
+    shape = (4, 8, 6, 6)
+    x = _make_input(shape, layout, _input_dtype(dtype), "cuda").requires_grad_(True)
+    w, b, rm, rv = _params(8, dtype, "cuda")
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    torch.library.opcheck(forward_op, (x, w, b, rm, rv, training, 0.1, 1e-5))
+    _, sm, si = forward_op(x.detach(), w.detach(), b.detach(), None, None, True, 0.1, 1e-5)
+    g = torch.randn_like(x)
+    torch.library.opcheck(
+        backward_op,
+        (g, x.detach(), w.detach(), rm, rv, sm, si, training, 1e-5, [True, True, True]),
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_torch_compile(layout):
+    torch.manual_seed(0)
+    ours = tbn.BatchNorm2d(16).cuda()
+    ref = tbn.BatchNorm2d(16).cuda()
+    ref.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ours, fullgraph=True)
+    for training in (True, False):
+        ours.train(training)
+        ref.train(training)
+        x = _make_input((8, 16, 12, 12), layout, torch.float32, "cuda").requires_grad_(True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        out = compiled(x)
+        expected = ref(x_ref)
+        torch.testing.assert_close(out, expected)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,layout", [((8, 3, 64, 64), "contiguous"),
+                                          ((2, 3000, 4, 4), "contiguous"),
+                                          ((8, 32, 16, 16), "channels_last"),
+                                          ((16, 256), "contiguous")])
+def test_no_host_sync(shape, layout):
+    x = _make_input(shape, layout, torch.float32, "cuda")
+    w, b, rm, rv = _params(shape[1], torch.float32, "cuda")
+    g = torch.randn_like(x)
+    # Warm up first: one-time initialisation is not what is being checked.
+    _, sm, si = forward_op(x, w, b, rm, rv, True, 0.1, 1e-5)
+    backward_op(g, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True])
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for training in (True, False):
+            _, sm, si = forward_op(x, w, b, rm, rv, training, 0.1, 1e-5)
+            if training:
+                backward_op(g, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True])
+            else:
+                backward_op(g, x, w, rm, rv, None, None, False, 1e-5, [True, True, True])
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,layout", [((8, 3, 64, 64), "contiguous"),
+                                          ((2, 3000, 4, 4), "contiguous"),
+                                          ((8, 32, 16, 16), "channels_last")])
+def test_current_stream_is_used(shape, layout):
+    # Everything is queued on a side stream behind a long sleep: a kernel launched on any
+    # other stream would run before the input is written and produce different numbers.
+    x_src = _make_input(shape, layout, torch.float32, "cuda")
+    w, b, rm, rv = _params(shape[1], torch.float32, "cuda")
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    expected = forward_op(x_src, w, b, rm_ref, rv_ref, True, 0.1, 1e-5)
+    g = torch.randn_like(x_src)
+    expected_grads = backward_op(g, x_src, w, None, None, expected[1], expected[2], True, 1e-5,
+                                 [True, True, True])
+    x = torch.zeros_like(x_src)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(x_src)
+        actual = forward_op(x, w, b, rm, rv, True, 0.1, 1e-5)
+        actual_grads = backward_op(g, x, w, None, None, actual[1], actual[2], True, 1e-5,
+                                   [True, True, True])
+    torch.cuda.synchronize()
+    for e, a in zip(expected + expected_grads, actual + actual_grads):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    torch.testing.assert_close(rm, rm_ref, rtol=0, atol=0)
+    torch.testing.assert_close(rv, rv_ref, rtol=0, atol=0)
+
+
+@needs_kernels
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_device_guard():
+    # Tensors on cuda:1 while cuda:0 is current: the kernels must run on cuda:1.
+    shape = (4, 6, 8, 8)
+    x_cpu = _make_input(shape, "contiguous", torch.float32, "cpu")
+    params = _params(6, torch.float32, "cpu")
+    grad = torch.randn(shape)
+    with torch.cuda.device(0):
+        x1 = x_cpu.to("cuda:1")
+        w, b, rm, rv = (p.to("cuda:1") for p in params)
+        out, sm, si = forward_op(x1, w, b, rm, rv, True, 0.1, 1e-5)
+        assert out.device == torch.device("cuda:1") and sm.device == torch.device("cuda:1")
+        gi, gw, gb = backward_op(grad.to("cuda:1"), x1, w, rm, rv, sm, si, True, 1e-5,
+                                 [True, True, True])
+    torch.cuda.synchronize(1)
+    e_out, e_sm, e_si = forward_op(x_cpu, *params, True, 0.1, 1e-5)
+    torch.testing.assert_close(out.cpu(), e_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sm.cpu(), e_sm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rm.cpu(), params[2], rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,layout", [((16, 3, 64, 64), "contiguous"),
+                                          ((16, 24, 32, 32), "channels_last")])
+def test_deterministic(shape, layout):
+    # Partial results are merged in a fixed order: repeated runs agree bit for bit.
+    x = _make_input(shape, layout, torch.float32, "cuda")
+    w, b, _, _ = _params(shape[1], torch.float32, "cuda")
+    g = torch.randn_like(x)
+    runs = []
+    for _ in range(3):
+        out, sm, si = forward_op(x, w, b, None, None, True, 0.1, 1e-5)
+        grads = backward_op(g, x, w, None, None, sm, si, True, 1e-5, [True, True, True])
+        runs.append((out, sm, si) + tuple(grads))
+    for other in runs[1:]:
+        for a, b_ in zip(runs[0], other):
+            assert torch.equal(a, b_)
+
+
+@needs_kernels
+def test_large_mean_statistics():
+    # Welford merges keep the variance of inputs with a large mean: E[x^2] - E[x]^2 would
+    # lose it in float32.
+    x = (torch.randn(32, 4, 64, 64, device="cuda", dtype=torch.float64) * 0.01 + 1000.0).float()
+    _, sm, si = forward_op(x, None, None, None, None, True, 0.1, 1e-5)
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(sm.double(), mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(si.double(), (var + 1e-5).rsqrt(), rtol=1e-3, atol=0)
+
+
+def _free_bytes():
+    free, _ = torch.cuda.mem_get_info()
+    return free
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["planes", "rows"])
+def test_over_2_pow_31_elements_bfloat16(layout):
+    # 64-bit indexing: a bfloat16 input of more than 2**31 elements (4.3 GB); the last
+    # elements lie beyond every 32-bit offset.
+    numel_target = 2**31 + 4096
+    if layout == "planes":
+        shape = (2, 4, numel_target // 8)
+    else:
+        shape = (numel_target // 8, 8)
+    nbytes = torch.Size(shape).numel() * 2
+    # input, grad_out, output, grad_input, plus per-channel float64 work
+    if _free_bytes() < 4 * nbytes + (4 << 30):
+        pytest.skip("not enough free GPU memory for a tensor over 2**31 elements")
+    torch.manual_seed(0)
+    x = torch.empty(shape, device="cuda", dtype=torch.bfloat16).normal_(1.0, 2.0)
+    assert x.numel() > 2**31
+    channels = shape[1]
+    w = torch.rand(channels, device="cuda") + 0.5
+    b = torch.randn(channels, device="cuda")
+    rm = torch.zeros(channels, device="cuda")
+    rv = torch.ones(channels, device="cuda")
+    out, sm, si = forward_op(x, w, b, rm, rv, True, 1.0, 1e-5)
+    assert out.shape == x.shape and sm.dtype == torch.float32
+
+    # Per-channel statistics in float64, one channel at a time.
+    for c in range(channels):
+        xc = x.select(1, c).double()
+        var, mean = torch.var_mean(xc, unbiased=False)
+        torch.testing.assert_close(sm[c].double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(si[c].double(), (var + 1e-5).rsqrt(), rtol=1e-4, atol=0)
+        torch.testing.assert_close(rv[c].double(), var * xc.numel() / (xc.numel() - 1), rtol=1e-4, atol=0)
+        del xc
+
+    # Output at the first and last elements of the flat storage and in between.
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    positions = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**31 + 1, x.numel() - 1], device="cuda")
+    positions = torch.cat([positions, torch.randint(0, x.numel(), (1000,), device="cuda")])
+    if layout == "planes":
+        chan = (positions // x.shape[2]) % channels
+    else:
+        chan = positions % channels
+    expected = (flat_x[positions].float() - sm[chan]) * si[chan] * w[chan] + b[chan]
+    torch.testing.assert_close(flat_out[positions].float(), expected, rtol=1.6e-2, atol=1.6e-2)
+    del out
+
+    g = torch.empty_like(x).normal_()
+    gi, gw, gb = backward_op(g, x, w, None, None, sm, si, True, 1e-5, [True, True, True])
+    for c in range(channels):
+        gc = g.select(1, c).double()
+        # float accumulation of ~5e8 values of unit scale: absolute error well below 5
+        torch.testing.assert_close(gb[c].double(), gc.sum(), rtol=1e-4, atol=5.0)
+        del gc
+    n = x.numel() // channels
+    flat_g, flat_gi = g.reshape(-1), gi.reshape(-1)
+    sum_dy = gb[chan]
+    sum_dy_xmu = gw[chan] / si[chan]
+    xmu = flat_x[positions].float() - sm[chan]
+    expected = (flat_g[positions].float() - sum_dy / n - xmu * si[chan] ** 2 * sum_dy_xmu / n) * si[chan] * w[chan]
+    torch.testing.assert_close(flat_gi[positions].float(), expected, rtol=1.6e-2, atol=1.6e-2)
