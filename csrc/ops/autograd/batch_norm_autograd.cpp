@@ -44,6 +44,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     });
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_weight"] = is_defined(weight);
+    ctx->saved_data["has_bias"] = is_defined(bias);
     ctx->mark_non_differentiable({save_mean, save_invstd});
     return {out, save_mean, save_invstd};
   }
@@ -57,8 +59,14 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     };
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
+    // needs_input_grad counts autograd edges, and an absent weight or bias has none: the
+    // bias is edge 1 when there is no weight.
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 3> mask{
-        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+        ctx->needs_input_grad(0),
+        has_weight && ctx->needs_input_grad(1),
+        has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     at::Tensor grad_input;
     at::Tensor grad_weight;
     at::Tensor grad_bias;
