@@ -528,7 +528,8 @@ void backward_impl(
   if (mask[1]) {
     std::vector<acc_t> gw(C);
     for (int64_t c = 0; c < C; ++c) {
-      gw[c] = static_cast<acc_t>(sums[c].dy_xmu) * invstd[c];
+      // An empty batch has NaN statistics (0/0) but empty sums: its gradient is 0, as in torch.
+      gw[c] = count > 0 ? static_cast<acc_t>(sums[c].dy_xmu) * invstd[c] : acc_t(0);
     }
     store_channels<param_t>(grad_weight, gw);
   }
