@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <torch/autograd.h>
 
+#include <array>
 #include <optional>
 #include <sstream>
 #include <vector>
@@ -122,6 +123,26 @@ Args to_double(const Args& a) {
   return {d(a.input), d(a.weight), d(a.bias), d(a.running_mean), d(a.running_var)};
 }
 
+// Ours and torch's on `x` with the parameters and running statistics of `a`.
+at::Tensor run_ours(
+    const Args& a, const at::Tensor& x, bool training, double momentum, double eps) {
+  return torch_batchnorm::batch_norm(
+      x, a.weight, a.bias, a.running_mean, a.running_var, training, momentum, eps);
+}
+
+at::Tensor run_torch(
+    const Args& a, const at::Tensor& x, bool training, double momentum, double eps) {
+  return at::batch_norm(x,
+                        a.weight,
+                        a.bias,
+                        a.running_mean,
+                        a.running_var,
+                        training,
+                        momentum,
+                        eps,
+                        /*cudnn_enabled=*/false);
+}
+
 // One call of ours and of at::batch_norm on copies of the same arguments, then backward
 // with the same grad_out: outputs, output layout, running statistics and gradients agree.
 void expect_parity(const Args& args, bool training, double momentum, double eps) {
@@ -129,23 +150,8 @@ void expect_parity(const Args& args, bool training, double momentum, double eps)
       args.input, {args.weight, args.bias, args.running_mean, args.running_var});
   Args ours = clone_args(args);
   Args ref = clone_args(float64_ref ? to_double(args) : args);
-  const at::Tensor out = torch_batchnorm::batch_norm(ours.input,
-                                                     ours.weight,
-                                                     ours.bias,
-                                                     ours.running_mean,
-                                                     ours.running_var,
-                                                     training,
-                                                     momentum,
-                                                     eps);
-  const at::Tensor expected = at::batch_norm(ref.input,
-                                             ref.weight,
-                                             ref.bias,
-                                             ref.running_mean,
-                                             ref.running_var,
-                                             training,
-                                             momentum,
-                                             eps,
-                                             /*cudnn_enabled=*/false);
+  const at::Tensor out = run_ours(ours, ours.input, training, momentum, eps);
+  const at::Tensor expected = run_torch(ref, ref.input, training, momentum, eps);
   const auto like = tbn_test::as_dtype_of;
   EXPECT_TRUE(all_close(out, like(expected, out))) << "output";
   EXPECT_EQ(out.suggest_memory_format(), args.input.suggest_memory_format()) << "layout";
@@ -204,23 +210,8 @@ TEST_P(FunctionalParity, RunningStatsOverSteps) {
             const bool training = step < 3;
             const at::Tensor x =
                 make_input(layout.shape, dtypes.input, layout.channels_last, device());
-            const at::Tensor out = torch_batchnorm::batch_norm(x,
-                                                               ours.weight,
-                                                               ours.bias,
-                                                               ours.running_mean,
-                                                               ours.running_var,
-                                                               training,
-                                                               momentum,
-                                                               eps);
-            const at::Tensor expected = at::batch_norm(x,
-                                                       ref.weight,
-                                                       ref.bias,
-                                                       ref.running_mean,
-                                                       ref.running_var,
-                                                       training,
-                                                       momentum,
-                                                       eps,
-                                                       false);
+            const at::Tensor out = run_ours(ours, x, training, momentum, eps);
+            const at::Tensor expected = run_torch(ref, x, training, momentum, eps);
             EXPECT_TRUE(all_close(out, expected)) << "step " << step;
             EXPECT_TRUE(all_close(ours.running_mean, ref.running_mean)) << "step " << step;
             EXPECT_TRUE(all_close(ours.running_var, ref.running_var)) << "step " << step;
@@ -260,11 +251,9 @@ TEST_P(FunctionalParity, PartialGradientsAndVersionCounters) {
   ours.input.requires_grad_(false);
   ref.input.requires_grad_(false);
   const auto v_mean = ours.running_mean._version();
-  const at::Tensor out = torch_batchnorm::batch_norm(
-      ours.input, ours.weight, ours.bias, ours.running_mean, ours.running_var, true, 0.1, 1e-5);
+  const at::Tensor out = run_ours(ours, ours.input, true, 0.1, 1e-5);
   EXPECT_GT(ours.running_mean._version(), v_mean);
-  const at::Tensor expected = at::batch_norm(
-      ref.input, ref.weight, ref.bias, ref.running_mean, ref.running_var, true, 0.1, 1e-5, false);
+  const at::Tensor expected = run_torch(ref, ref.input, true, 0.1, 1e-5);
   const auto grads = torch::autograd::grad({out.sum()}, {ours.weight, ours.bias});
   const auto ref_grads = torch::autograd::grad({expected.sum()}, {ref.weight, ref.bias});
   EXPECT_TRUE(all_close(grads[0], ref_grads[0]));
@@ -276,24 +265,14 @@ TEST_P(FunctionalParity, PartialGradientsAndVersionCounters) {
   for (const bool running : {true, false}) {
     SCOPED_TRACE(running);
     Args a = clone_args(args);
-    Args r = clone_args(args);
-    const at::Tensor o = torch_batchnorm::batch_norm(a.input,
-                                                     {},
-                                                     a.bias,
-                                                     running ? a.running_mean : at::Tensor(),
-                                                     running ? a.running_var : at::Tensor(),
-                                                     true,
-                                                     0.1,
-                                                     1e-5);
-    const at::Tensor e = at::batch_norm(r.input,
-                                        {},
-                                        r.bias,
-                                        running ? r.running_mean : at::Tensor(),
-                                        running ? r.running_var : at::Tensor(),
-                                        true,
-                                        0.1,
-                                        1e-5,
-                                        false);
+    a.weight = at::Tensor();
+    if (!running) {
+      a.running_mean = at::Tensor();
+      a.running_var = at::Tensor();
+    }
+    Args r = clone_args(a);
+    const at::Tensor o = run_ours(a, a.input, true, 0.1, 1e-5);
+    const at::Tensor e = run_torch(r, r.input, true, 0.1, 1e-5);
     const at::Tensor g = at::randn_like(e);
     o.backward(g);
     e.backward(g);
@@ -306,31 +285,20 @@ TEST_P(FunctionalParity, PartialGradientsAndVersionCounters) {
 TEST_P(FunctionalParity, NoGradAndInferenceMode) {
   at::manual_seed(4);
   const Args args = make_args({{4, 3, 6, 6}, true}, {at::kFloat, at::kFloat}, true, true, device());
-  const at::Tensor expected = at::batch_norm(args.input,
-                                             args.weight,
-                                             args.bias,
-                                             args.running_mean.clone(),
-                                             args.running_var.clone(),
-                                             true,
-                                             0.1,
-                                             1e-5,
-                                             false);
+  const at::Tensor expected = run_torch(clone_args(args), args.input, true, 0.1, 1e-5);
   {
     torch::NoGradGuard no_grad;
-    Args a = clone_args(args);
-    const at::Tensor out = torch_batchnorm::batch_norm(
-        a.input, a.weight, a.bias, a.running_mean, a.running_var, true, 0.1, 1e-5);
+    const at::Tensor out = run_ours(clone_args(args), args.input, true, 0.1, 1e-5);
     EXPECT_FALSE(out.requires_grad());
     EXPECT_TRUE(all_close(out, expected));
   }
   {
     c10::InferenceMode guard;
-    const at::Tensor x = args.input.clone();
-    const at::Tensor rm = args.running_mean.clone();
-    const at::Tensor rv = args.running_var.clone();
-    const at::Tensor out =
-        torch_batchnorm::batch_norm(x, args.weight, args.bias, rm, rv, true, 0.1, 1e-5);
-    EXPECT_TRUE(all_close(out, expected));
+    // Inference tensors throughout, as a program running under InferenceMode has.
+    Args a = args;
+    a.running_mean = args.running_mean.clone();
+    a.running_var = args.running_var.clone();
+    EXPECT_TRUE(all_close(run_ours(a, args.input.clone(), true, 0.1, 1e-5), expected));
   }
 }
 
@@ -348,15 +316,12 @@ TEST_P(FunctionalParity, FuncOptionsOverload) {
       a.running_var,
       F::BatchNormFuncOptions().weight(a.weight).bias(a.bias).training(true).momentum(0.3).eps(
           1e-3));
-  const at::Tensor expected = torch_batchnorm::batch_norm(
-      b.input, b.weight, b.bias, b.running_mean, b.running_var, true, 0.3, 1e-3);
-  EXPECT_TRUE(identical(out, expected));
+  EXPECT_TRUE(identical(out, run_ours(b, b.input, true, 0.3, 1e-3)));
   EXPECT_TRUE(identical(a.running_mean, b.running_mean));
   // The defaults are torch's: evaluation mode, so the running statistics normalise.
-  const at::Tensor eval = F::batch_norm(a.input, a.running_mean, a.running_var);
-  EXPECT_TRUE(all_close(
-      eval,
-      at::batch_norm(a.input, {}, {}, a.running_mean, a.running_var, false, 0.1, 1e-5, false)));
+  const Args stats_only{a.input, {}, {}, a.running_mean, a.running_var};
+  EXPECT_TRUE(all_close(F::batch_norm(a.input, a.running_mean, a.running_var),
+                        run_torch(stats_only, a.input, false, 0.1, 1e-5)));
 }
 
 // The operators themselves: save_mean/save_invstd as at::native_batch_norm returns them
@@ -391,16 +356,19 @@ TEST_P(FunctionalParity, OperatorsMatchNativeBatchNorm) {
       EXPECT_TRUE(all_close(rv, ref_rv));
 
       const at::Tensor grad_out = at::randn_like(ref_out);
-      const auto [gi, gw, gb] = torch_batchnorm::batch_norm_backward(grad_out,
-                                                                     args.input,
-                                                                     args.weight,
-                                                                     rm,
-                                                                     rv,
-                                                                     save_mean,
-                                                                     save_invstd,
-                                                                     training,
-                                                                     1e-5,
-                                                                     {true, true, true});
+      const auto backward = [&](std::array<bool, 3> mask) {
+        return torch_batchnorm::batch_norm_backward(grad_out,
+                                                    args.input,
+                                                    args.weight,
+                                                    rm,
+                                                    rv,
+                                                    save_mean,
+                                                    save_invstd,
+                                                    training,
+                                                    1e-5,
+                                                    mask);
+      };
+      const auto [gi, gw, gb] = backward({true, true, true});
       const auto [rgi, rgw, rgb] = at::native_batch_norm_backward(grad_out,
                                                                   args.input,
                                                                   args.weight,
@@ -415,17 +383,7 @@ TEST_P(FunctionalParity, OperatorsMatchNativeBatchNorm) {
       EXPECT_TRUE(all_close(gw, rgw));
       EXPECT_TRUE(all_close(gb, rgb));
       // Masked-off gradients come back empty.
-      const auto [only_gi, no_gw, no_gb] =
-          torch_batchnorm::batch_norm_backward(grad_out,
-                                               args.input,
-                                               args.weight,
-                                               rm,
-                                               rv,
-                                               save_mean,
-                                               save_invstd,
-                                               training,
-                                               1e-5,
-                                               {true, false, false});
+      const auto [only_gi, no_gw, no_gb] = backward({true, false, false});
       EXPECT_TRUE(all_close(only_gi, rgi));
       EXPECT_FALSE(no_gw.defined() && no_gw.numel() > 0);
       EXPECT_FALSE(no_gb.defined() && no_gb.numel() > 0);
