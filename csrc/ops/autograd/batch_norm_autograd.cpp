@@ -96,6 +96,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     bool training,
     double momentum,
     double eps) {
+  // No gradient flows to the running statistics (training overwrites them in place), so
+  // like torch refuse ones that ask for it rather than return none silently.
+  torch::autograd::check_no_requires_grad(running_mean, "running_mean", "batch_norm_forward");
+  torch::autograd::check_no_requires_grad(running_var, "running_var", "batch_norm_forward");
   auto outs = BatchNormFunction::apply(
       input, weight, bias, running_mean, running_var, training, momentum, eps);
   // The update happened below autograd; bump the versions so graphs that saved the
