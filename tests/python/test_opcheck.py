@@ -47,6 +47,10 @@ FORWARD_SAMPLES = {
     "eval_channels_last_sliced": lambda: (
         _input((4, C, 5, 4), channels_last=True).detach()[..., ::2].requires_grad_(),
         *_params(), *_stats(), False, 0.1, 1e-5),
+    # Channels-last and not contiguous, though its suggested memory format is contiguous.
+    "eval_ambiguous_channels_last": lambda: (
+        torch.randn(2, 1, C, 1).permute(3, 2, 1, 0).requires_grad_(), *_params(), *_stats(),
+        False, 0.1, 1e-5),
     "train_bf16_mixed": lambda: (_input(dtype=torch.bfloat16), *_params(), *_stats(), True,
                                  0.1, 1e-5),
     "eval_fp16": lambda: (_input(dtype=torch.float16), *_params(torch.float16),
