@@ -43,9 +43,7 @@ def _batch_norm_backward_fake(
         t is not None and t.dtype == torch.float32 for t in (weight, running_mean, running_var)
     )
     pdtype = torch.float32 if mixed else input.dtype
-    grad_input = (
-        _like_input(input) if output_mask[0] else input.new_empty((0,))
-    )
+    grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=pdtype)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=pdtype)
     return grad_input, grad_weight, grad_bias

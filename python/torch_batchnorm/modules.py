@@ -32,7 +32,9 @@ class _BatchNormForward:
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
         cumulative = (
-            track and self.momentum is None and self.num_batches_tracked is not None
+            track
+            and self.momentum is None
+            and self.num_batches_tracked is not None
             and running_mean is not None
         )
         if cumulative:
