@@ -5,19 +5,19 @@ parameter gradients and buffers, in training and evaluation, in float32 and floa
 
 import pytest
 import torch
+from conftest import OUR_CLASSES, assert_close, assert_same_state, single_threaded
 
 # Needs expecttest installed (a dependency of torch's test utilities).
 from torch.testing._internal.common_modules import module_db
-
-from conftest import OUR_CLASSES, assert_close, assert_same_state, single_threaded
 
 MODULE_INFOS = [info for info in module_db if info.module_cls in OUR_CLASSES]
 
 
 def _samples(info, dtype, training):
     torch.manual_seed(0)
-    return info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True,
-                                   training=training)
+    return info.module_inputs_func(
+        info, device="cpu", dtype=dtype, requires_grad=True, training=training
+    )
 
 
 def _clone_input(x):

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-
 import torch_batchnorm as tbn
 from conftest import assert_close
 
@@ -65,12 +64,18 @@ def test_compiled_train_step(backend):
     assert ours.bn1d.num_batches_tracked.item() == 3
 
 
-def test_compiled_eval():
+def _trained_pair_in_eval():
+    """The pair after one training step (running statistics moved), in eval mode."""
     ref, ours = _pair()
     x = torch.randn(6, 3, 5, 5)
     for model in (ref, ours):
         _train_step(model, x)
         model.eval()
+    return ref, ours
+
+
+def test_compiled_eval():
+    ref, ours = _trained_pair_in_eval()
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     x = torch.randn(6, 3, 5, 5)
     with torch.no_grad():
@@ -78,11 +83,7 @@ def test_compiled_eval():
 
 
 def test_export_eval():
-    ref, ours = _pair()
-    x = torch.randn(6, 3, 5, 5)
-    for model in (ref, ours):
-        _train_step(model, x)
-        model.eval()
+    ref, ours = _trained_pair_in_eval()
     x = torch.randn(4, 3, 5, 5)
     program = torch.export.export(ours, (x,))
     targets = {str(node.target) for node in program.graph.nodes}

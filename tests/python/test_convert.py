@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-
 import torch_batchnorm as tbn
 from conftest import assert_close, assert_same_state
 
@@ -33,8 +32,11 @@ def _converted_pair(device="cpu", memory_format=torch.contiguous_format):
     return ref, ours
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
-                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.contiguous_format, torch.channels_last],
+    ids=["contiguous", "channels_last"],
+)
 def test_trains_step_for_step(memory_format, device):
     ref, ours = _converted_pair(device, memory_format)
     assert sum(isinstance(m, tbn.BatchNorm2d) for m in ours.modules()) == 2
@@ -42,7 +44,8 @@ def test_trains_step_for_step(memory_format, device):
     generator = torch.Generator().manual_seed(1)
     for step in range(6):
         x = torch.randn(8, 3, 12, 12, generator=generator).to(
-            device=device, memory_format=memory_format)
+            device=device, memory_format=memory_format
+        )
         target = torch.randint(0, 10, (8,), generator=generator).to(device)
         losses = []
         for model, optimizer in zip((ref, ours), optimizers):
@@ -55,8 +58,9 @@ def test_trains_step_for_step(memory_format, device):
         assert_same_state(ours, ref, f"step {step}: ")
     for model in (ref, ours):
         model.eval()
-    x = torch.randn(4, 3, 12, 12, generator=generator).to(device=device,
-                                                          memory_format=memory_format)
+    x = torch.randn(4, 3, 12, 12, generator=generator).to(
+        device=device, memory_format=memory_format
+    )
     with torch.no_grad():
         assert_close(ours(x), ref(x), "eval output")
 
@@ -105,10 +109,14 @@ def test_shares_parameters_hooks_and_repr():
     assert isinstance(converted[1], torch.nn.modules.batchnorm._BatchNorm)
 
 
-@pytest.mark.parametrize("torch_cls,our_cls", [
-    (torch.nn.BatchNorm1d, tbn.BatchNorm1d), (torch.nn.BatchNorm2d, tbn.BatchNorm2d),
-    (torch.nn.BatchNorm3d, tbn.BatchNorm3d),
-])
+@pytest.mark.parametrize(
+    "torch_cls,our_cls",
+    [
+        (torch.nn.BatchNorm1d, tbn.BatchNorm1d),
+        (torch.nn.BatchNorm2d, tbn.BatchNorm2d),
+        (torch.nn.BatchNorm3d, tbn.BatchNorm3d),
+    ],
+)
 def test_converts_a_batchnorm_itself(torch_cls, our_cls):
     bn = torch_cls(4, eps=1e-3, momentum=None, affine=False)
     converted = tbn.convert_batchnorm(bn)
@@ -122,7 +130,8 @@ def test_leaves_other_batchnorms_alone():
         pass
 
     model = torch.nn.Sequential(
-        torch.nn.SyncBatchNorm(4), CustomBatchNorm(4),
+        torch.nn.SyncBatchNorm(4),
+        CustomBatchNorm(4),
         torch.nn.Sequential(torch.nn.BatchNorm1d(4)),
     )
     tbn.convert_batchnorm(model)

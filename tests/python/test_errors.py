@@ -9,7 +9,6 @@ import itertools
 
 import pytest
 import torch
-
 import torch_batchnorm as tbn
 from conftest import OUR_CLASSES, TORCH_CLASSES, Precision, make_pair
 
@@ -19,10 +18,10 @@ ops = torch.ops.torch_batchnorm
 f32, f64, bf16, f16, i64 = torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.long
 
 
-def raised(fn):
-    """(type, message) of the exception fn raises, or None."""
+def raised(fn, *args, **kwargs):
+    """(type, message) of the exception fn(*args, **kwargs) raises, or None."""
     try:
-        fn()
+        fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - the point is to compare any exception
         return type(e), str(e)
     return None
@@ -72,47 +71,112 @@ MODULE_CASES = []
 for ndim, bad in [(2, [1, 4]), (4, [2, 3, 5]), (5, [3, 4, 6])]:
     for bad_ndim in bad:
         for training in (True, False):
-            MODULE_CASES.append((f"{ndim}d_class_{bad_ndim}d_input", ndim, {}, training, None,
-                                 lambda d=bad_ndim: _input(d)))
+            MODULE_CASES.append(
+                (
+                    f"{ndim}d_class_{bad_ndim}d_input",
+                    ndim,
+                    {},
+                    training,
+                    None,
+                    lambda d=bad_ndim: _input(d),
+                )
+            )
 for ndim in (2, 3, 4, 5):
-    MODULE_CASES.append((f"{ndim}d_one_value_per_channel", ndim, {}, True, None,
-                         lambda d=ndim: _input(d, batch=1)[(slice(None),) * 2 + (
-                             slice(0, 1),) * (d - 2)]))
-for training, kwargs in itertools.product((True, False), [
-    {}, {"affine": False}, {"track_running_stats": False}, {"bias": False},
-]):
-    MODULE_CASES.append((f"wrong_channels_{'train' if training else 'eval'}_{kwargs}", 4,
-                         kwargs, training, None, lambda: _input(4, channels=C + 1)))
+    MODULE_CASES.append(
+        (
+            f"{ndim}d_one_value_per_channel",
+            ndim,
+            {},
+            True,
+            None,
+            lambda d=ndim: _input(d, batch=1)[(slice(None),) * 2 + (slice(0, 1),) * (d - 2)],
+        )
+    )
+for training, kwargs in itertools.product(
+    (True, False),
+    [
+        {},
+        {"affine": False},
+        {"track_running_stats": False},
+        {"bias": False},
+    ],
+):
+    MODULE_CASES.append(
+        (
+            f"wrong_channels_{'train' if training else 'eval'}_{kwargs}",
+            4,
+            kwargs,
+            training,
+            None,
+            lambda: _input(4, channels=C + 1),
+        )
+    )
 MODULE_CASES += [
     ("eps_zero_train", 4, {"eps": 0.0}, True, None, lambda: _input(4)),
     ("eps_negative_train", 4, {"eps": -1.0}, True, None, lambda: _input(4)),
     ("eps_negative_eval", 4, {"eps": -1.0}, False, None, lambda: _input(4)),
-    ("eps_negative_untracked_eval", 4, {"eps": -1e-3, "track_running_stats": False}, False,
-     None, lambda: _input(4)),
+    (
+        "eps_negative_untracked_eval",
+        4,
+        {"eps": -1e-3, "track_running_stats": False},
+        False,
+        None,
+        lambda: _input(4),
+    ),
     ("running_mean_none_eval", 4, {}, False, _setattr("running_mean", None), lambda: _input(4)),
     ("running_var_none_eval", 4, {}, False, _setattr("running_var", None), lambda: _input(4)),
     ("running_mean_none_train", 4, {}, True, _setattr("running_mean", None), lambda: _input(4)),
     ("running_var_none_train", 4, {}, True, _setattr("running_var", None), lambda: _input(4)),
-    ("running_mean_2d", 4, {}, True, _setattr("running_mean", lambda m: m.running_mean.view(C, 1)),
-     lambda: _input(4)),
-    ("running_mean_requires_grad_train", 4, {}, True, _requires_grad("running_mean"),
-     lambda: _input(4)),
-    ("running_var_requires_grad_eval", 4, {}, False, _requires_grad("running_var"),
-     lambda: _input(4)),
+    (
+        "running_mean_2d",
+        4,
+        {},
+        True,
+        _setattr("running_mean", lambda m: m.running_mean.view(C, 1)),
+        lambda: _input(4),
+    ),
+    (
+        "running_mean_requires_grad_train",
+        4,
+        {},
+        True,
+        _requires_grad("running_mean"),
+        lambda: _input(4),
+    ),
+    (
+        "running_var_requires_grad_eval",
+        4,
+        {},
+        False,
+        _requires_grad("running_var"),
+        lambda: _input(4),
+    ),
     ("integer_input_train", 4, {}, True, None, lambda: _input(4, dtype=i64)),
     ("integer_input_eval", 4, {}, False, None, lambda: _input(4, dtype=i64)),
     ("bool_input", 2, {}, True, None, lambda: _input(2) > 0),
     ("float64_input_float32_module", 4, {}, True, None, lambda: _input(4, dtype=f64)),
     ("float32_input_float64_module", 4, {"dtype": f64}, True, None, lambda: _input(4)),
     ("float32_input_bfloat16_module", 2, {"dtype": bf16}, False, None, lambda: _input(2)),
-    ("float16_input_bfloat16_module", 4, {"dtype": bf16}, True, None,
-     lambda: _input(4, dtype=f16)),
-    ("bfloat16_input_float64_module", 4, {"dtype": f64}, False, None,
-     lambda: _input(4, dtype=bf16)),
-    ("bfloat16_input_float16_stats", 4, {}, True,
-     lambda m: (_setattr("running_mean", lambda m: m.running_mean.half())(m),
-                _setattr("running_var", lambda m: m.running_var.half())(m)),
-     lambda: _input(4, dtype=bf16)),
+    ("float16_input_bfloat16_module", 4, {"dtype": bf16}, True, None, lambda: _input(4, dtype=f16)),
+    (
+        "bfloat16_input_float64_module",
+        4,
+        {"dtype": f64},
+        False,
+        None,
+        lambda: _input(4, dtype=bf16),
+    ),
+    (
+        "bfloat16_input_float16_stats",
+        4,
+        {},
+        True,
+        lambda m: (
+            _setattr("running_mean", lambda m: m.running_mean.half())(m),
+            _setattr("running_var", lambda m: m.running_var.half())(m),
+        ),
+        lambda: _input(4, dtype=bf16),
+    ),
 ]
 
 
@@ -128,11 +192,11 @@ def test_module_errors(case):
         if edit is not None:
             edit(module)
     x = make_x()
-    expected = raised(lambda: ref(x.clone()))
+    expected = raised(ref, x.clone())
     assert expected is not None, "not an error case for torch"
     state = list(ours.parameters()) + list(ours.buffers())
     before = snapshot(state)
-    assert raised(lambda: ours(x.clone())) == torch_words(expected)
+    assert raised(ours, x.clone()) == torch_words(expected)
     assert_unchanged(before, list(ours.parameters()) + list(ours.buffers()), "state")
 
 
@@ -193,8 +257,12 @@ FUNCTIONAL_CASES = [
     ("running_mean_3d", (torch.zeros(1, C, 1), torch.ones(C)), TRAIN, X),
     ("running_mean_2d_float64", (torch.zeros(C, 1, dtype=f64), torch.ones(C)), TRAIN, X),
     ("running_mean_2d_integer_input", (torch.zeros(C, 1), torch.ones(C)), TRAIN, X.long()),
-    ("running_mean_2d_wrong_weight", (torch.zeros(C, 1), torch.ones(C), torch.ones(C + 1)),
-     TRAIN, X),
+    (
+        "running_mean_2d_wrong_weight",
+        (torch.zeros(C, 1), torch.ones(C), torch.ones(C + 1)),
+        TRAIN,
+        X,
+    ),
     ("long_input", _stats(), TRAIN, X.long()),
     ("long_input_eval", _stats(), {}, X.long()),
     ("long_input_wrong_stats", _stats(C + 1), TRAIN, X.long()),
@@ -215,12 +283,13 @@ def _clone(t):
 @pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=[c[0] for c in FUNCTIONAL_CASES])
 def test_functional_errors(case):
     _, args, kwargs, x = case
-    expected = raised(lambda: F.batch_norm(_clone(x), *map(_clone, args), **kwargs))
+    expected = raised(F.batch_norm, _clone(x), *map(_clone, args), **kwargs)
     assert expected is not None, "not an error case for torch"
     ours_args = [_clone(a) for a in args]
     before = snapshot(ours_args)
-    assert raised(lambda: tbn.functional.batch_norm(_clone(x), *ours_args, **kwargs)) == \
-        torch_words(expected)
+    assert raised(tbn.functional.batch_norm, _clone(x), *ours_args, **kwargs) == torch_words(
+        expected
+    )
     assert_unchanged(before, ours_args, "arguments")
 
 
@@ -240,10 +309,10 @@ def test_dtype_rules(dtype, training):
             continue  # None statistics: their own cases above
         dtypes = (mean, var, w, b)
         args = [None if d is None else (torch.rand(C) + 0.5).to(d) for d in dtypes]
-        expected = raised(lambda: F.batch_norm(x, *map(_clone, args), training=training))
+        expected = raised(F.batch_norm, x, *map(_clone, args), training=training)
         ours_args = [_clone(a) for a in args]
         before = snapshot(ours_args)
-        actual = raised(lambda: tbn.functional.batch_norm(x, *ours_args, training=training))
+        actual = raised(tbn.functional.batch_norm, x, *ours_args, training=training)
         names = "/".join(_NAMES[d] for d in dtypes)
         assert actual == expected, f"input {_NAMES[dtype]}, mean/var/weight/bias {names}"
         if expected is not None:
@@ -259,15 +328,16 @@ def test_torch_module_error_inputs():
         if info.module_cls not in OUR_CLASSES:
             continue
         for error_input in info.module_error_inputs_func(
-                info, device="cpu", dtype=f32, requires_grad=False, training=True):
+            info, device="cpu", dtype=f32, requires_grad=False, training=True
+        ):
             sample = error_input.module_error_input
             ctor, fwd = sample.constructor_input, sample.forward_input
             ref = info.module_cls(*ctor.args, **ctor.kwargs)
             ours = OUR_CLASSES[info.module_cls](*ctor.args, **ctor.kwargs)
-            expected = raised(lambda: ref(*fwd.args, **fwd.kwargs))
+            expected = raised(ref, *fwd.args, **fwd.kwargs)
             assert expected is not None and expected[0] is error_input.error_type
             before = snapshot(list(ours.buffers()))
-            assert raised(lambda: ours(*fwd.args, **fwd.kwargs)) == expected
+            assert raised(ours, *fwd.args, **fwd.kwargs) == expected
             assert_unchanged(before, list(ours.buffers()), "buffers")
 
 
@@ -276,27 +346,48 @@ def test_torch_module_error_inputs():
 
 
 def _forward_args(n_stats=C, **overrides):
-    args = {"input": torch.randn(4, C, 3), "weight": torch.ones(C), "bias": torch.zeros(C),
-            "running_mean": torch.zeros(n_stats), "running_var": torch.ones(n_stats),
-            "training": True, "momentum": 0.1, "eps": 1e-5}
+    args = {
+        "input": torch.randn(4, C, 3),
+        "weight": torch.ones(C),
+        "bias": torch.zeros(C),
+        "running_mean": torch.zeros(n_stats),
+        "running_var": torch.ones(n_stats),
+        "training": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+    }
     args.update(overrides)
     return args
 
 
 FORWARD_OP_CASES = [
-    ("undersized_running_mean", {"running_mean": torch.zeros(1)},
-     "running_mean should contain 3 elements not 1"),
-    ("empty_running_var_eval", {"running_var": torch.ones(0), "training": False},
-     "running_var should contain 3 elements not 0"),
+    (
+        "undersized_running_mean",
+        {"running_mean": torch.zeros(1)},
+        "running_mean should contain 3 elements not 1",
+    ),
+    (
+        "empty_running_var_eval",
+        {"running_var": torch.ones(0), "training": False},
+        "running_var should contain 3 elements not 0",
+    ),
     ("undersized_weight", {"weight": torch.ones(2)}, "weight should contain 3 elements not 2"),
-    ("empty_bias_eval", {"bias": torch.zeros(0), "training": False},
-     "bias should contain 3 elements not 0"),
+    (
+        "empty_bias_eval",
+        {"bias": torch.zeros(0), "training": False},
+        "bias should contain 3 elements not 0",
+    ),
     ("weight_2d", {"weight": torch.ones(1, C)}, "weight should be a 1D tensor, got 2D"),
-    ("oversized_stats_with_empty_input", {"input": torch.randn(0, C, 3),
-                                         "running_mean": torch.zeros(C + 5)},
-     "running_mean should contain 3 elements not 8"),
-    ("eval_without_stats", {"running_mean": None, "running_var": None, "training": False},
-     "running_mean must be defined in evaluation mode"),
+    (
+        "oversized_stats_with_empty_input",
+        {"input": torch.randn(0, C, 3), "running_mean": torch.zeros(C + 5)},
+        "running_mean should contain 3 elements not 8",
+    ),
+    (
+        "eval_without_stats",
+        {"running_mean": None, "running_var": None, "training": False},
+        "running_mean must be defined in evaluation mode",
+    ),
     ("input_1d", {"input": torch.randn(5)}, "Dimension out of range"),
 ]
 
@@ -313,10 +404,18 @@ def test_forward_op_rejects(case):
 
 def _backward_args(**overrides):
     x = torch.randn(4, C, 3)
-    args = {"grad_out": torch.randn_like(x), "input": x, "weight": torch.ones(C),
-            "running_mean": None, "running_var": None, "save_mean": x.mean((0, 2)),
-            "save_invstd": torch.ones(C), "training": True, "eps": 1e-5,
-            "output_mask": [True, True, True]}
+    args = {
+        "grad_out": torch.randn_like(x),
+        "input": x,
+        "weight": torch.ones(C),
+        "running_mean": None,
+        "running_var": None,
+        "save_mean": x.mean((0, 2)),
+        "save_invstd": torch.ones(C),
+        "training": True,
+        "eps": 1e-5,
+        "output_mask": [True, True, True],
+    }
     args.update(overrides)
     return args
 
@@ -326,19 +425,27 @@ BACKWARD_OP_CASES = [
     ("empty_save_invstd", {"save_invstd": torch.ones(0)}, "save_invstd should contain 3"),
     ("missing_save_invstd", {"save_invstd": None}, "must be defined in training mode"),
     ("undersized_weight", {"weight": torch.ones(2)}, "weight should contain 3"),
-    ("undersized_running_var_eval", {"training": False, "running_mean": torch.zeros(C),
-                                     "running_var": torch.ones(2)},
-     "running_var should contain 3"),
-    ("missing_running_mean_eval", {"training": False, "running_var": torch.ones(C)},
-     "must be defined in evaluation mode"),
+    (
+        "undersized_running_var_eval",
+        {"training": False, "running_mean": torch.zeros(C), "running_var": torch.ones(2)},
+        "running_var should contain 3",
+    ),
+    (
+        "missing_running_mean_eval",
+        {"training": False, "running_var": torch.ones(C)},
+        "must be defined in evaluation mode",
+    ),
     ("grad_out_shape", {"grad_out": torch.randn(4, C, 2)}, "does not match input"),
     ("grad_out_dtype", {"grad_out": torch.randn(4, C, 3, dtype=f64)}, "grad_out has dtype"),
     ("save_mean_dtype", {"save_mean": torch.zeros(C, dtype=f64)}, "must have dtype"),
     ("save_mean_2d", {"save_mean": torch.zeros(C, 1)}, "save_mean should be a 1D tensor"),
     ("weight_dtype", {"weight": torch.ones(C, dtype=f64)}, "expect parameter to have scalar type"),
     ("negative_eps", {"eps": -1.0}, "eps must be non-negative"),
-    ("integer_input", {"input": torch.ones(4, C, 3, dtype=i64),
-                       "grad_out": torch.ones(4, C, 3, dtype=i64)}, "not implemented for 'Long'"),
+    (
+        "integer_input",
+        {"input": torch.ones(4, C, 3, dtype=i64), "grad_out": torch.ones(4, C, 3, dtype=i64)},
+        "not implemented for 'Long'",
+    ),
 ]
 
 
@@ -353,9 +460,15 @@ def test_backward_op_rejects(case):
 # Deliberate differences from torch
 
 
-@pytest.mark.parametrize("x,training", [
-    (torch.tensor(1.0), False), (torch.randn(3), True), (torch.randn(3), False),
-], ids=["0d_eval", "1d_train", "1d_eval"])
+@pytest.mark.parametrize(
+    "x,training",
+    [
+        (torch.tensor(1.0), False),
+        (torch.randn(3), True),
+        (torch.randn(3), False),
+    ],
+    ids=["0d_eval", "1d_train", "1d_eval"],
+)
 def test_input_below_2d(x, training):
     """torch reads input.size(1) without a bounds check here (its message reports whatever
     lies past the sizes); ours raise the IndexError at::Tensor::size(1) raises."""
@@ -363,11 +476,14 @@ def test_input_below_2d(x, training):
         tbn.functional.batch_norm(x, *_stats(), training=training)
 
 
-@pytest.mark.parametrize("args,kwargs,message", [
-    (_stats(C + 1), TRAIN, "running_mean should contain 3 elements not 4"),
-    ((None, None), {}, "running_mean must be defined in evaluation mode"),
-    (_stats(dtype=f64), TRAIN, "expect parameter to have scalar type of Float"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        (_stats(C + 1), TRAIN, "running_mean should contain 3 elements not 4"),
+        ((None, None), {}, "running_mean must be defined in evaluation mode"),
+        (_stats(dtype=f64), TRAIN, "expect parameter to have scalar type of Float"),
+    ],
+)
 def test_empty_input_still_validated(args, kwargs, message):
     """torch returns early for an empty input and accepts any statistics with it; ours
     validate them as for any other batch, so a model that is wrong fails on its first

@@ -4,9 +4,6 @@ in test_parity (see conftest.compare_step)."""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import torch_batchnorm as tbn
 from conftest import (
     DEVICES,
@@ -19,6 +16,8 @@ from conftest import (
     run_steps,
     single_threaded,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -37,8 +36,7 @@ def _layouts(ndim):
 @st.composite
 def cases(draw):
     shape = draw(shapes())
-    values_per_channel = shape[0] * int(torch.tensor(shape[2:]).prod()) if shape[2:] \
-        else shape[0]
+    values_per_channel = shape[0] * int(torch.tensor(shape[2:]).prod()) if shape[2:] else shape[0]
     # Batch statistics of one value per channel are an error (test_errors): in training,
     # and in evaluation without running statistics.
     batch_stats_valid = values_per_channel > 1
@@ -67,8 +65,16 @@ def test_modules(device, case):
     ref, ours = make_pair(len(shape), shape[1], precision, device, **case["options"])
     ref.train(case["training"])
     ours.train(case["training"])
-    run_steps(ref, ours, shape, layout=case["layout"], grad_layout=case["grad_layout"],
-              precision=precision, device=device, steps=2)
+    run_steps(
+        ref,
+        ours,
+        shape,
+        layout=case["layout"],
+        grad_layout=case["grad_layout"],
+        precision=precision,
+        device=device,
+        steps=2,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,14 +92,18 @@ def test_functional_training_float64(device, shape, momentum, eps, layout):
         layout = "contiguous"
     leaf, view = make_input(shape, layout, torch.float64, device)
     C = shape[1]
-    stats = [torch.randn(C, dtype=torch.float64, device=device),
-             torch.rand(C, dtype=torch.float64, device=device) + 0.5]
+    stats = [
+        torch.randn(C, dtype=torch.float64, device=device),
+        torch.rand(C, dtype=torch.float64, device=device) + 0.5,
+    ]
     ours_stats = [t.clone() for t in stats]
     with single_threaded():
-        expected = torch.nn.functional.batch_norm(view(leaf), *stats, training=True,
-                                                  momentum=momentum, eps=eps)
-    actual = tbn.functional.batch_norm(view(leaf), *ours_stats, training=True,
-                                       momentum=momentum, eps=eps)
+        expected = torch.nn.functional.batch_norm(
+            view(leaf), *stats, training=True, momentum=momentum, eps=eps
+        )
+    actual = tbn.functional.batch_norm(
+        view(leaf), *ours_stats, training=True, momentum=momentum, eps=eps
+    )
     assert_close(actual, expected, "output")
     assert_close(ours_stats[0], stats[0], "running_mean")
     assert_close(ours_stats[1], stats[1], "running_var")

@@ -34,27 +34,66 @@ FORWARD_SAMPLES = {
     "train_no_stats": lambda: (_input(), *_params(), None, None, True, 0.1, 1e-5),
     "train_no_affine": lambda: (_input((5, C)), None, None, *_stats(), True, 0.3, 1e-3),
     "eval": lambda: (_input(), *_params(), *_stats(), False, 0.1, 1e-5),
-    "train_channels_last": lambda: (_input(channels_last=True), *_params(), *_stats(), True,
-                                    0.1, 1e-5),
-    "eval_channels_last": lambda: (_input(channels_last=True), *_params(), *_stats(), False,
-                                   0.1, 1e-5),
+    "train_channels_last": lambda: (
+        _input(channels_last=True),
+        *_params(),
+        *_stats(),
+        True,
+        0.1,
+        1e-5,
+    ),
+    "eval_channels_last": lambda: (
+        _input(channels_last=True),
+        *_params(),
+        *_stats(),
+        False,
+        0.1,
+        1e-5,
+    ),
     "train_3d": lambda: (_input((4, C, 7)), *_params(), *_stats(), True, 0.5, 0.5),
     # Layouts whose output layout follows torch's rule (suggest_memory_format) rather
     # than the input's strides: fake and real kernels must agree on it.
     "train_channels_innermost_3d": lambda: (
-        torch.randn(4, 7, C).transpose(1, 2).requires_grad_(), *_params(), *_stats(), True,
-        0.1, 1e-5),
+        torch.randn(4, 7, C).transpose(1, 2).requires_grad_(),
+        *_params(),
+        *_stats(),
+        True,
+        0.1,
+        1e-5,
+    ),
     "eval_channels_last_sliced": lambda: (
         _input((4, C, 5, 4), channels_last=True).detach()[..., ::2].requires_grad_(),
-        *_params(), *_stats(), False, 0.1, 1e-5),
+        *_params(),
+        *_stats(),
+        False,
+        0.1,
+        1e-5,
+    ),
     # Channels-last and not contiguous, though its suggested memory format is contiguous.
     "eval_ambiguous_channels_last": lambda: (
-        torch.randn(2, 1, C, 1).permute(3, 2, 1, 0).requires_grad_(), *_params(), *_stats(),
-        False, 0.1, 1e-5),
-    "train_bf16_mixed": lambda: (_input(dtype=torch.bfloat16), *_params(), *_stats(), True,
-                                 0.1, 1e-5),
-    "eval_fp16": lambda: (_input(dtype=torch.float16), *_params(torch.float16),
-                          *_stats(torch.float16), False, 0.1, 1e-5),
+        torch.randn(2, 1, C, 1).permute(3, 2, 1, 0).requires_grad_(),
+        *_params(),
+        *_stats(),
+        False,
+        0.1,
+        1e-5,
+    ),
+    "train_bf16_mixed": lambda: (
+        _input(dtype=torch.bfloat16),
+        *_params(),
+        *_stats(),
+        True,
+        0.1,
+        1e-5,
+    ),
+    "eval_fp16": lambda: (
+        _input(dtype=torch.float16),
+        *_params(torch.float16),
+        *_stats(torch.float16),
+        False,
+        0.1,
+        1e-5,
+    ),
 }
 
 
@@ -70,10 +109,21 @@ def _backward_args(training, mask, channels_last=False, weight=True):
     w, _ = _params(requires_grad=False)
     running_mean, running_var = _stats()
     _, save_mean, save_invstd = ops.batch_norm_forward(
-        x, w, None, running_mean, running_var, training, 0.1, 1e-5)
+        x, w, None, running_mean, running_var, training, 0.1, 1e-5
+    )
     grad_out = torch.randn_like(x)
-    return (grad_out, x, w if weight else None, running_mean, running_var, save_mean,
-            save_invstd, training, 1e-5, mask)
+    return (
+        grad_out,
+        x,
+        w if weight else None,
+        running_mean,
+        running_var,
+        save_mean,
+        save_invstd,
+        training,
+        1e-5,
+        mask,
+    )
 
 
 MASKS = [[True, True, True], [True, False, False], [False, True, True], [False, False, True]]
@@ -89,4 +139,5 @@ def test_backward(training, mask):
 def test_backward_channels_last_no_weight(training):
     torch.library.opcheck(
         ops.batch_norm_backward.default,
-        _backward_args(training, [True, True, True], channels_last=True, weight=False))
+        _backward_args(training, [True, True, True], channels_last=True, weight=False),
+    )

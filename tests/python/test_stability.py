@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-
 import torch_batchnorm as tbn
 from conftest import make_input
 
@@ -35,8 +34,9 @@ CASES = [
 
 def _large_mean_input(shape, layout):
     generator = torch.Generator().manual_seed(0)
-    leaf, view = make_input(shape, layout, torch.float32, "cpu", mean=MEAN, std=1.0,
-                            generator=generator)
+    leaf, view = make_input(
+        shape, layout, torch.float32, "cpu", mean=MEAN, std=1.0, generator=generator
+    )
     return view(leaf)
 
 
@@ -49,8 +49,9 @@ def _reference(x, running_mean, running_var, weight, bias, momentum, eps):
     var = x64.var(dims, unbiased=False)
     invstd = 1 / torch.sqrt(var + eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    out = (x64 - mean.view(shape)) * (invstd * weight.double()).view(shape) + \
-        bias.double().view(shape)
+    out = (x64 - mean.view(shape)) * (invstd * weight.double()).view(shape) + bias.double().view(
+        shape
+    )
     new_mean = momentum * mean + (1 - momentum) * running_mean.double()
     new_var = momentum * var * count / (count - 1) + (1 - momentum) * running_var.double()
     return out, mean, invstd, new_mean, new_var
@@ -64,10 +65,12 @@ def test_large_mean(name, shape, layout):
     running_mean, running_var = torch.full((C,), MEAN - 1), torch.rand(C) + 0.5
     momentum, eps = 0.1, 1e-5
     out_ref, mean_ref, invstd_ref, rm_ref, rv_ref = _reference(
-        x, running_mean, running_var, weight, bias, momentum, eps)
+        x, running_mean, running_var, weight, bias, momentum, eps
+    )
 
     out, save_mean, save_invstd = ops.batch_norm_forward(
-        x, weight, bias, running_mean, running_var, True, momentum, eps)
+        x, weight, bias, running_mean, running_var, True, momentum, eps
+    )
 
     # The mean is the float32 value nearest the exact one (or its neighbour).
     assert (save_mean.double() - mean_ref).abs().max() <= ULP
@@ -108,20 +111,22 @@ THREAD_CASES = [
 
 def _run(x, grad_out, training):
     C = x.shape[1]
-    weight = torch.linspace(0.5, 1.5, C, dtype=torch.float32 if x.dtype == torch.bfloat16
-                            else x.dtype)
+    weight = torch.linspace(
+        0.5, 1.5, C, dtype=torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    )
     bias = torch.linspace(-0.5, 0.5, C, dtype=weight.dtype)
     stats = [torch.zeros(C, dtype=weight.dtype), torch.ones(C, dtype=weight.dtype)]
     out, save_mean, save_invstd = ops.batch_norm_forward(
-        x, weight, bias, *stats, training, 0.1, 1e-5)
-    grads = ops.batch_norm_backward(grad_out, x, weight, *stats, save_mean, save_invstd,
-                                    training, 1e-5, [True, True, True])
+        x, weight, bias, *stats, training, 0.1, 1e-5
+    )
+    grads = ops.batch_norm_backward(
+        grad_out, x, weight, *stats, save_mean, save_invstd, training, 1e-5, [True, True, True]
+    )
     return [out, save_mean, save_invstd, *stats, *grads]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name,shape,layout,dtype", THREAD_CASES,
-                         ids=[c[0] for c in THREAD_CASES])
+@pytest.mark.parametrize("name,shape,layout,dtype", THREAD_CASES, ids=[c[0] for c in THREAD_CASES])
 def test_thread_count_independent(name, shape, layout, dtype, training):
     generator = torch.Generator().manual_seed(0)
     leaf, view = make_input(shape, layout, dtype, "cpu", mean=3.0, generator=generator)
@@ -135,8 +140,16 @@ def test_thread_count_independent(name, shape, layout, dtype, training):
             results.append(_run(x, grad_out, training))
     finally:
         torch.set_num_threads(threads)
-    names = ["out", "save_mean", "save_invstd", "running_mean", "running_var", "grad_input",
-             "grad_weight", "grad_bias"]
+    names = [
+        "out",
+        "save_mean",
+        "save_invstd",
+        "running_mean",
+        "running_var",
+        "grad_input",
+        "grad_weight",
+        "grad_bias",
+    ]
     for other in results[1:]:
         for label, a, b in zip(names, results[0], other):
             assert torch.equal(a, b), f"{label} depends on the thread count"
