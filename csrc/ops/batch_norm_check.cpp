@@ -53,9 +53,12 @@ void check_input_dims(const at::Tensor& input) {
 }
 
 void check_numel(const char* name, const at::Tensor* t, int64_t channels) {
-  TORCH_CHECK(
-      t == nullptr || t->numel() == channels, name, " should contain ", channels,
-      " elements not ", t->numel());
+  TORCH_CHECK(t == nullptr || t->numel() == channels,
+              name,
+              " should contain ",
+              channels,
+              " elements not ",
+              t->numel());
 }
 
 // torch reads the running statistics through 1-D accessors, after every other check,
@@ -84,9 +87,12 @@ void check_input_dtype(const at::Tensor& input) {
 // every parameter must be float32 with a float16/bfloat16 input. Otherwise every
 // parameter must have the input's dtype; torch checks the running statistics first in
 // training (it updates them before it reads weight and bias).
-void check_param_dtypes(
-    const at::Tensor& input, const at::Tensor* weight, const at::Tensor* bias,
-    const at::Tensor* mean, const at::Tensor* var, bool training) {
+void check_param_dtypes(const at::Tensor& input,
+                        const at::Tensor* weight,
+                        const at::Tensor* bias,
+                        const at::Tensor* mean,
+                        const at::Tensor* var,
+                        bool training) {
   const auto dtype = input.scalar_type();
   const at::Tensor* const params[] = {weight, bias, mean, var};
   const at::Tensor* first = nullptr;
@@ -98,20 +104,20 @@ void check_param_dtypes(
   }
   if (first != nullptr && first->scalar_type() != dtype) {
     for (const at::Tensor* p : params) {
-      TORCH_CHECK(
-          p == nullptr || p->scalar_type() == at::kFloat,
-          "mixed dtype (CPU): expect parameter to have scalar type of Float");
+      TORCH_CHECK(p == nullptr || p->scalar_type() == at::kFloat,
+                  "mixed dtype (CPU): expect parameter to have scalar type of Float");
     }
-    TORCH_CHECK(
-        dtype == at::kHalf || dtype == at::kBFloat16,
-        "mixed dtype (CPU): all inputs must share same datatype.");
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
+                "mixed dtype (CPU): all inputs must share same datatype.");
     return;
   }
   const at::Tensor* const train_order[] = {mean, var, weight, bias};
   for (const at::Tensor* p : training ? train_order : params) {
-    TORCH_CHECK(
-        p == nullptr || p->scalar_type() == dtype, "expected scalar type ", dtype,
-        " but found ", p->scalar_type());
+    TORCH_CHECK(p == nullptr || p->scalar_type() == dtype,
+                "expected scalar type ",
+                dtype,
+                " but found ",
+                p->scalar_type());
   }
 }
 
@@ -164,9 +170,9 @@ void check_batch_norm_forward(
         "Expected more than 1 value per channel when training, got input size ",
         torch_size(input.sizes()));
     // Written as torch's `eps <= 0.0` test, so that NaN passes as it does there.
-    TORCH_CHECK_VALUE(
-        !(eps <= 0.0),
-        "batch_norm eps must be positive during training, but got ", python_float(eps));
+    TORCH_CHECK_VALUE(!(eps <= 0.0),
+                      "batch_norm eps must be positive during training, but got ",
+                      python_float(eps));
   } else {
     TORCH_CHECK_VALUE(
         !(eps < 0.0), "batch_norm eps must be non-negative, but got ", python_float(eps));

@@ -62,10 +62,9 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     // None, edge 1 is bias (or a running statistic, or nothing at all).
     const bool has_weight = saved[1].defined();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> mask{
-        ctx->needs_input_grad(0),
-        has_weight && ctx->needs_input_grad(1),
-        has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0),
+                                   has_weight && ctx->needs_input_grad(1),
+                                   has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     at::Tensor grad_input;
     at::Tensor grad_weight;
     at::Tensor grad_bias;
@@ -105,16 +104,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
   std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    grads = batch_norm_backward(
-        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
-        eps, output_mask);
+    grads = batch_norm_backward(grad_out,
+                                input,
+                                weight,
+                                running_mean,
+                                running_var,
+                                save_mean,
+                                save_invstd,
+                                training,
+                                eps,
+                                output_mask);
   }
   if (torch::autograd::compute_requires_grad(grad_out, input, weight)) {
     auto node = c10::make_intrusive<torch::autograd::NotImplemented>(
         "torch_batchnorm::batch_norm_backward",
         torch::autograd::collect_next_edges(grad_out, input, weight));
-    torch::autograd::set_history(
-        {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)}, node);
+    torch::autograd::set_history({std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)},
+                                 node);
   }
   return grads;
 }

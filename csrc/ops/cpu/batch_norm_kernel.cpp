@@ -424,8 +424,8 @@ void forward_impl(
       center[c] = static_cast<acc_t>(stats[c].mean);
       // An empty batch has no variance; invstd 0 rather than NaN keeps the gradients of
       // weight (sums over no elements) zero, as torch's are.
-      invstd[c] = count == 0 ? acc_t(0)
-                             : math::batch_invstd(static_cast<acc_t>(stats[c].m2 / count), eps);
+      invstd[c] =
+          count == 0 ? acc_t(0) : math::batch_invstd(static_cast<acc_t>(stats[c].m2 / count), eps);
     }
     if (update_running && count > 0) {
       auto rm = load_channels<param_t, acc_t>(running_mean, C, 0);
