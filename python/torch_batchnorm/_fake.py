@@ -12,9 +12,18 @@ def _acc_dtype(dtype):
 
 
 def _like_input(input):
-    # The kernels return torch's layout: the input's suggested memory format
-    # (channels_last / channels_last_3d kept, everything else contiguous).
-    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+    # The kernels return torch's layout (batch_norm_cpu): a contiguous input stays
+    # contiguous, a channels_last / channels_last_3d one keeps that format, anything else
+    # takes its suggested memory format (3D [N, C, L] with C innermost: contiguous).
+    if input.is_contiguous():
+        memory_format = torch.contiguous_format
+    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        memory_format = torch.channels_last
+    elif input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        memory_format = torch.channels_last_3d
+    else:
+        memory_format = suggest_memory_format(input)
+    return torch.empty_like(input, memory_format=memory_format)
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_forward")
@@ -34,9 +43,7 @@ def _batch_norm_backward_fake(
         t is not None and t.dtype == torch.float32 for t in (weight, running_mean, running_var)
     )
     pdtype = torch.float32 if mixed else input.dtype
-    grad_input = (
-        _like_input(input) if output_mask[0] else input.new_empty((0,))
-    )
+    grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=pdtype)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=pdtype)
     return grad_input, grad_weight, grad_bias

@@ -6,14 +6,15 @@ their tolerances, inputs in every memory layout, and the (torch, ours) module pa
 through several training steps with every result compared.
 """
 
+from __future__ import annotations
+
 import contextlib
 import copy
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
-
 import torch_batchnorm as tbn
 
 # CUDA kernels are tested by the same parity tests wherever a GPU is present.
@@ -73,7 +74,12 @@ FLOAT64 = PRECISIONS[1]
 # Relative error allowed between two computations of the same value by different
 # summation orders, before the result is rounded to its dtype: float32 and reduced
 # precision both accumulate in float32.
-_COMPUTE_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+_COMPUTE_TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-5,
+    torch.float16: 1e-5,
+}
 
 
 def tolerance(dtype: torch.dtype) -> dict:
@@ -99,7 +105,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "", dt
     scale = expected.detach().abs().max().item() if expected.numel() else 0.0
     scale = max(scale, 1.0) if torch.isfinite(torch.tensor(scale)) else 1.0
     torch.testing.assert_close(
-        actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, equal_nan=True,
+        actual,
+        expected,
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale,
+        equal_nan=True,
         msg=lambda m: f"{msg}\n{m}",
     )
 
@@ -157,8 +167,15 @@ LAYOUTS = {
 
 
 def make_input(
-    shape, layout: str, dtype: torch.dtype, device, *, mean: float = 0.5, std: float = 2.0,
-    channel_offset: bool = True, generator: Optional[torch.Generator] = None,
+    shape,
+    layout: str,
+    dtype: torch.dtype,
+    device,
+    *,
+    mean: float = 0.5,
+    std: float = 2.0,
+    channel_offset: bool = True,
+    generator: torch.Generator | None = None,
 ):
     """A random leaf tensor and its view of logical `shape` in `layout`. Values are
     drawn in float32 (so every dtype sees the same numbers), by default with a
@@ -170,9 +187,7 @@ def make_input(
     x = view(leaf)
     assert x.shape == shape
     if channel_offset and x.dim() >= 2 and x.shape[1] > 0:
-        channel_offset = torch.linspace(-1.0, 1.0, x.shape[1]).view(
-            (1, -1) + (1,) * (x.dim() - 2)
-        )
+        channel_offset = torch.linspace(-1.0, 1.0, x.shape[1]).view((1, -1) + (1,) * (x.dim() - 2))
         with torch.no_grad():
             x.add_(channel_offset.to(device=device, dtype=dtype))
     return leaf, view
@@ -186,13 +201,20 @@ def layout_applies(layout: str, ndim: int) -> bool:
 # ---------------------------------------------------------------------------------------
 # Module pairs
 
-TORCH_CLASSES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-                 5: torch.nn.BatchNorm3d}
-OUR_CLASSES = {torch.nn.BatchNorm1d: tbn.BatchNorm1d, torch.nn.BatchNorm2d: tbn.BatchNorm2d,
-               torch.nn.BatchNorm3d: tbn.BatchNorm3d}
+TORCH_CLASSES = {
+    2: torch.nn.BatchNorm1d,
+    3: torch.nn.BatchNorm1d,
+    4: torch.nn.BatchNorm2d,
+    5: torch.nn.BatchNorm3d,
+}
+OUR_CLASSES = {
+    torch.nn.BatchNorm1d: tbn.BatchNorm1d,
+    torch.nn.BatchNorm2d: tbn.BatchNorm2d,
+    torch.nn.BatchNorm3d: tbn.BatchNorm3d,
+}
 
 
-def randomize_state(module: torch.nn.Module, generator: Optional[torch.Generator] = None):
+def randomize_state(module: torch.nn.Module, generator: torch.Generator | None = None):
     """Non-trivial parameters and statistics, so that weight, bias and the running
     statistics all matter: weight around 1 with both signs of bias, running_var > 0, and a
     few batches already tracked (momentum=None divides by that count)."""
@@ -211,8 +233,15 @@ def randomize_state(module: torch.nn.Module, generator: Optional[torch.Generator
             t.copy_(values)
 
 
-def make_pair(ndim: int, num_features: int, precision: Precision = FLOAT32, device="cpu",
-              *, randomize: bool = True, **kwargs):
+def make_pair(
+    ndim: int,
+    num_features: int,
+    precision: Precision = FLOAT32,
+    device="cpu",
+    *,
+    randomize: bool = True,
+    **kwargs,
+):
     """torch's BatchNormNd for `ndim`-dimensional input and ours, with identical
     parameters and buffers. kwargs go to both constructors."""
     torch_cls = TORCH_CLASSES[ndim]
@@ -240,24 +269,42 @@ def assert_same_state(ours: torch.nn.Module, ref: torch.nn.Module, msg: str = ""
 def _float64_twin(ref: torch.nn.Module, ours: torch.nn.Module) -> torch.nn.Module:
     """A float64 copy of torch's module holding our current state."""
     twin = copy.deepcopy(ref).double()
-    twin.load_state_dict({k: v.double() if v.is_floating_point() else v
-                          for k, v in ours.state_dict().items()})
+    twin.load_state_dict(
+        {k: v.double() if v.is_floating_point() else v for k, v in ours.state_dict().items()}
+    )
     return twin
 
 
-def _forward_backward(module, leaf, view, grad_out, dtype):
-    """Runs `module` on a copy of `leaf` (cast to `dtype`) and returns the output and the
-    gradients of the input and of each parameter."""
+def _forward_backward(module, leaf, view, grad_out, dtype, contiguous=False):
+    """Runs `module` on a copy of `leaf` (cast to `dtype`) seen through `view`, and
+    returns the output and the gradients of the leaf and of each parameter. With
+    `contiguous`, the module sees a contiguous copy of the view, and a contiguous grad_out:
+    the same values, and the same gradients of the leaf."""
     x = leaf.detach().clone().to(dtype).requires_grad_(grad_out is not None)
-    out = module(view(x))
+    x_view = view(x).contiguous() if contiguous else view(x)
+    out = module(x_view)
     grads = {}
     if grad_out is not None:
         for p in module.parameters():
             p.grad = None
-        out.backward(grad_out.to(dtype))
+        grad_out = grad_out.to(dtype)
+        out.backward(grad_out.contiguous() if contiguous else grad_out)
         grads["input"] = x.grad
         grads.update((name, p.grad) for name, p in module.named_parameters())
     return out, grads
+
+
+def torch_result_layout(leaf, view):
+    """torch's result for the input `view(leaf)`, to compare layouts with: its rule
+    (batch_norm_cpu's output allocation) depends on the input's strides only."""
+    x = view(leaf.detach().double())
+    C = x.shape[1]
+    stats = [
+        torch.zeros(C, dtype=x.dtype, device=x.device),
+        torch.ones(C, dtype=x.dtype, device=x.device),
+    ]
+    with torch.no_grad(), single_threaded():
+        return torch.nn.functional.batch_norm(x, *stats)
 
 
 def compare_step(
@@ -267,7 +314,7 @@ def compare_step(
     view: Callable[[torch.Tensor], torch.Tensor],
     *,
     precision: Precision = FLOAT32,
-    grad_out: Optional[torch.Tensor] = None,
+    grad_out: torch.Tensor | None = None,
     msg: str = "",
 ):
     """One step of our module (forward, and backward when grad_out is given), checked
@@ -282,16 +329,25 @@ def compare_step(
     strided reduced-precision inputs it reduces gradients in that dtype. Ours accumulate
     in float32 or better, so they must be within the tolerance of their dtype (one unit in
     the last place for float16/bfloat16) of torch's float64 result, rounded to the dtype.
+
+    The float64 result is computed on contiguous copies of input and grad_out. torch's
+    CPU backward takes its contiguous fast path when input and grad_out are each dense
+    in some memory format and have the same suggested format, and then reads grad_out as
+    if it had the input's strides: for a [1, C, 1, W] input with a grad_out whose C is
+    innermost (channels-last, though "suggested" contiguous) its input gradients are
+    wrong, in float64 too. The result's layout is compared with torch's on the input as
+    given.
     """
     # Built before ours runs, so that it starts from the same running statistics.
     expected_module = _float64_twin(ref, ours)
     with single_threaded():
         expected, expected_grads = _forward_backward(
-            expected_module, leaf, view, grad_out, torch.float64)
+            expected_module, leaf, view, grad_out, torch.float64, contiguous=True
+        )
     actual, actual_grads = _forward_backward(ours, leaf, view, grad_out, precision.dtype)
 
     assert_close(actual, expected.to(actual.dtype), f"{msg}output")
-    assert_same_layout(actual, expected, f"{msg}output")
+    assert_same_layout(actual, torch_result_layout(leaf, view), f"{msg}output")
     assert actual_grads.keys() == expected_grads.keys()
     for name, g in expected_grads.items():
         assert (actual_grads[name] is None) == (g is None), f"{msg}{name} grad"
@@ -328,9 +384,16 @@ def run_steps(
         grad_out = None
         if backward:
             g_leaf, g_view = make_input(
-                shape, grad_layout, precision.dtype, device, mean=0.0, std=1.0,
-                channel_offset=False, generator=generator,
+                shape,
+                grad_layout,
+                precision.dtype,
+                device,
+                mean=0.0,
+                std=1.0,
+                channel_offset=False,
+                generator=generator,
             )
             grad_out = g_view(g_leaf)
-        compare_step(ref, ours, leaf, view, precision=precision, grad_out=grad_out,
-                     msg=f"step {step}: ")
+        compare_step(
+            ref, ours, leaf, view, precision=precision, grad_out=grad_out, msg=f"step {step}: "
+        )

@@ -9,7 +9,6 @@ import itertools
 
 import pytest
 import torch
-
 import torch_batchnorm as tbn
 from conftest import (
     FLOAT32,
@@ -69,8 +68,11 @@ def _ids(value):
 
 
 def _cases(shapes, layouts):
-    return [(s, layout) for s, layout in itertools.product(shapes, layouts)
-            if layout_applies(layout, len(s))]
+    return [
+        (s, layout)
+        for s, layout in itertools.product(shapes, layouts)
+        if layout_applies(layout, len(s))
+    ]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS, ids=str)
@@ -80,14 +82,13 @@ def test_train_then_eval(shape, layout, precision, device):
     run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=3)
     ref.eval()
     ours.eval()
-    run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=1,
-              seed=1)
+    run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=1, seed=1)
 
 
 @pytest.mark.parametrize("precision", [FLOAT32, FLOAT64, PRECISIONS[3], PRECISIONS[4]], ids=str)
-@pytest.mark.parametrize("shape,layout",
-                         _cases(LARGE_SHAPES, ["contiguous", "channels_last", "sliced"]),
-                         ids=_ids)
+@pytest.mark.parametrize(
+    "shape,layout", _cases(LARGE_SHAPES, ["contiguous", "channels_last", "sliced"]), ids=_ids
+)
 def test_large(shape, layout, precision, device):
     ref, ours = make_pair(len(shape), shape[1], precision, device)
     run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=2)
@@ -115,10 +116,18 @@ OPTION_CASES = [
 @pytest.mark.parametrize("affine", list(AFFINE), ids=str)
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0, 0.8], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_module_options(training, momentum, affine, track_running_stats, shape, layout,
-                        precision, device):
-    ref, ours = make_pair(len(shape), shape[1], precision, device, momentum=momentum,
-                          track_running_stats=track_running_stats, **AFFINE[affine])
+def test_module_options(
+    training, momentum, affine, track_running_stats, shape, layout, precision, device
+):
+    ref, ours = make_pair(
+        len(shape),
+        shape[1],
+        precision,
+        device,
+        momentum=momentum,
+        track_running_stats=track_running_stats,
+        **AFFINE[affine],
+    )
     ref.train(training)
     ours.train(training)
     run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=3)
@@ -135,6 +144,10 @@ GRAD_LAYOUT_CASES = [
     ((2, 3, 6, 5), "permuted", "channels_last_sliced"),
     ((2, 3, 4, 3, 5), "channels_last", "permuted"),
     ((2, 3, 4, 3, 5), "contiguous", "channels_last"),
+    # Dense in both layouts' eyes but with different strides: torch's own backward reads
+    # this grad_out with the input's strides (see conftest.compare_step).
+    ((1, 3, 1, 4), "contiguous", "permuted"),
+    ((1, 3, 1, 4), "permuted", "contiguous"),
 ]
 
 
@@ -145,15 +158,26 @@ def test_grad_out_layout(shape, layout, grad_layout, training, precision, device
     ref, ours = make_pair(len(shape), shape[1], precision, device)
     ref.train(training)
     ours.train(training)
-    run_steps(ref, ours, shape, layout=layout, grad_layout=grad_layout, precision=precision,
-              device=device, steps=2)
+    run_steps(
+        ref,
+        ours,
+        shape,
+        layout=layout,
+        grad_layout=grad_layout,
+        precision=precision,
+        device=device,
+        steps=2,
+    )
 
 
-@pytest.mark.parametrize("layout,memory_format", [
-    ("channels_last", torch.channels_last),
-    ("channels_last_sliced", torch.channels_last),
-    ("contiguous", torch.contiguous_format),
-])
+@pytest.mark.parametrize(
+    "layout,memory_format",
+    [
+        ("channels_last", torch.channels_last),
+        ("channels_last_sliced", torch.channels_last),
+        ("contiguous", torch.contiguous_format),
+    ],
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_output_keeps_channels_last(layout, memory_format, training, device):
     _, ours = make_pair(4, 3, device=device)
@@ -195,32 +219,50 @@ def _run_functional(fn, leaf, view, params, grad_out, dtype, **kwargs):
     """fn on copies of the arguments cast to `dtype` (parameters too, keeping float32
     ones float32 where dtype is reduced); returns output, input grad and the parameters."""
     x = leaf.detach().clone().to(dtype).requires_grad_()
-    p = {k: v.detach().clone().to(torch.float64 if dtype == torch.float64 else v.dtype)
-         .requires_grad_(k in ("weight", "bias")) for k, v in params.items()}
-    out = fn(view(x), p.get("running_mean"), p.get("running_var"), p.get("weight"),
-             p.get("bias"), **kwargs)
+    p = {
+        k: v.detach()
+        .clone()
+        .to(torch.float64 if dtype == torch.float64 else v.dtype)
+        .requires_grad_(k in ("weight", "bias"))
+        for k, v in params.items()
+    }
+    out = fn(
+        view(x),
+        p.get("running_mean"),
+        p.get("running_var"),
+        p.get("weight"),
+        p.get("bias"),
+        **kwargs,
+    )
     out.backward(grad_out.to(dtype))
     return out, x.grad, p
 
 
 # Evaluation without running statistics is an error case (test_errors).
-@pytest.mark.parametrize("training,stats", [(True, True), (True, False), (False, True)],
-                         ids=["train", "train_no_stats", "eval"])
-@pytest.mark.parametrize("eps,momentum", [(1e-5, 0.1), (1e-5, 0.0), (0.5, 0.5), (0.6, -1.2)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "training,stats",
+    [(True, True), (True, False), (False, True)],
+    ids=["train", "train_no_stats", "eval"],
+)
+@pytest.mark.parametrize(
+    "eps,momentum", [(1e-5, 0.1), (1e-5, 0.0), (0.5, 0.5), (0.6, -1.2)], ids=str
+)
 @pytest.mark.parametrize("shape", FUNCTIONAL_SHAPES, ids=_ids)
 @pytest.mark.parametrize("precision", PRECISIONS, ids=str)
 def test_functional(precision, shape, momentum, eps, training, stats, device):
     """Against torch.nn.functional.batch_norm in float64 (see conftest.compare_step)."""
     for affine in (True, False):
-        args = _functional_args(shape, precision, device, stats=stats, affine=affine,
-                                seed=len(shape))
+        args = _functional_args(
+            shape, precision, device, stats=stats, affine=affine, seed=len(shape)
+        )
         kwargs = {"training": training, "momentum": momentum, "eps": eps}
         with single_threaded():
             expected, expected_grad, expected_params = _run_functional(
-                torch.nn.functional.batch_norm, *args, torch.float64, **kwargs)
+                torch.nn.functional.batch_norm, *args, torch.float64, **kwargs
+            )
         actual, actual_grad, actual_params = _run_functional(
-            tbn.functional.batch_norm, *args, precision.dtype, **kwargs)
+            tbn.functional.batch_norm, *args, precision.dtype, **kwargs
+        )
         assert_close(actual, expected.to(actual.dtype), "output")
         assert_same_layout(actual, expected, "output")
         assert_close(actual_grad, expected_grad.to(actual_grad.dtype), "input grad")
@@ -244,8 +286,10 @@ def test_functional_defaults_match_torch():
 def test_constructor_matches_torch():
     import inspect
 
-    for torch_cls, our_cls in [(torch.nn.BatchNorm1d, tbn.BatchNorm1d),
-                               (torch.nn.BatchNorm2d, tbn.BatchNorm2d),
-                               (torch.nn.BatchNorm3d, tbn.BatchNorm3d)]:
+    for torch_cls, our_cls in [
+        (torch.nn.BatchNorm1d, tbn.BatchNorm1d),
+        (torch.nn.BatchNorm2d, tbn.BatchNorm2d),
+        (torch.nn.BatchNorm3d, tbn.BatchNorm3d),
+    ]:
         assert inspect.signature(our_cls) == inspect.signature(torch_cls)
         assert issubclass(our_cls, torch_cls)

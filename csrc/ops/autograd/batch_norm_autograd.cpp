@@ -62,10 +62,9 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     // None, edge 1 is bias (or a running statistic, or nothing at all).
     const bool has_weight = saved[1].defined();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> mask{
-        ctx->needs_input_grad(0),
-        has_weight && ctx->needs_input_grad(1),
-        has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0),
+                                   has_weight && ctx->needs_input_grad(1),
+                                   has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     at::Tensor grad_input;
     at::Tensor grad_weight;
     at::Tensor grad_bias;
@@ -87,6 +86,45 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   }
 };
 
+// batch_norm_backward has no derivative of its own. Without an autograd kernel, a
+// second differentiation through batch_norm (create_graph=True, then backward again)
+// would only warn and return zeros; like an ATen op without a derivative formula, its
+// outputs get a node that raises when the backward reaches it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& save_mean,
+    const std::optional<at::Tensor>& save_invstd,
+    bool training,
+    double eps,
+    std::array<bool, 3> output_mask) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    grads = batch_norm_backward(grad_out,
+                                input,
+                                weight,
+                                running_mean,
+                                running_var,
+                                save_mean,
+                                save_invstd,
+                                training,
+                                eps,
+                                output_mask);
+  }
+  if (torch::autograd::compute_requires_grad(grad_out, input, weight)) {
+    auto node = c10::make_intrusive<torch::autograd::NotImplemented>(
+        "torch_batchnorm::batch_norm_backward",
+        torch::autograd::collect_next_edges(grad_out, input, weight));
+    torch::autograd::set_history({std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)},
+                                 node);
+  }
+  return grads;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -96,6 +134,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     bool training,
     double momentum,
     double eps) {
+  // No gradient flows to the running statistics (training overwrites them in place), so
+  // like torch refuse ones that ask for it rather than return none silently.
+  torch::autograd::check_no_requires_grad(running_mean, "running_mean", "batch_norm_forward");
+  torch::autograd::check_no_requires_grad(running_var, "running_var", "batch_norm_forward");
   auto outs = BatchNormFunction::apply(
       input, weight, bias, running_mean, running_var, training, momentum, eps);
   // The update happened below autograd; bump the versions so graphs that saved the
@@ -111,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
 
 TORCH_LIBRARY_IMPL(torch_batchnorm, Autograd, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
 }
 
 }  // namespace torch_batchnorm

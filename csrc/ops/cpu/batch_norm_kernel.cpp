@@ -54,14 +54,15 @@ struct Layout {
 
 bool is_channels_last(const at::Tensor& t) {
   // The channels of one position are adjacent: a contiguous 2D [N, C] tensor, or a
-  // channels_last / channels_last_3d one. Not a 3D [N, C, L] tensor with C innermost:
-  // torch returns a contiguous result for it (its suggest_memory_format), and code
-  // calls .view() on that result.
+  // channels_last / channels_last_3d one that is not also contiguous. The result takes
+  // the layout walked, and this is torch's rule for it (batch_norm_cpu): not a 3D
+  // [N, C, L] tensor with C innermost, whose result torch makes contiguous (and code
+  // calls .view() on it).
   if (t.dim() == 2) {
     return t.is_contiguous();
   }
-  const auto format = t.suggest_memory_format();
-  return format != at::MemoryFormat::Contiguous && t.is_contiguous(format);
+  return !t.is_contiguous() && (t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+                                t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
 }
 
 // Returns `t` in a layout the kernels walk, copying only when it is neither
@@ -423,8 +424,8 @@ void forward_impl(
       center[c] = static_cast<acc_t>(stats[c].mean);
       // An empty batch has no variance; invstd 0 rather than NaN keeps the gradients of
       // weight (sums over no elements) zero, as torch's are.
-      invstd[c] = count == 0 ? acc_t(0)
-                             : math::batch_invstd(static_cast<acc_t>(stats[c].m2 / count), eps);
+      invstd[c] =
+          count == 0 ? acc_t(0) : math::batch_invstd(static_cast<acc_t>(stats[c].m2 / count), eps);
     }
     if (update_running && count > 0) {
       auto rm = load_channels<param_t, acc_t>(running_mean, C, 0);
