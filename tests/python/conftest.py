@@ -11,11 +11,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 from typing import Callable
 
 import pytest
 import torch
 import torch_batchnorm as tbn
+
+#: Whether the installed torch's BatchNormNd takes the keyword-only ``bias`` (torch >= 2.12):
+#: ours take exactly the arguments of the installed torch's classes.
+BN_TAKES_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
 
 # CUDA kernels are tested by the same parity tests wherever a GPU is present.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -296,8 +301,10 @@ def _forward_backward(module, leaf, view, grad_out, dtype, contiguous=False):
 
 def torch_result_layout(leaf, view):
     """torch's result for the input `view(leaf)`, to compare layouts with: its rule
-    (batch_norm_cpu's output allocation) depends on the input's strides only."""
-    x = view(leaf.detach().double())
+    (batch_norm_cpu's output allocation) depends on the input's strides only. Ours follows
+    it on every device (torch's CUDA paths differ from each other: the native kernel keeps
+    any strides, cuDNN returns the suggested format), so the reference runs on the CPU."""
+    x = view(leaf.detach().double().cpu())
     C = x.shape[1]
     stats = [
         torch.zeros(C, dtype=x.dtype, device=x.device),

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 import torch_batchnorm as tbn
-from conftest import OUR_CLASSES, TORCH_CLASSES, Precision, make_pair
+from conftest import BN_TAKES_BIAS, OUR_CLASSES, TORCH_CLASSES, Precision, make_pair
 
 F = torch.nn.functional
 ops = torch.ops.torch_batchnorm
@@ -98,8 +98,8 @@ for training, kwargs in itertools.product(
         {},
         {"affine": False},
         {"track_running_stats": False},
-        {"bias": False},
-    ],
+    ]
+    + ([{"bias": False}] if BN_TAKES_BIAS else []),
 ):
     MODULE_CASES.append(
         (
