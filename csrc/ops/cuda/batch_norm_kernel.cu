@@ -33,6 +33,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 
 #include "ops/batch_norm_check.h"
 #include "ops/batch_norm_math.h"
@@ -110,7 +112,7 @@ TBN_HOST_DEVICE void for_each_plane_tile(
     return;
   }
   const int64_t mine = (v1 - first + kThreads - 1) / kThreads;
-  int64_t v = kReverse ? first + (mine - 1) * kThreads : first;
+  const int64_t v = kReverse ? first + (mine - 1) * kThreads : first;
   const int64_t n = v / g.plane;
   int64_t j = v - n * g.plane;
   int64_t off = (n * g.channels + c) * g.plane + j;
@@ -121,7 +123,7 @@ TBN_HOST_DEVICE void for_each_plane_tile(
   const int64_t step = dn * plane_stride + dj;
   for (int64_t left = mine; left > 0; left -= kUnroll) {
     int64_t offs[kUnroll];
-TBN_UNROLL
+    TBN_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       offs[u] = off;
       if constexpr (kReverse) {
@@ -158,7 +160,7 @@ TBN_HOST_DEVICE void for_each_row_tile(
   int64_t off = r * g.vecs + cv;
   for (int64_t left = mine; left > 0; left -= kUnroll) {
     int64_t offs[kUnroll];
-TBN_UNROLL
+    TBN_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       offs[u] = off;
       off += step;
@@ -173,12 +175,12 @@ TBN_HOST_DEVICE void load_packs(
     const scalar_t* __restrict__ base, const int64_t (&offs)[kUnroll], int n,
     Pack<scalar_t, VEC> (&out)[kUnroll]) {
   const auto* packs = reinterpret_cast<const Pack<scalar_t, VEC>*>(base);
-TBN_UNROLL
+  TBN_UNROLL
   for (int u = 0; u < kUnroll; ++u) {
     if (u < n) {
       out[u] = packs[offs[u]];
     } else {
-TBN_UNROLL
+      TBN_UNROLL
       for (int k = 0; k < VEC; ++k) {
         out[u].v[k] = scalar_t(0);
       }
@@ -311,11 +313,11 @@ TBN_HOST_DEVICE void elementwise_tile(
   load_packs<VEC>(x, offs, rx ? n : 0, xs);
   load_packs<VEC>(dy, offs, rdy ? n : 0, gs);
   auto* dst = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
-TBN_UNROLL
+  TBN_UNROLL
   for (int u = 0; u < kUnroll; ++u) {
     if (u < n) {
       Pack<scalar_t, VEC> o;
-TBN_UNROLL
+      TBN_UNROLL
       for (int k = 0; k < VEC; ++k) {
         o.v[k] = static_cast<scalar_t>(apply_map<acc_t>(
             map_of(k), static_cast<acc_t>(gs[u].v[k]), static_cast<acc_t>(xs[u].v[k]), rdy, rx));
@@ -340,7 +342,7 @@ TBN_HOST_DEVICE void elementwise_rows(
     const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, const ChannelArgs<scalar_t>& ch,
     const scalar_t* dy, const scalar_t* x, scalar_t* out) {
   ChannelMap<at::opmath_type<scalar_t>> map[VEC];
-TBN_UNROLL
+  TBN_UNROLL
   for (int k = 0; k < VEC; ++k) {
     map[k] = ch.map(cv * VEC + k);
   }
@@ -410,32 +412,39 @@ struct StatsOp {
     return o;
   }
 
-  // Folds n values x[0], x[S], ... into acc: a two-pass mean and M2 over the registers,
-  // then one Welford merge, so memory is read once and no per-element division is paid.
-  template <int LEN, int S, typename InX, typename InDy>
-  TBN_HOST_DEVICE static void accumulate(Acc& acc, const InX& x, const InDy&, int n, acc_t) {
+  // Folds a tile into K slots: slot k takes x(i * S + k) for i < n. Each slot gets the
+  // exact two-pass mean and M2 of its n values (they are in registers), then one Welford
+  // merge; all slots have seen the same number of values, so they share the reciprocal
+  // and the merge fraction, and no division is paid per element.
+  template <int K, int LEN, int S, typename InX, typename InDy>
+  TBN_HOST_DEVICE static void accumulate(Acc (&acc)[K], const InX& x, const InDy&, int n, const acc_t (&)[K]) {
     if (n == 0) {
       return;
     }
-    acc_t sum = 0;
-TBN_UNROLL
-    for (int i = 0; i < LEN; ++i) {
-      if (i < n) {
-        sum += x(i * S);
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+    const acc_t frac = static_cast<acc_t>(n) / static_cast<acc_t>(acc[0].count + n);
+    TBN_UNROLL
+    for (int k = 0; k < K; ++k) {
+      acc_t sum = 0;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          sum += x(i * S + k);
+        }
       }
-    }
-    const acc_t shift = sum / static_cast<acc_t>(n);
-    acc_t d = 0;
-    acc_t d2 = 0;
-TBN_UNROLL
-    for (int i = 0; i < LEN; ++i) {
-      if (i < n) {
-        const acc_t t = x(i * S) - shift;
-        d += t;
-        d2 += t * t;
+      Acc tile;
+      tile.mean = sum * inv_n;
+      tile.m2 = 0;
+      tile.count = n;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          const acc_t t = x(i * S + k) - tile.mean;
+          tile.m2 += t * t;
+        }
       }
+      acc[k] = math::welford_merge(acc[k], tile, frac);
     }
-    acc = math::welford_merge(acc, math::welford_from_shifted_sums<acc_t>(shift, d, d2, n));
   }
 
   TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
@@ -486,20 +495,24 @@ struct GradOp {
     return {__shfl_xor_sync(kFullMask, a.dy, lane_mask), __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
   }
 
-  template <int LEN, int S, typename InX, typename InDy>
-  TBN_HOST_DEVICE static void accumulate(Acc& acc, const InX& x, const InDy& dy, int n, acc_t mean) {
-    acc_t s = 0;
-    acc_t sx = 0;
-TBN_UNROLL
-    for (int i = 0; i < LEN; ++i) {
-      if (i < n) {
-        const acc_t g = dy(i * S);
-        s += g;
-        sx += g * (x(i * S) - mean);
+  template <int K, int LEN, int S, typename InX, typename InDy>
+  TBN_HOST_DEVICE static void accumulate(
+      Acc (&acc)[K], const InX& x, const InDy& dy, int n, const acc_t (&mean)[K]) {
+    TBN_UNROLL
+    for (int k = 0; k < K; ++k) {
+      acc_t s = 0;
+      acc_t sx = 0;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          const acc_t g = dy(i * S + k);
+          s += g;
+          sx += g * (x(i * S + k) - mean[k]);
+        }
       }
+      acc[k].dy += s;
+      acc[k].dy_xmu += sx;
     }
-    acc.dy += s;
-    acc.dy_xmu += sx;
   }
 
   TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
@@ -551,17 +564,18 @@ template <typename Op, int VEC, typename scalar_t>
 TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(
     const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, const ReduceArgs<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t mean = Op::kReadsDy ? args.ch.mean.load(c, acc_t(0)) : acc_t(0);
-  typename Op::Acc acc = Op::identity();
+  const acc_t mean[1] = {Op::kReadsDy ? args.ch.mean.load(c, acc_t(0)) : acc_t(0)};
+  typename Op::Acc acc[1] = {Op::identity()};
   for_each_plane_tile<false>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
     Pack<scalar_t, VEC> xs[kUnroll];
     Pack<scalar_t, VEC> gs[kUnroll];
     load_packs<VEC>(args.x, offs, n, xs);
     load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
-    Op::template accumulate<kUnroll * VEC, 1>(
+    // One slot: the whole tile belongs to channel c.
+    Op::template accumulate<1, kUnroll * VEC, 1>(
         acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n * VEC, mean);
   });
-  return acc;
+  return acc[0];
 }
 
 // A thread's share of a rows reduction: channels cv * VEC + k of rows r0 + y, r0 + y + ty, ...
@@ -571,7 +585,7 @@ TBN_HOST_DEVICE void thread_reduce_rows(
     typename Op::Acc (&acc)[VEC]) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t mean[VEC];
-TBN_UNROLL
+  TBN_UNROLL
   for (int k = 0; k < VEC; ++k) {
     acc[k] = Op::identity();
     mean[k] = Op::kReadsDy ? args.ch.mean.load(cv * VEC + k, acc_t(0)) : acc_t(0);
@@ -581,14 +595,9 @@ TBN_UNROLL
     Pack<scalar_t, VEC> gs[kUnroll];
     load_packs<VEC>(args.x, offs, n, xs);
     load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
-    const TileView<scalar_t, VEC> xv{xs};
-    const TileView<scalar_t, VEC> gv{gs};
-TBN_UNROLL
-    for (int k = 0; k < VEC; ++k) {
-      // Channel k of the tile: elements k, k + VEC, ... of the kUnroll rows.
-      Op::template accumulate<kUnroll, VEC>(
-          acc[k], [xv, k](int i) { return xv(i + k); }, [gv, k](int i) { return gv(i + k); }, n, mean[k]);
-    }
+    // Slot k: channel cv * VEC + k, element k of each of the kUnroll rows.
+    Op::template accumulate<VEC, kUnroll, VEC>(
+        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n, mean);
   });
 }
 
@@ -596,7 +605,7 @@ TBN_UNROLL
 // is fixed, so the result does not depend on timing.
 template <typename Op>
 __device__ typename Op::Acc block_reduce_all(typename Op::Acc v, typename Op::Acc* smem) {
-TBN_UNROLL
+  TBN_UNROLL
   for (int m = 16; m > 0; m >>= 1) {
     v = Op::merge(v, Op::shfl_xor(v, m));
   }
@@ -608,7 +617,7 @@ TBN_UNROLL
   __syncthreads();
   if (warp == 0) {
     v = lane < kWarps ? smem[lane] : Op::identity();
-TBN_UNROLL
+    TBN_UNROLL
     for (int m = kWarps / 2; m > 0; m >>= 1) {
       v = Op::merge(v, Op::shfl_xor(v, m));
     }
@@ -623,7 +632,7 @@ template <typename Op, int K>
 __device__ void block_reduce_rows(typename Op::Acc (&acc)[K], int tx, typename Op::Acc* smem) {
   // Lanes of a warp that share a column are tx apart.
   for (int m = 16; m >= tx; m >>= 1) {
-TBN_UNROLL
+    TBN_UNROLL
     for (int k = 0; k < K; ++k) {
       acc[k] = Op::merge(acc[k], Op::shfl_xor(acc[k], m));
     }
@@ -631,7 +640,7 @@ TBN_UNROLL
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   if (lane < tx) {
-TBN_UNROLL
+    TBN_UNROLL
     for (int k = 0; k < K; ++k) {
       smem[(warp * tx + lane) * K + k] = acc[k];
     }
@@ -740,14 +749,14 @@ __global__ void __launch_bounds__(kThreads) reduce_rows_kernel(RowGeom g, Reduce
     if (!arrive_last(args.semaphores + group, g.splits)) {
       return;
     }
-TBN_UNROLL
+    TBN_UNROLL
     for (int k = 0; k < VEC; ++k) {
       acc[k] = Op::identity();
     }
     if (active) {
       for (int64_t p = y; p < g.splits; p += g.ty) {
         const int64_t count = g.begin(p + 1) - g.begin(p);
-TBN_UNROLL
+        TBN_UNROLL
         for (int k = 0; k < VEC; ++k) {
           acc[k] = Op::merge(acc[k], Op::load_partial(p0, p1, p * channels + cv * VEC + k, count));
         }
@@ -834,12 +843,13 @@ int64_t wave_size() {
   return static_cast<int64_t>(per_sm) * sms;
 }
 
-// Blocks per channel (or group): about one wave in all, and each at least one full round
-// of kThreads * kUnroll vectors (rows: ty * kUnroll rows). With enough channels, one block
-// owns a whole channel and the elementwise pass runs in the reduction kernel.
+// Blocks per channel (or group): as many as fit in one wave together, so that every block
+// is resident from the start and none waits for a second wave, and each at least one full
+// round of kThreads * kUnroll vectors (rows: ty * kUnroll rows). With enough channels for a
+// wave, one block owns a whole channel and the elementwise pass runs in the reduction
+// kernel.
 int64_t choose_splits(int64_t units, int64_t rounds, int64_t wave) {
-  const int64_t want = (wave + units / 2) / units;
-  return std::max<int64_t>(1, std::min(want, rounds));
+  return std::max<int64_t>(1, std::min(wave / units, rounds));
 }
 
 PlaneGeom plane_geom(const Layout& l, int vec, int64_t wave) {
@@ -865,6 +875,13 @@ RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
   return g;
 }
 
+// A 1D grid of `blocks`: at most 2^31 - 1, which a channel count would have to exceed.
+dim3 grid_of(int64_t blocks) {
+  TORCH_CHECK(blocks > 0 && blocks <= std::numeric_limits<int32_t>::max(),
+      "batch_norm: too many channels for the CUDA kernels (", blocks, " blocks)");
+  return dim3(static_cast<unsigned int>(blocks));
+}
+
 template <typename scalar_t, int VEC>
 void launch_elementwise(
     const Layout& l, const PlaneGeom* pg, const RowGeom* rg, const ChannelArgs<scalar_t>& ch,
@@ -872,11 +889,11 @@ void launch_elementwise(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (l.rows) {
     const RowGeom g = rg ? *rg : row_geom(l, VEC, wave_size<elementwise_rows_kernel<scalar_t, VEC>>());
-    elementwise_rows_kernel<scalar_t, VEC><<<g.groups * g.splits, kThreads, 0, stream>>>(g, ch, dy, x, out);
+    elementwise_rows_kernel<scalar_t, VEC><<<grid_of(g.groups * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const PlaneGeom g = pg ? *pg : plane_geom(l, VEC, wave_size<elementwise_planes_kernel<scalar_t, VEC>>());
-    elementwise_planes_kernel<scalar_t, VEC><<<g.channels * g.splits, kThreads, 0, stream>>>(g, ch, dy, x, out);
+    elementwise_planes_kernel<scalar_t, VEC><<<grid_of(g.channels * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -917,9 +934,9 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   }
 
   if (l.rows) {
-    reduce_rows_kernel<Op, scalar_t, VEC><<<rg.groups * rg.splits, kThreads, 0, stream>>>(rg, args);
+    reduce_rows_kernel<Op, scalar_t, VEC><<<grid_of(rg.groups * rg.splits), kThreads, 0, stream>>>(rg, args);
   } else {
-    reduce_planes_kernel<Op, scalar_t, VEC><<<pg.channels * pg.splits, kThreads, 0, stream>>>(pg, args);
+    reduce_planes_kernel<Op, scalar_t, VEC><<<grid_of(pg.channels * pg.splits), kThreads, 0, stream>>>(pg, args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
