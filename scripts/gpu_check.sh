@@ -95,12 +95,13 @@ step_env() {
 
 step_build() {
   set -e
-  local prefix gen=()
+  local prefix opts=()
   prefix="$("$PYTHON" -c 'import torch, pybind11; print(torch.utils.cmake_prefix_path + ";" + pybind11.get_cmake_dir())')"
-  command -v ninja >/dev/null && gen=(-G Ninja)
-  [ -f "$TBN_BUILD_DIR/CMakeCache.txt" ] && gen=()  # keep the generator of an earlier run
+  command -v ninja >/dev/null && opts=(-G Ninja)
+  [ -f "$TBN_BUILD_DIR/CMakeCache.txt" ] && opts=()  # keep the generator of an earlier run
+  [ -n "$CUDA_HOME" ] && opts+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME")
   set -x
-  cmake -S "$ROOT" -B "$TBN_BUILD_DIR" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
+  cmake -S "$ROOT" -B "$TBN_BUILD_DIR" "${opts[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_PREFIX_PATH="$prefix" -DPython_EXECUTABLE="$PYTHON" \
     -DTBN_BUILD_PYTHON=ON -DTBN_WITH_CUDA=ON -DTORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"
   cmake --build "$TBN_BUILD_DIR" --parallel "$MAX_JOBS"

@@ -33,6 +33,7 @@ MIXED = "mixed"  # float16/bfloat16 input with float32 parameters and statistics
 LAYOUTS = [
     ((4, 3, 32, 32), "contiguous"),  # planes, split channels, vector path
     ((2, 5, 7, 7), "contiguous"),  # planes, HW = 49: scalar path
+    ((3, 6, 14, 14), "contiguous"),  # planes, HW = 196: 8-byte vectors for float16/bfloat16
     ((2, 3000, 4, 4), "contiguous"),  # planes, one block per channel (fused)
     ((6, 16, 10, 10), "channels_last"),  # rows, vector path
     ((3, 7, 9, 9), "channels_last"),  # rows, C = 7: scalar path

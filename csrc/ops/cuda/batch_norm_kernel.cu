@@ -820,10 +820,6 @@ at::Tensor walkable_like(const at::Tensor& t, const Layout& l) {
   return l.rows ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
 }
 
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -945,17 +941,28 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   }
 }
 
-// Calls f(std::integral_constant<int, VEC>) with the widest vector every pointer and the
-// layout allow: a channel's run (planes) or a row (rows) must hold whole vectors.
+// Calls f(std::integral_constant<int, VEC>) with the widest vector that the layout and
+// every pointer allow: a channel's run (planes) or a row (rows) must hold whole vectors,
+// and pointers must be aligned to them. 16-byte vectors, else (float16/bfloat16 only, for
+// runs such as 14 x 14 = 196 elements) 8-byte ones, else single elements.
 template <typename scalar_t, typename F>
 void with_vector_width(const Layout& l, std::initializer_list<const void*> ptrs, F&& f) {
   constexpr int V = kVec<scalar_t>;
-  bool ok = (l.rows ? l.channels : l.inner) % V == 0;
-  for (const void* p : ptrs) {
-    ok = ok && aligned16(p);
-  }
-  if (ok) {
+  const auto fits = [&](int vec) {
+    bool ok = (l.rows ? l.channels : l.inner) % vec == 0;
+    for (const void* p : ptrs) {
+      ok = ok && reinterpret_cast<uintptr_t>(p) % (vec * sizeof(scalar_t)) == 0;
+    }
+    return ok;
+  };
+  if (fits(V)) {
     f(std::integral_constant<int, V>{});
+  } else if constexpr (V == 8) {
+    if (fits(V / 2)) {
+      f(std::integral_constant<int, V / 2>{});
+    } else {
+      f(std::integral_constant<int, 1>{});
+    }
   } else {
     f(std::integral_constant<int, 1>{});
   }
