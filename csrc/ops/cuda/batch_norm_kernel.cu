@@ -3,8 +3,8 @@
 // Same contract as the CPU kernels (cpu/batch_norm_kernel.cpp), which are the reference:
 // same layouts, same per-channel formulas from batch_norm_math.h, same outputs. The input
 // is walked either as contiguous planes [N, C, HW] or as channels-last rows [N * HW, C]
-// (channels_last, channels_last_3d and every 2D [N, C] input). Each op is one reduction
-// kernel and one elementwise pass:
+// (channels_last, channels_last_3d and every 2D [N, C] input). Each op is at most one
+// reduction kernel and one elementwise pass:
 //
 //   reduction    forward: Welford statistics of x; backward: sum(dy), sum(dy * (x - mean)).
 //                A block reduces a slice of one channel (planes) or of a group of channels
@@ -19,7 +19,7 @@
 //                a second kernel runs it. Either way the pass walks the data backwards, so
 //                it starts with what the reduction read last, which is still in L2.
 //
-// Loads and stores are 16 bytes wide whenever the channel runs and pointers allow it.
+// Loads and stores are 16 bytes wide wherever the layout and the pointers allow it.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
