@@ -58,7 +58,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-static_assert(kWarps <= 32 && (kWarps & (kWarps - 1)) == 0, "block reduction needs a power-of-two warp count");
+static_assert(kWarps <= 32 && (kWarps & (kWarps - 1)) == 0,
+              "block reduction needs a power-of-two warp count");
 
 // Elements of one 16-byte load.
 template <typename scalar_t>
@@ -171,9 +172,10 @@ TBN_HOST_DEVICE void for_each_row_tile(
 
 // Loads the first n of kUnroll vectors; the rest are zero (never used, but defined).
 template <int VEC, typename scalar_t>
-TBN_HOST_DEVICE void load_packs(
-    const scalar_t* __restrict__ base, const int64_t (&offs)[kUnroll], int n,
-    Pack<scalar_t, VEC> (&out)[kUnroll]) {
+TBN_HOST_DEVICE void load_packs(const scalar_t* __restrict__ base,
+                                const int64_t (&offs)[kUnroll],
+                                int n,
+                                Pack<scalar_t, VEC> (&out)[kUnroll]) {
   const auto* packs = reinterpret_cast<const Pack<scalar_t, VEC>*>(base);
   TBN_UNROLL
   for (int u = 0; u < kUnroll; ++u) {
@@ -221,7 +223,8 @@ ChannelRef<scalar_t> channel_ref(const at::Tensor* t) {
   if (t == nullptr || !t->defined()) {
     return {nullptr, true};
   }
-  return {t->data_ptr(), t->scalar_type() == at::toOpMathType(c10::CppTypeToScalarType<scalar_t>::value)};
+  return {t->data_ptr(),
+          t->scalar_type() == at::toOpMathType(c10::CppTypeToScalarType<scalar_t>::value)};
 }
 
 // ---------------------------------------------------------------------------------
@@ -262,7 +265,8 @@ struct ChannelArgs {
     return pass != Pass::kGradEval;
   }
   TBN_HOST_DEVICE acc_t invstd(int64_t c) const {
-    return training() ? spread.load(c, acc_t(0)) : math::running_invstd(spread.load(c, acc_t(1)), eps);
+    return training() ? spread.load(c, acc_t(0))
+                      : math::running_invstd(spread.load(c, acc_t(1)), eps);
   }
 
   TBN_HOST_DEVICE ChannelMap<acc_t> map(int64_t c) const {
@@ -278,7 +282,8 @@ struct ChannelArgs {
         return {acc_t(0), scale, bias.load(c, acc_t(0)) - mean.load(c, acc_t(0)) * scale, acc_t(0)};
       }
       case Pass::kGradTraining: {
-        const auto k = math::grad_input_coeffs<acc_t>(w, is, sums[c], sums[channels + c], count, true);
+        const auto k =
+            math::grad_input_coeffs<acc_t>(w, is, sums[c], sums[channels + c], count, true);
         return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
       }
       default: {
@@ -290,8 +295,8 @@ struct ChannelArgs {
 };
 
 template <typename acc_t>
-TBN_HOST_DEVICE acc_t apply_map(
-    const ChannelMap<acc_t>& k, acc_t dy, acc_t x, bool reads_dy, bool reads_x) {
+TBN_HOST_DEVICE acc_t
+apply_map(const ChannelMap<acc_t>& k, acc_t dy, acc_t x, bool reads_dy, bool reads_x) {
   if (!reads_x) {
     return k.a * dy;
   }
@@ -301,10 +306,13 @@ TBN_HOST_DEVICE acc_t apply_map(
 
 // Writes out = map(dy, x) for one tile of kUnroll vectors, n of them in range.
 template <int VEC, typename scalar_t, typename MapOf>
-TBN_HOST_DEVICE void elementwise_tile(
-    const ChannelArgs<scalar_t>& ch, const scalar_t* __restrict__ dy,
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const int64_t (&offs)[kUnroll],
-    int n, MapOf map_of) {
+TBN_HOST_DEVICE void elementwise_tile(const ChannelArgs<scalar_t>& ch,
+                                      const scalar_t* __restrict__ dy,
+                                      const scalar_t* __restrict__ x,
+                                      scalar_t* __restrict__ out,
+                                      const int64_t (&offs)[kUnroll],
+                                      int n,
+                                      MapOf map_of) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool rdy = ch.reads_dy();
   const bool rx = ch.reads_x();
@@ -328,9 +336,15 @@ TBN_HOST_DEVICE void elementwise_tile(
 }
 
 template <int VEC, typename scalar_t>
-TBN_HOST_DEVICE void elementwise_planes(
-    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, const ChannelArgs<scalar_t>& ch,
-    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+TBN_HOST_DEVICE void elementwise_planes(const PlaneGeom& g,
+                                        int64_t c,
+                                        int64_t v0,
+                                        int64_t v1,
+                                        int tid,
+                                        const ChannelArgs<scalar_t>& ch,
+                                        const scalar_t* dy,
+                                        const scalar_t* x,
+                                        scalar_t* out) {
   const auto map = ch.map(c);
   for_each_plane_tile<true>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
     elementwise_tile<VEC>(ch, dy, x, out, offs, n, [&](int) { return map; });
@@ -338,9 +352,15 @@ TBN_HOST_DEVICE void elementwise_planes(
 }
 
 template <int VEC, typename scalar_t>
-TBN_HOST_DEVICE void elementwise_rows(
-    const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, const ChannelArgs<scalar_t>& ch,
-    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+TBN_HOST_DEVICE void elementwise_rows(const RowGeom& g,
+                                      int64_t cv,
+                                      int64_t r0,
+                                      int64_t r1,
+                                      int y,
+                                      const ChannelArgs<scalar_t>& ch,
+                                      const scalar_t* dy,
+                                      const scalar_t* x,
+                                      scalar_t* out) {
   ChannelMap<at::opmath_type<scalar_t>> map[VEC];
   TBN_UNROLL
   for (int k = 0; k < VEC; ++k) {
@@ -417,7 +437,8 @@ struct StatsOp {
   // merge; all slots have seen the same number of values, so they share the reciprocal
   // and the merge fraction, and no division is paid per element.
   template <int K, int LEN, int S, typename InX, typename InDy>
-  TBN_HOST_DEVICE static void accumulate(Acc (&acc)[K], const InX& x, const InDy&, int n, const acc_t (&)[K]) {
+  TBN_HOST_DEVICE static void accumulate(
+      Acc (&acc)[K], const InX& x, const InDy&, int n, const acc_t (&)[K]) {
     if (n == 0) {
       return;
     }
@@ -460,15 +481,19 @@ struct StatsOp {
     return a;
   }
 
-  TBN_HOST_DEVICE static void finalize(
-      const Acc& a, int64_t c, const FinalizeArgs<scalar_t>& f, const ChannelArgs<scalar_t>& ch) {
+  TBN_HOST_DEVICE static void finalize(const Acc& a,
+                                       int64_t c,
+                                       const FinalizeArgs<scalar_t>& f,
+                                       const ChannelArgs<scalar_t>& ch) {
     // count == 0 (an empty batch) gives mean 0 and invstd NaN, as on the CPU.
     f.save_mean[c] = a.mean;
     f.save_invstd[c] = math::batch_invstd(a.m2 / static_cast<acc_t>(a.count), ch.eps);
     if (f.running_mean.ptr != nullptr && a.count > 0) {
       f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), a.mean, f.momentum));
       f.running_var.store(
-          c, math::running_update(f.running_var.load(c, 0), math::unbiased_var(a.m2, a.count), f.momentum));
+          c,
+          math::running_update(
+              f.running_var.load(c, 0), math::unbiased_var(a.m2, a.count), f.momentum));
     }
   }
 };
@@ -492,7 +517,8 @@ struct GradOp {
     return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
   }
   __device__ static Acc shfl_xor(const Acc& a, int lane_mask) {
-    return {__shfl_xor_sync(kFullMask, a.dy, lane_mask), __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
+    return {__shfl_xor_sync(kFullMask, a.dy, lane_mask),
+            __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
   }
 
   template <int K, int LEN, int S, typename InX, typename InDy>
@@ -523,8 +549,10 @@ struct GradOp {
     return {__ldcg(p0 + i), __ldcg(p1 + i)};
   }
 
-  TBN_HOST_DEVICE static void finalize(
-      const Acc& a, int64_t c, const FinalizeArgs<scalar_t>& f, const ChannelArgs<scalar_t>& ch) {
+  TBN_HOST_DEVICE static void finalize(const Acc& a,
+                                       int64_t c,
+                                       const FinalizeArgs<scalar_t>& f,
+                                       const ChannelArgs<scalar_t>& ch) {
     if (f.grad_weight.ptr != nullptr) {
       f.grad_weight.store(c, a.dy_xmu * ch.invstd(c));
     }
@@ -561,8 +589,12 @@ struct TileView {
 
 // A thread's share of a planes reduction: its vectors of channel c in [v0, v1).
 template <typename Op, int VEC, typename scalar_t>
-TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(
-    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, const ReduceArgs<scalar_t>& args) {
+TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(const PlaneGeom& g,
+                                                      int64_t c,
+                                                      int64_t v0,
+                                                      int64_t v1,
+                                                      int tid,
+                                                      const ReduceArgs<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t mean[1] = {Op::kReadsDy ? args.ch.mean.load(c, acc_t(0)) : acc_t(0)};
   typename Op::Acc acc[1] = {Op::identity()};
@@ -580,9 +612,13 @@ TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(
 
 // A thread's share of a rows reduction: channels cv * VEC + k of rows r0 + y, r0 + y + ty, ...
 template <typename Op, int VEC, typename scalar_t>
-TBN_HOST_DEVICE void thread_reduce_rows(
-    const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, const ReduceArgs<scalar_t>& args,
-    typename Op::Acc (&acc)[VEC]) {
+TBN_HOST_DEVICE void thread_reduce_rows(const RowGeom& g,
+                                        int64_t cv,
+                                        int64_t r0,
+                                        int64_t r1,
+                                        int y,
+                                        const ReduceArgs<scalar_t>& args,
+                                        typename Op::Acc (&acc)[VEC]) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t mean[VEC];
   TBN_UNROLL
@@ -676,7 +712,8 @@ __device__ bool arrive_last(int* semaphore, int64_t expected) {
 }
 
 template <typename Op, typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads) reduce_planes_kernel(PlaneGeom g, ReduceArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kThreads)
+    reduce_planes_kernel(PlaneGeom g, ReduceArgs<scalar_t> args) {
   using acc_t = at::opmath_type<scalar_t>;
   using Acc = typename Op::Acc;
   __shared__ alignas(16) unsigned char smem_raw[kWarps * sizeof(Acc)];
@@ -700,7 +737,8 @@ __global__ void __launch_bounds__(kThreads) reduce_planes_kernel(PlaneGeom g, Re
     }
     acc = Op::identity();
     for (int64_t t = threadIdx.x; t < g.splits; t += kThreads) {
-      acc = Op::merge(acc, Op::load_partial(p0, p1, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
+      acc = Op::merge(
+          acc, Op::load_partial(p0, p1, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
     }
     acc = block_reduce_all<Op>(acc, smem);
   }
@@ -714,7 +752,8 @@ __global__ void __launch_bounds__(kThreads) reduce_planes_kernel(PlaneGeom g, Re
 }
 
 template <typename Op, typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads) reduce_rows_kernel(RowGeom g, ReduceArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kThreads)
+    reduce_rows_kernel(RowGeom g, ReduceArgs<scalar_t> args) {
   using acc_t = at::opmath_type<scalar_t>;
   using Acc = typename Op::Acc;
   __shared__ alignas(16) unsigned char smem_raw[kThreads * VEC * sizeof(Acc)];
@@ -835,7 +874,8 @@ int64_t wave_size() {
     return std::max(n, 1);
   }();
   int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   return static_cast<int64_t>(per_sm) * sms;
 }
 
@@ -874,22 +914,32 @@ RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
 // A 1D grid of `blocks`: at most 2^31 - 1, which a channel count would have to exceed.
 dim3 grid_of(int64_t blocks) {
   TORCH_CHECK(blocks > 0 && blocks <= std::numeric_limits<int32_t>::max(),
-      "batch_norm: too many channels for the CUDA kernels (", blocks, " blocks)");
+              "batch_norm: too many channels for the CUDA kernels (",
+              blocks,
+              " blocks)");
   return dim3(static_cast<unsigned int>(blocks));
 }
 
 template <typename scalar_t, int VEC>
-void launch_elementwise(
-    const Layout& l, const PlaneGeom* pg, const RowGeom* rg, const ChannelArgs<scalar_t>& ch,
-    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+void launch_elementwise(const Layout& l,
+                        const PlaneGeom* pg,
+                        const RowGeom* rg,
+                        const ChannelArgs<scalar_t>& ch,
+                        const scalar_t* dy,
+                        const scalar_t* x,
+                        scalar_t* out) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (l.rows) {
-    const RowGeom g = rg ? *rg : row_geom(l, VEC, wave_size<elementwise_rows_kernel<scalar_t, VEC>>());
-    elementwise_rows_kernel<scalar_t, VEC><<<grid_of(g.groups * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
+    const RowGeom g =
+        rg ? *rg : row_geom(l, VEC, wave_size<elementwise_rows_kernel<scalar_t, VEC>>());
+    elementwise_rows_kernel<scalar_t, VEC>
+        <<<grid_of(g.groups * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    const PlaneGeom g = pg ? *pg : plane_geom(l, VEC, wave_size<elementwise_planes_kernel<scalar_t, VEC>>());
-    elementwise_planes_kernel<scalar_t, VEC><<<grid_of(g.channels * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
+    const PlaneGeom g =
+        pg ? *pg : plane_geom(l, VEC, wave_size<elementwise_planes_kernel<scalar_t, VEC>>());
+    elementwise_planes_kernel<scalar_t, VEC>
+        <<<grid_of(g.channels * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -922,7 +972,8 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   at::Tensor workspace;
   if (splits > 1) {
     const int64_t partial_bytes = 2 * splits * l.channels * static_cast<int64_t>(sizeof(acc_t));
-    workspace = at::empty({partial_bytes + semaphores * static_cast<int64_t>(sizeof(int))}, like.options().dtype(at::kByte));
+    workspace = at::empty({partial_bytes + semaphores * static_cast<int64_t>(sizeof(int))},
+                          like.options().dtype(at::kByte));
     auto* base = static_cast<char*>(workspace.data_ptr());
     args.partial = reinterpret_cast<acc_t*>(base);
     args.semaphores = reinterpret_cast<int*>(base + partial_bytes);
@@ -930,9 +981,11 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   }
 
   if (l.rows) {
-    reduce_rows_kernel<Op, scalar_t, VEC><<<grid_of(rg.groups * rg.splits), kThreads, 0, stream>>>(rg, args);
+    reduce_rows_kernel<Op, scalar_t, VEC>
+        <<<grid_of(rg.groups * rg.splits), kThreads, 0, stream>>>(rg, args);
   } else {
-    reduce_planes_kernel<Op, scalar_t, VEC><<<grid_of(pg.channels * pg.splits), kThreads, 0, stream>>>(pg, args);
+    reduce_planes_kernel<Op, scalar_t, VEC>
+        <<<grid_of(pg.channels * pg.splits), kThreads, 0, stream>>>(pg, args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -1004,39 +1057,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
   const at::Tensor rm = dense(running_mean);
   const at::Tensor rv = dense(running_var);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_cuda", [&] {
-    ChannelArgs<scalar_t> ch{};
-    ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
-    ch.bias = channel_ref<scalar_t>(ptr_or_null(b));
-    ch.channels = l.channels;
-    ch.count = l.per_channel();
-    ch.eps = eps;
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    with_vector_width<scalar_t>(l, {x_data, out_data}, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      if (!training) {
-        ch.pass = Pass::kNormalizeEval;
-        ch.mean = channel_ref<scalar_t>(&rm);
-        ch.spread = channel_ref<scalar_t>(&rv);
-        launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, nullptr, x_data, out_data);
-        return;
-      }
-      ch.pass = Pass::kNormalizeTraining;
-      ch.mean = channel_ref<scalar_t>(&save_mean);
-      ch.spread = channel_ref<scalar_t>(&save_invstd);
-      ReduceArgs<scalar_t> args{};
-      args.x = x_data;
-      args.out = x.numel() > 0 ? out_data : nullptr;
-      args.fin.save_mean = save_mean.mutable_data_ptr<at::opmath_type<scalar_t>>();
-      args.fin.save_invstd = save_invstd.mutable_data_ptr<at::opmath_type<scalar_t>>();
-      args.fin.running_mean = channel_ref<scalar_t>(ptr_or_null(rm));
-      args.fin.running_var = channel_ref<scalar_t>(ptr_or_null(rv));
-      args.fin.momentum = momentum;
-      args.ch = ch;
-      launch_reduce<StatsOp<scalar_t>, scalar_t, VEC>(l, x, args);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_cuda", [&] {
+        ChannelArgs<scalar_t> ch{};
+        ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
+        ch.bias = channel_ref<scalar_t>(ptr_or_null(b));
+        ch.channels = l.channels;
+        ch.count = l.per_channel();
+        ch.eps = eps;
+        const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+        scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+        with_vector_width<scalar_t>(l, {x_data, out_data}, [&](auto vec) {
+          constexpr int VEC = decltype(vec)::value;
+          if (!training) {
+            ch.pass = Pass::kNormalizeEval;
+            ch.mean = channel_ref<scalar_t>(&rm);
+            ch.spread = channel_ref<scalar_t>(&rv);
+            launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, nullptr, x_data, out_data);
+            return;
+          }
+          ch.pass = Pass::kNormalizeTraining;
+          ch.mean = channel_ref<scalar_t>(&save_mean);
+          ch.spread = channel_ref<scalar_t>(&save_invstd);
+          ReduceArgs<scalar_t> args{};
+          args.x = x_data;
+          args.out = x.numel() > 0 ? out_data : nullptr;
+          args.fin.save_mean = save_mean.mutable_data_ptr<at::opmath_type<scalar_t>>();
+          args.fin.save_invstd = save_invstd.mutable_data_ptr<at::opmath_type<scalar_t>>();
+          args.fin.running_mean = channel_ref<scalar_t>(ptr_or_null(rm));
+          args.fin.running_var = channel_ref<scalar_t>(ptr_or_null(rv));
+          args.fin.momentum = momentum;
+          args.ch = ch;
+          launch_reduce<StatsOp<scalar_t>, scalar_t, VEC>(l, x, args);
+        });
+      });
 
   // Strided running statistics were updated in a dense copy.
   if (training && rm.defined() && !rm.is_same(*running_mean)) {
@@ -1083,40 +1137,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   const at::Tensor mean = dense(training ? save_mean : running_mean);
   const at::Tensor spread = dense(training ? save_invstd : running_var);
   const auto acc_type = at::toOpMathType(input.scalar_type());
-  const at::Tensor sums = training && need_dx ? at::empty({2 * C}, x.options().dtype(acc_type)) : at::Tensor();
+  const at::Tensor sums =
+      training && need_dx ? at::empty({2 * C}, x.options().dtype(acc_type)) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    ChannelArgs<scalar_t> ch{};
-    ch.pass = training ? Pass::kGradTraining : Pass::kGradEval;
-    ch.mean = channel_ref<scalar_t>(&mean);
-    ch.spread = channel_ref<scalar_t>(&spread);
-    ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
-    ch.bias = channel_ref<scalar_t>(nullptr);
-    ch.sums = sums.defined() ? sums.const_data_ptr<acc_t>() : nullptr;
-    ch.channels = C;
-    ch.count = l.per_channel();
-    ch.eps = eps;
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-    scalar_t* dx_data = need_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-    with_vector_width<scalar_t>(l, {x_data, dy_data, dx_data}, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      if (!need_sums) {
-        launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, dy_data, x_data, dx_data);
-        return;
-      }
-      ReduceArgs<scalar_t> args{};
-      args.x = x_data;
-      args.dy = dy_data;
-      args.out = dx_data;
-      args.fin.grad_weight = channel_ref<scalar_t>(mask[1] ? &grad_weight : nullptr);
-      args.fin.grad_bias = channel_ref<scalar_t>(mask[2] ? &grad_bias : nullptr);
-      args.fin.sums = sums.defined() ? sums.mutable_data_ptr<acc_t>() : nullptr;
-      args.ch = ch;
-      launch_reduce<GradOp<scalar_t>, scalar_t, VEC>(l, x, args);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        ChannelArgs<scalar_t> ch{};
+        ch.pass = training ? Pass::kGradTraining : Pass::kGradEval;
+        ch.mean = channel_ref<scalar_t>(&mean);
+        ch.spread = channel_ref<scalar_t>(&spread);
+        ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
+        ch.bias = channel_ref<scalar_t>(nullptr);
+        ch.sums = sums.defined() ? sums.const_data_ptr<acc_t>() : nullptr;
+        ch.channels = C;
+        ch.count = l.per_channel();
+        ch.eps = eps;
+        const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+        const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+        scalar_t* dx_data = need_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+        with_vector_width<scalar_t>(l, {x_data, dy_data, dx_data}, [&](auto vec) {
+          constexpr int VEC = decltype(vec)::value;
+          if (!need_sums) {
+            launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, dy_data, x_data, dx_data);
+            return;
+          }
+          ReduceArgs<scalar_t> args{};
+          args.x = x_data;
+          args.dy = dy_data;
+          args.out = dx_data;
+          args.fin.grad_weight = channel_ref<scalar_t>(mask[1] ? &grad_weight : nullptr);
+          args.fin.grad_bias = channel_ref<scalar_t>(mask[2] ? &grad_bias : nullptr);
+          args.fin.sums = sums.defined() ? sums.mutable_data_ptr<acc_t>() : nullptr;
+          args.ch = ch;
+          launch_reduce<GradOp<scalar_t>, scalar_t, VEC>(l, x, args);
+        });
+      });
   return {grad_input, grad_weight, grad_bias};
 }
 
