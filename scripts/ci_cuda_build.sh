@@ -47,8 +47,9 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 # Satisfied requirements are not fetched again, so a warm venv costs a second here.
-log "ensuring $torch_req, cmake, ninja, pybind11 in $venv"
-"$venv/bin/python" -m pip install -q "$torch_req" cmake ninja pybind11 \
+log "ensuring $torch_req, cmake, ninja, pybind11, numpy in $venv"
+# numpy only keeps torch from warning at import.
+"$venv/bin/python" -m pip install -q "$torch_req" cmake ninja pybind11 numpy \
   || fail "could not install $torch_req into $venv"
 
 torch_info="$("$venv/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda or "")')" \

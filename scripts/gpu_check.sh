@@ -95,12 +95,13 @@ step_env() {
 
 step_build() {
   set -e
-  local prefix gen=()
+  local prefix opts=()
   prefix="$("$PYTHON" -c 'import torch, pybind11; print(torch.utils.cmake_prefix_path + ";" + pybind11.get_cmake_dir())')"
-  command -v ninja >/dev/null && gen=(-G Ninja)
-  [ -f "$TBN_BUILD_DIR/CMakeCache.txt" ] && gen=()  # keep the generator of an earlier run
+  command -v ninja >/dev/null && opts=(-G Ninja)
+  [ -f "$TBN_BUILD_DIR/CMakeCache.txt" ] && opts=()  # keep the generator of an earlier run
+  [ -n "$CUDA_HOME" ] && opts+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME")
   set -x
-  cmake -S "$ROOT" -B "$TBN_BUILD_DIR" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
+  cmake -S "$ROOT" -B "$TBN_BUILD_DIR" "${opts[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_PREFIX_PATH="$prefix" -DPython_EXECUTABLE="$PYTHON" \
     -DTBN_BUILD_PYTHON=ON -DTBN_WITH_CUDA=ON -DTORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"
   cmake --build "$TBN_BUILD_DIR" --parallel "$MAX_JOBS"
@@ -145,11 +146,26 @@ step_bench() {
 step_probe() {
   "$PYTHON" - <<'EOF'
 import statistics
+import traceback
+
 import torch
 import torch_batchnorm as tbn
 
 torch.manual_seed(0)
 dev = "cuda"
+failed = []
+
+
+def section(fn):
+    """Runs one part of the probe; a failure is printed and the next part still runs."""
+    print(f"\n## {fn.__doc__}")
+    try:
+        fn()
+    except Exception:
+        traceback.print_exc()
+        failed.append(fn.__name__)
+    torch.cuda.empty_cache()
+    return fn
 
 
 def timed(fn, iters=25, warmup=5):
@@ -166,94 +182,107 @@ def timed(fn, iters=25, warmup=5):
     return statistics.median(times)
 
 
-src = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
-dst = torch.empty_like(src)
-copy_gbs = 2 * src.numel() / timed(lambda: dst.copy_(src)) / 1e6
-del src, dst
-print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
-
-resnet50 = [(64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28), (256, 28),
-            (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7)]
-header = f"{'shape':>22} {'dtype':>9} {'layout':>6} {'ours ms':>8} {'torch ms':>8} {'ratio':>6} {'fwd':>6} {'max|dy|':>9} {'max|dx|':>9}"
-print("\ntraining forward+backward; ratio = torch / ours (> 1: ours faster); fwd = the same for forward alone")
-print(header)
-worst = []
-for dtype in (torch.float32, torch.bfloat16):
-    for cl in (False, True):
-        for c, hw in resnet50:
-            shape = (32, c, hw, hw)
-            x = torch.randn(shape, device=dev).to(dtype)
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            g = torch.randn_like(x)
-            ours, ref = tbn.BatchNorm2d(c).to(dev), torch.nn.BatchNorm2d(c).to(dev)
-            xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-            yo, yr = ours(xo), ref(xr)
-            yo.backward(g)
-            yr.backward(g)
-            dy = (yo.float() - yr.float()).abs().max().item()
-            dx = (xo.grad.float() - xr.grad.float()).abs().max().item()
-
-            def step(m, xx):
-                xx.grad = None
-                m(xx).backward(g)
-
-            t_o = timed(lambda: step(ours, xo))
-            t_r = timed(lambda: step(ref, xr))
-            with torch.no_grad():
-                f_o = timed(lambda: ours(x))
-                f_r = timed(lambda: ref(x))
-            worst.append((t_r / t_o, shape, dtype, cl))
-            print(f"{str(shape):>22} {str(dtype)[6:]:>9} {'CL' if cl else 'NCHW':>6} {t_o:8.3f} {t_r:8.3f} "
-                  f"{t_r / t_o:6.2f} {f_r / f_o:6.2f} {dy:9.2e} {dx:9.2e}")
-print("slowest relative to torch:", ", ".join(f"{r:.2f} {s} {str(d)[6:]} {'CL' if c else 'NCHW'}"
-                                              for r, s, d, c in sorted(worst)[:5]))
-
-print("\nlarge tensors: GB/s counting each tensor read or written once; % of the copy rate")
-for dtype in (torch.float32, torch.bfloat16):
-    for shape, cl in (((64, 64, 128, 128), False), ((64, 64, 128, 128), True), ((1 << 16, 2048), False)):
-        x = torch.randn(shape, device=dev).to(dtype)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        nbytes = x.numel() * x.element_size()
-        m = tbn.BatchNorm2d(shape[1]) if x.dim() == 4 else tbn.BatchNorm1d(shape[1])
-        m = m.to(dev)
-        g = torch.randn_like(x)
-        xg = x.clone().requires_grad_()
-        rows = []
-        with torch.no_grad():
-            m.train()
-            rows.append(("train fwd (x, y)", 2, timed(lambda: m(x), iters=10)))
-            m.eval()
-            rows.append(("eval fwd (x, y)", 2, timed(lambda: m(x), iters=10)))
-            m.train()
-        y = m(xg)
-        rows.append(("train bwd (x, dy, dx)", 3, timed(lambda: torch.autograd.grad(y, xg, g, retain_graph=True), iters=10)))
-        for what, k, t in rows:
-            gbs = k * nbytes / t / 1e6
-            print(f"{str(tuple(shape)):>22} {str(dtype)[6:]:>9} {'CL' if cl else '':>3} {what:>22}: "
-                  f"{t:7.3f} ms {gbs:6.0f} GB/s {100 * gbs / copy_gbs:5.1f}%")
-        del x, g, xg, y
-
-print("\nkernel profile (forward+backward, 5 iterations each)")
-from torch.profiler import ProfilerActivity, profile
-
-for c, hw, cl in ((64, 112, False), (2048, 7, False), (64, 112, True), (2048, 7, True)):
-    x = torch.randn(32, c, hw, hw, device=dev)
+def make(shape, dtype, cl):
+    x = torch.randn(shape, device=dev).to(dtype)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    g = torch.randn_like(x)
-    for name, m in (("ours", tbn.BatchNorm2d(c).to(dev)), ("torch", torch.nn.BatchNorm2d(c).to(dev))):
-        for _ in range(3):
-            m(x).backward(g)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+    return x
+
+
+copy_gbs = 0.0
+
+
+@section
+def copy_rate():
+    """device-to-device copy rate (read + write)"""
+    global copy_gbs
+    src = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() / timed(lambda: dst.copy_(src)) / 1e6
+    print(f"{copy_gbs:.0f} GB/s")
+
+
+@section
+def resnet50():
+    """ResNet-50 shapes, batch 32, training: ours vs torch (ratio = torch / ours, > 1: ours faster)"""
+    shapes = [(64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28), (256, 28),
+              (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7)]
+    print(f"{'shape':>22} {'dtype':>9} {'layout':>6} {'fwd+bwd ms':>10} {'torch':>7} {'ratio':>6} "
+          f"{'fwd ratio':>9} {'max|dy|':>9} {'max|dx|':>9}")
+    ratios = []
+    for dtype in (torch.float32, torch.bfloat16):  # bfloat16 input, float32 parameters (AMP)
+        for cl in (False, True):
+            for c, hw in shapes:
+                shape = (32, c, hw, hw)
+                x, g = make(shape, dtype, cl), make(shape, dtype, cl)
+                ours, ref = tbn.BatchNorm2d(c).to(dev), torch.nn.BatchNorm2d(c).to(dev)
+                xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+                yo, yr = ours(xo), ref(xr)
+                yo.backward(g)
+                yr.backward(g)
+                dy = (yo.float() - yr.float()).abs().max().item()
+                dx = (xo.grad.float() - xr.grad.float()).abs().max().item()
+
+                def step(m, xx):
+                    xx.grad = None
+                    m(xx).backward(g)
+
+                t_o, t_r = timed(lambda: step(ours, xo)), timed(lambda: step(ref, xr))
+                with torch.no_grad():
+                    f_o, f_r = timed(lambda: ours(x)), timed(lambda: ref(x))
+                ratios.append((t_r / t_o, shape, str(dtype)[6:], "CL" if cl else "NCHW"))
+                print(f"{str(shape):>22} {str(dtype)[6:]:>9} {'CL' if cl else 'NCHW':>6} {t_o:10.3f} "
+                      f"{t_r:7.3f} {t_r / t_o:6.2f} {f_r / f_o:9.2f} {dy:9.2e} {dx:9.2e}")
+    print("slowest relative to torch:", "; ".join(f"{r:.2f} {s} {d} {l}" for r, s, d, l in sorted(ratios)[:6]))
+
+
+@section
+def large():
+    """large tensors: GB/s counting each tensor read or written once, and % of the copy rate"""
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, cl in (((64, 64, 128, 128), False), ((64, 64, 128, 128), True), ((1 << 16, 2048), False)):
+            x, g = make(shape, dtype, cl), make(shape, dtype, cl)
+            nbytes = x.numel() * x.element_size()
+            m = (tbn.BatchNorm2d(shape[1]) if x.dim() == 4 else tbn.BatchNorm1d(shape[1])).to(dev)
+            xg = x.clone().requires_grad_()
+            rows = []
+            with torch.no_grad():
+                rows.append(("train fwd (x, y)", 2, timed(lambda: m(x), iters=10)))
+                m.eval()
+                rows.append(("eval fwd (x, y)", 2, timed(lambda: m(x), iters=10)))
+                m.train()
+            y = m(xg)
+            rows.append(("train bwd (x, dy, dx)", 3,
+                         timed(lambda: torch.autograd.grad(y, xg, g, retain_graph=True), iters=10)))
+            for what, k, t in rows:
+                gbs = k * nbytes / t / 1e6
+                print(f"{str(tuple(shape)):>20} {str(dtype)[6:]:>9} {'CL' if cl else '':>2} {what:>22}: "
+                      f"{t:7.3f} ms {gbs:6.0f} GB/s {100 * gbs / max(copy_gbs, 1):5.1f}%")
+            del x, g, xg, y
+
+
+@section
+def kernels():
+    """CUDA kernels of forward+backward (5 iterations), ours and torch's"""
+    from torch.profiler import ProfilerActivity, profile
+
+    for c, hw, cl in ((64, 112, False), (2048, 7, False), (64, 112, True), (2048, 7, True)):
+        x = make((32, c, hw, hw), torch.float32, cl).requires_grad_()
+        g = torch.randn_like(x)
+        for name, m in (("ours", tbn.BatchNorm2d(c).to(dev)), ("torch", torch.nn.BatchNorm2d(c).to(dev))):
+            for _ in range(3):
                 m(x).backward(g)
             torch.cuda.synchronize()
-        print(f"-- {name} {(32, c, hw, hw)} {'CL' if cl else 'NCHW'}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=70))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    m(x).backward(g)
+                torch.cuda.synchronize()
+            print(f"-- {name} {(32, c, hw, hw)} {'CL' if cl else 'NCHW'}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=60))
+
+
+if failed:
+    raise SystemExit(f"probe sections failed: {failed}")
 EOF
 }
 

@@ -3,8 +3,8 @@
 // Same contract as the CPU kernels (cpu/batch_norm_kernel.cpp), which are the reference:
 // same layouts, same per-channel formulas from batch_norm_math.h, same outputs. The input
 // is walked either as contiguous planes [N, C, HW] or as channels-last rows [N * HW, C]
-// (channels_last, channels_last_3d and every 2D [N, C] input). Each op is one reduction
-// kernel and one elementwise pass:
+// (channels_last, channels_last_3d and every 2D [N, C] input). Each op is at most one
+// reduction kernel and one elementwise pass:
 //
 //   reduction    forward: Welford statistics of x; backward: sum(dy), sum(dy * (x - mean)).
 //                A block reduces a slice of one channel (planes) or of a group of channels
@@ -19,7 +19,7 @@
 //                a second kernel runs it. Either way the pass walks the data backwards, so
 //                it starts with what the reduction read last, which is still in L2.
 //
-// Loads and stores are 16 bytes wide whenever the channel runs and pointers allow it.
+// Loads and stores are 16 bytes wide wherever the layout and the pointers allow it.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,6 +33,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 
 #include "ops/batch_norm_check.h"
 #include "ops/batch_norm_math.h"
@@ -56,7 +58,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-static_assert(kWarps <= 32 && (kWarps & (kWarps - 1)) == 0, "block reduction needs a power-of-two warp count");
+static_assert(kWarps <= 32 && (kWarps & (kWarps - 1)) == 0,
+              "block reduction needs a power-of-two warp count");
 
 // Elements of one 16-byte load.
 template <typename scalar_t>
@@ -110,7 +113,7 @@ TBN_HOST_DEVICE void for_each_plane_tile(
     return;
   }
   const int64_t mine = (v1 - first + kThreads - 1) / kThreads;
-  int64_t v = kReverse ? first + (mine - 1) * kThreads : first;
+  const int64_t v = kReverse ? first + (mine - 1) * kThreads : first;
   const int64_t n = v / g.plane;
   int64_t j = v - n * g.plane;
   int64_t off = (n * g.channels + c) * g.plane + j;
@@ -121,7 +124,7 @@ TBN_HOST_DEVICE void for_each_plane_tile(
   const int64_t step = dn * plane_stride + dj;
   for (int64_t left = mine; left > 0; left -= kUnroll) {
     int64_t offs[kUnroll];
-TBN_UNROLL
+    TBN_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       offs[u] = off;
       if constexpr (kReverse) {
@@ -158,7 +161,7 @@ TBN_HOST_DEVICE void for_each_row_tile(
   int64_t off = r * g.vecs + cv;
   for (int64_t left = mine; left > 0; left -= kUnroll) {
     int64_t offs[kUnroll];
-TBN_UNROLL
+    TBN_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       offs[u] = off;
       off += step;
@@ -169,16 +172,17 @@ TBN_UNROLL
 
 // Loads the first n of kUnroll vectors; the rest are zero (never used, but defined).
 template <int VEC, typename scalar_t>
-TBN_HOST_DEVICE void load_packs(
-    const scalar_t* __restrict__ base, const int64_t (&offs)[kUnroll], int n,
-    Pack<scalar_t, VEC> (&out)[kUnroll]) {
+TBN_HOST_DEVICE void load_packs(const scalar_t* __restrict__ base,
+                                const int64_t (&offs)[kUnroll],
+                                int n,
+                                Pack<scalar_t, VEC> (&out)[kUnroll]) {
   const auto* packs = reinterpret_cast<const Pack<scalar_t, VEC>*>(base);
-TBN_UNROLL
+  TBN_UNROLL
   for (int u = 0; u < kUnroll; ++u) {
     if (u < n) {
       out[u] = packs[offs[u]];
     } else {
-TBN_UNROLL
+      TBN_UNROLL
       for (int k = 0; k < VEC; ++k) {
         out[u].v[k] = scalar_t(0);
       }
@@ -219,7 +223,8 @@ ChannelRef<scalar_t> channel_ref(const at::Tensor* t) {
   if (t == nullptr || !t->defined()) {
     return {nullptr, true};
   }
-  return {t->data_ptr(), t->scalar_type() == at::toOpMathType(c10::CppTypeToScalarType<scalar_t>::value)};
+  return {t->data_ptr(),
+          t->scalar_type() == at::toOpMathType(c10::CppTypeToScalarType<scalar_t>::value)};
 }
 
 // ---------------------------------------------------------------------------------
@@ -260,7 +265,8 @@ struct ChannelArgs {
     return pass != Pass::kGradEval;
   }
   TBN_HOST_DEVICE acc_t invstd(int64_t c) const {
-    return training() ? spread.load(c, acc_t(0)) : math::running_invstd(spread.load(c, acc_t(1)), eps);
+    return training() ? spread.load(c, acc_t(0))
+                      : math::running_invstd(spread.load(c, acc_t(1)), eps);
   }
 
   TBN_HOST_DEVICE ChannelMap<acc_t> map(int64_t c) const {
@@ -276,7 +282,8 @@ struct ChannelArgs {
         return {acc_t(0), scale, bias.load(c, acc_t(0)) - mean.load(c, acc_t(0)) * scale, acc_t(0)};
       }
       case Pass::kGradTraining: {
-        const auto k = math::grad_input_coeffs<acc_t>(w, is, sums[c], sums[channels + c], count, true);
+        const auto k =
+            math::grad_input_coeffs<acc_t>(w, is, sums[c], sums[channels + c], count, true);
         return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
       }
       default: {
@@ -288,8 +295,8 @@ struct ChannelArgs {
 };
 
 template <typename acc_t>
-TBN_HOST_DEVICE acc_t apply_map(
-    const ChannelMap<acc_t>& k, acc_t dy, acc_t x, bool reads_dy, bool reads_x) {
+TBN_HOST_DEVICE acc_t
+apply_map(const ChannelMap<acc_t>& k, acc_t dy, acc_t x, bool reads_dy, bool reads_x) {
   if (!reads_x) {
     return k.a * dy;
   }
@@ -299,10 +306,13 @@ TBN_HOST_DEVICE acc_t apply_map(
 
 // Writes out = map(dy, x) for one tile of kUnroll vectors, n of them in range.
 template <int VEC, typename scalar_t, typename MapOf>
-TBN_HOST_DEVICE void elementwise_tile(
-    const ChannelArgs<scalar_t>& ch, const scalar_t* __restrict__ dy,
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const int64_t (&offs)[kUnroll],
-    int n, MapOf map_of) {
+TBN_HOST_DEVICE void elementwise_tile(const ChannelArgs<scalar_t>& ch,
+                                      const scalar_t* __restrict__ dy,
+                                      const scalar_t* __restrict__ x,
+                                      scalar_t* __restrict__ out,
+                                      const int64_t (&offs)[kUnroll],
+                                      int n,
+                                      MapOf map_of) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool rdy = ch.reads_dy();
   const bool rx = ch.reads_x();
@@ -311,11 +321,11 @@ TBN_HOST_DEVICE void elementwise_tile(
   load_packs<VEC>(x, offs, rx ? n : 0, xs);
   load_packs<VEC>(dy, offs, rdy ? n : 0, gs);
   auto* dst = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
-TBN_UNROLL
+  TBN_UNROLL
   for (int u = 0; u < kUnroll; ++u) {
     if (u < n) {
       Pack<scalar_t, VEC> o;
-TBN_UNROLL
+      TBN_UNROLL
       for (int k = 0; k < VEC; ++k) {
         o.v[k] = static_cast<scalar_t>(apply_map<acc_t>(
             map_of(k), static_cast<acc_t>(gs[u].v[k]), static_cast<acc_t>(xs[u].v[k]), rdy, rx));
@@ -326,9 +336,15 @@ TBN_UNROLL
 }
 
 template <int VEC, typename scalar_t>
-TBN_HOST_DEVICE void elementwise_planes(
-    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, const ChannelArgs<scalar_t>& ch,
-    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+TBN_HOST_DEVICE void elementwise_planes(const PlaneGeom& g,
+                                        int64_t c,
+                                        int64_t v0,
+                                        int64_t v1,
+                                        int tid,
+                                        const ChannelArgs<scalar_t>& ch,
+                                        const scalar_t* dy,
+                                        const scalar_t* x,
+                                        scalar_t* out) {
   const auto map = ch.map(c);
   for_each_plane_tile<true>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
     elementwise_tile<VEC>(ch, dy, x, out, offs, n, [&](int) { return map; });
@@ -336,11 +352,17 @@ TBN_HOST_DEVICE void elementwise_planes(
 }
 
 template <int VEC, typename scalar_t>
-TBN_HOST_DEVICE void elementwise_rows(
-    const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, const ChannelArgs<scalar_t>& ch,
-    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+TBN_HOST_DEVICE void elementwise_rows(const RowGeom& g,
+                                      int64_t cv,
+                                      int64_t r0,
+                                      int64_t r1,
+                                      int y,
+                                      const ChannelArgs<scalar_t>& ch,
+                                      const scalar_t* dy,
+                                      const scalar_t* x,
+                                      scalar_t* out) {
   ChannelMap<at::opmath_type<scalar_t>> map[VEC];
-TBN_UNROLL
+  TBN_UNROLL
   for (int k = 0; k < VEC; ++k) {
     map[k] = ch.map(cv * VEC + k);
   }
@@ -410,32 +432,40 @@ struct StatsOp {
     return o;
   }
 
-  // Folds n values x[0], x[S], ... into acc: a two-pass mean and M2 over the registers,
-  // then one Welford merge, so memory is read once and no per-element division is paid.
-  template <int LEN, int S, typename InX, typename InDy>
-  TBN_HOST_DEVICE static void accumulate(Acc& acc, const InX& x, const InDy&, int n, acc_t) {
+  // Folds a tile into K slots: slot k takes x(i * S + k) for i < n. Each slot gets the
+  // exact two-pass mean and M2 of its n values (they are in registers), then one Welford
+  // merge; all slots have seen the same number of values, so they share the reciprocal
+  // and the merge fraction, and no division is paid per element.
+  template <int K, int LEN, int S, typename InX, typename InDy>
+  TBN_HOST_DEVICE static void accumulate(
+      Acc (&acc)[K], const InX& x, const InDy&, int n, const acc_t (&)[K]) {
     if (n == 0) {
       return;
     }
-    acc_t sum = 0;
-TBN_UNROLL
-    for (int i = 0; i < LEN; ++i) {
-      if (i < n) {
-        sum += x(i * S);
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+    const acc_t frac = static_cast<acc_t>(n) / static_cast<acc_t>(acc[0].count + n);
+    TBN_UNROLL
+    for (int k = 0; k < K; ++k) {
+      acc_t sum = 0;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          sum += x(i * S + k);
+        }
       }
-    }
-    const acc_t shift = sum / static_cast<acc_t>(n);
-    acc_t d = 0;
-    acc_t d2 = 0;
-TBN_UNROLL
-    for (int i = 0; i < LEN; ++i) {
-      if (i < n) {
-        const acc_t t = x(i * S) - shift;
-        d += t;
-        d2 += t * t;
+      Acc tile;
+      tile.mean = sum * inv_n;
+      tile.m2 = 0;
+      tile.count = n;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          const acc_t t = x(i * S + k) - tile.mean;
+          tile.m2 += t * t;
+        }
       }
+      acc[k] = math::welford_merge(acc[k], tile, frac);
     }
-    acc = math::welford_merge(acc, math::welford_from_shifted_sums<acc_t>(shift, d, d2, n));
   }
 
   TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
@@ -451,15 +481,19 @@ TBN_UNROLL
     return a;
   }
 
-  TBN_HOST_DEVICE static void finalize(
-      const Acc& a, int64_t c, const FinalizeArgs<scalar_t>& f, const ChannelArgs<scalar_t>& ch) {
+  TBN_HOST_DEVICE static void finalize(const Acc& a,
+                                       int64_t c,
+                                       const FinalizeArgs<scalar_t>& f,
+                                       const ChannelArgs<scalar_t>& ch) {
     // count == 0 (an empty batch) gives mean 0 and invstd NaN, as on the CPU.
     f.save_mean[c] = a.mean;
     f.save_invstd[c] = math::batch_invstd(a.m2 / static_cast<acc_t>(a.count), ch.eps);
     if (f.running_mean.ptr != nullptr && a.count > 0) {
       f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), a.mean, f.momentum));
       f.running_var.store(
-          c, math::running_update(f.running_var.load(c, 0), math::unbiased_var(a.m2, a.count), f.momentum));
+          c,
+          math::running_update(
+              f.running_var.load(c, 0), math::unbiased_var(a.m2, a.count), f.momentum));
     }
   }
 };
@@ -483,23 +517,28 @@ struct GradOp {
     return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
   }
   __device__ static Acc shfl_xor(const Acc& a, int lane_mask) {
-    return {__shfl_xor_sync(kFullMask, a.dy, lane_mask), __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
+    return {__shfl_xor_sync(kFullMask, a.dy, lane_mask),
+            __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
   }
 
-  template <int LEN, int S, typename InX, typename InDy>
-  TBN_HOST_DEVICE static void accumulate(Acc& acc, const InX& x, const InDy& dy, int n, acc_t mean) {
-    acc_t s = 0;
-    acc_t sx = 0;
-TBN_UNROLL
-    for (int i = 0; i < LEN; ++i) {
-      if (i < n) {
-        const acc_t g = dy(i * S);
-        s += g;
-        sx += g * (x(i * S) - mean);
+  template <int K, int LEN, int S, typename InX, typename InDy>
+  TBN_HOST_DEVICE static void accumulate(
+      Acc (&acc)[K], const InX& x, const InDy& dy, int n, const acc_t (&mean)[K]) {
+    TBN_UNROLL
+    for (int k = 0; k < K; ++k) {
+      acc_t s = 0;
+      acc_t sx = 0;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          const acc_t g = dy(i * S + k);
+          s += g;
+          sx += g * (x(i * S + k) - mean[k]);
+        }
       }
+      acc[k].dy += s;
+      acc[k].dy_xmu += sx;
     }
-    acc.dy += s;
-    acc.dy_xmu += sx;
   }
 
   TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
@@ -510,8 +549,10 @@ TBN_UNROLL
     return {__ldcg(p0 + i), __ldcg(p1 + i)};
   }
 
-  TBN_HOST_DEVICE static void finalize(
-      const Acc& a, int64_t c, const FinalizeArgs<scalar_t>& f, const ChannelArgs<scalar_t>& ch) {
+  TBN_HOST_DEVICE static void finalize(const Acc& a,
+                                       int64_t c,
+                                       const FinalizeArgs<scalar_t>& f,
+                                       const ChannelArgs<scalar_t>& ch) {
     if (f.grad_weight.ptr != nullptr) {
       f.grad_weight.store(c, a.dy_xmu * ch.invstd(c));
     }
@@ -548,30 +589,39 @@ struct TileView {
 
 // A thread's share of a planes reduction: its vectors of channel c in [v0, v1).
 template <typename Op, int VEC, typename scalar_t>
-TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(
-    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, const ReduceArgs<scalar_t>& args) {
+TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(const PlaneGeom& g,
+                                                      int64_t c,
+                                                      int64_t v0,
+                                                      int64_t v1,
+                                                      int tid,
+                                                      const ReduceArgs<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t mean = Op::kReadsDy ? args.ch.mean.load(c, acc_t(0)) : acc_t(0);
-  typename Op::Acc acc = Op::identity();
+  const acc_t mean[1] = {Op::kReadsDy ? args.ch.mean.load(c, acc_t(0)) : acc_t(0)};
+  typename Op::Acc acc[1] = {Op::identity()};
   for_each_plane_tile<false>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
     Pack<scalar_t, VEC> xs[kUnroll];
     Pack<scalar_t, VEC> gs[kUnroll];
     load_packs<VEC>(args.x, offs, n, xs);
     load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
-    Op::template accumulate<kUnroll * VEC, 1>(
+    // One slot: the whole tile belongs to channel c.
+    Op::template accumulate<1, kUnroll * VEC, 1>(
         acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n * VEC, mean);
   });
-  return acc;
+  return acc[0];
 }
 
 // A thread's share of a rows reduction: channels cv * VEC + k of rows r0 + y, r0 + y + ty, ...
 template <typename Op, int VEC, typename scalar_t>
-TBN_HOST_DEVICE void thread_reduce_rows(
-    const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, const ReduceArgs<scalar_t>& args,
-    typename Op::Acc (&acc)[VEC]) {
+TBN_HOST_DEVICE void thread_reduce_rows(const RowGeom& g,
+                                        int64_t cv,
+                                        int64_t r0,
+                                        int64_t r1,
+                                        int y,
+                                        const ReduceArgs<scalar_t>& args,
+                                        typename Op::Acc (&acc)[VEC]) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t mean[VEC];
-TBN_UNROLL
+  TBN_UNROLL
   for (int k = 0; k < VEC; ++k) {
     acc[k] = Op::identity();
     mean[k] = Op::kReadsDy ? args.ch.mean.load(cv * VEC + k, acc_t(0)) : acc_t(0);
@@ -581,14 +631,9 @@ TBN_UNROLL
     Pack<scalar_t, VEC> gs[kUnroll];
     load_packs<VEC>(args.x, offs, n, xs);
     load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
-    const TileView<scalar_t, VEC> xv{xs};
-    const TileView<scalar_t, VEC> gv{gs};
-TBN_UNROLL
-    for (int k = 0; k < VEC; ++k) {
-      // Channel k of the tile: elements k, k + VEC, ... of the kUnroll rows.
-      Op::template accumulate<kUnroll, VEC>(
-          acc[k], [xv, k](int i) { return xv(i + k); }, [gv, k](int i) { return gv(i + k); }, n, mean[k]);
-    }
+    // Slot k: channel cv * VEC + k, element k of each of the kUnroll rows.
+    Op::template accumulate<VEC, kUnroll, VEC>(
+        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n, mean);
   });
 }
 
@@ -596,7 +641,7 @@ TBN_UNROLL
 // is fixed, so the result does not depend on timing.
 template <typename Op>
 __device__ typename Op::Acc block_reduce_all(typename Op::Acc v, typename Op::Acc* smem) {
-TBN_UNROLL
+  TBN_UNROLL
   for (int m = 16; m > 0; m >>= 1) {
     v = Op::merge(v, Op::shfl_xor(v, m));
   }
@@ -608,7 +653,7 @@ TBN_UNROLL
   __syncthreads();
   if (warp == 0) {
     v = lane < kWarps ? smem[lane] : Op::identity();
-TBN_UNROLL
+    TBN_UNROLL
     for (int m = kWarps / 2; m > 0; m >>= 1) {
       v = Op::merge(v, Op::shfl_xor(v, m));
     }
@@ -623,7 +668,7 @@ template <typename Op, int K>
 __device__ void block_reduce_rows(typename Op::Acc (&acc)[K], int tx, typename Op::Acc* smem) {
   // Lanes of a warp that share a column are tx apart.
   for (int m = 16; m >= tx; m >>= 1) {
-TBN_UNROLL
+    TBN_UNROLL
     for (int k = 0; k < K; ++k) {
       acc[k] = Op::merge(acc[k], Op::shfl_xor(acc[k], m));
     }
@@ -631,7 +676,7 @@ TBN_UNROLL
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   if (lane < tx) {
-TBN_UNROLL
+    TBN_UNROLL
     for (int k = 0; k < K; ++k) {
       smem[(warp * tx + lane) * K + k] = acc[k];
     }
@@ -667,7 +712,8 @@ __device__ bool arrive_last(int* semaphore, int64_t expected) {
 }
 
 template <typename Op, typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads) reduce_planes_kernel(PlaneGeom g, ReduceArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kThreads)
+    reduce_planes_kernel(PlaneGeom g, ReduceArgs<scalar_t> args) {
   using acc_t = at::opmath_type<scalar_t>;
   using Acc = typename Op::Acc;
   __shared__ alignas(16) unsigned char smem_raw[kWarps * sizeof(Acc)];
@@ -691,7 +737,8 @@ __global__ void __launch_bounds__(kThreads) reduce_planes_kernel(PlaneGeom g, Re
     }
     acc = Op::identity();
     for (int64_t t = threadIdx.x; t < g.splits; t += kThreads) {
-      acc = Op::merge(acc, Op::load_partial(p0, p1, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
+      acc = Op::merge(
+          acc, Op::load_partial(p0, p1, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
     }
     acc = block_reduce_all<Op>(acc, smem);
   }
@@ -705,7 +752,8 @@ __global__ void __launch_bounds__(kThreads) reduce_planes_kernel(PlaneGeom g, Re
 }
 
 template <typename Op, typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads) reduce_rows_kernel(RowGeom g, ReduceArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kThreads)
+    reduce_rows_kernel(RowGeom g, ReduceArgs<scalar_t> args) {
   using acc_t = at::opmath_type<scalar_t>;
   using Acc = typename Op::Acc;
   __shared__ alignas(16) unsigned char smem_raw[kThreads * VEC * sizeof(Acc)];
@@ -740,14 +788,14 @@ __global__ void __launch_bounds__(kThreads) reduce_rows_kernel(RowGeom g, Reduce
     if (!arrive_last(args.semaphores + group, g.splits)) {
       return;
     }
-TBN_UNROLL
+    TBN_UNROLL
     for (int k = 0; k < VEC; ++k) {
       acc[k] = Op::identity();
     }
     if (active) {
       for (int64_t p = y; p < g.splits; p += g.ty) {
         const int64_t count = g.begin(p + 1) - g.begin(p);
-TBN_UNROLL
+        TBN_UNROLL
         for (int k = 0; k < VEC; ++k) {
           acc[k] = Op::merge(acc[k], Op::load_partial(p0, p1, p * channels + cv * VEC + k, count));
         }
@@ -811,10 +859,6 @@ at::Tensor walkable_like(const at::Tensor& t, const Layout& l) {
   return l.rows ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
 }
 
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -830,16 +874,18 @@ int64_t wave_size() {
     return std::max(n, 1);
   }();
   int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   return static_cast<int64_t>(per_sm) * sms;
 }
 
-// Blocks per channel (or group): about one wave in all, and each at least one full round
-// of kThreads * kUnroll vectors (rows: ty * kUnroll rows). With enough channels, one block
-// owns a whole channel and the elementwise pass runs in the reduction kernel.
+// Blocks per channel (or group): as many as fit in one wave together, so that every block
+// is resident from the start and none waits for a second wave, and each at least one full
+// round of kThreads * kUnroll vectors (rows: ty * kUnroll rows). With enough channels for a
+// wave, one block owns a whole channel and the elementwise pass runs in the reduction
+// kernel.
 int64_t choose_splits(int64_t units, int64_t rounds, int64_t wave) {
-  const int64_t want = (wave + units / 2) / units;
-  return std::max<int64_t>(1, std::min(want, rounds));
+  return std::max<int64_t>(1, std::min(wave / units, rounds));
 }
 
 PlaneGeom plane_geom(const Layout& l, int vec, int64_t wave) {
@@ -865,18 +911,35 @@ RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
   return g;
 }
 
+// A 1D grid of `blocks`: at most 2^31 - 1, which a channel count would have to exceed.
+dim3 grid_of(int64_t blocks) {
+  TORCH_CHECK(blocks > 0 && blocks <= std::numeric_limits<int32_t>::max(),
+              "batch_norm: too many channels for the CUDA kernels (",
+              blocks,
+              " blocks)");
+  return dim3(static_cast<unsigned int>(blocks));
+}
+
 template <typename scalar_t, int VEC>
-void launch_elementwise(
-    const Layout& l, const PlaneGeom* pg, const RowGeom* rg, const ChannelArgs<scalar_t>& ch,
-    const scalar_t* dy, const scalar_t* x, scalar_t* out) {
+void launch_elementwise(const Layout& l,
+                        const PlaneGeom* pg,
+                        const RowGeom* rg,
+                        const ChannelArgs<scalar_t>& ch,
+                        const scalar_t* dy,
+                        const scalar_t* x,
+                        scalar_t* out) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (l.rows) {
-    const RowGeom g = rg ? *rg : row_geom(l, VEC, wave_size<elementwise_rows_kernel<scalar_t, VEC>>());
-    elementwise_rows_kernel<scalar_t, VEC><<<g.groups * g.splits, kThreads, 0, stream>>>(g, ch, dy, x, out);
+    const RowGeom g =
+        rg ? *rg : row_geom(l, VEC, wave_size<elementwise_rows_kernel<scalar_t, VEC>>());
+    elementwise_rows_kernel<scalar_t, VEC>
+        <<<grid_of(g.groups * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    const PlaneGeom g = pg ? *pg : plane_geom(l, VEC, wave_size<elementwise_planes_kernel<scalar_t, VEC>>());
-    elementwise_planes_kernel<scalar_t, VEC><<<g.channels * g.splits, kThreads, 0, stream>>>(g, ch, dy, x, out);
+    const PlaneGeom g =
+        pg ? *pg : plane_geom(l, VEC, wave_size<elementwise_planes_kernel<scalar_t, VEC>>());
+    elementwise_planes_kernel<scalar_t, VEC>
+        <<<grid_of(g.channels * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -909,7 +972,8 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   at::Tensor workspace;
   if (splits > 1) {
     const int64_t partial_bytes = 2 * splits * l.channels * static_cast<int64_t>(sizeof(acc_t));
-    workspace = at::empty({partial_bytes + semaphores * static_cast<int64_t>(sizeof(int))}, like.options().dtype(at::kByte));
+    workspace = at::empty({partial_bytes + semaphores * static_cast<int64_t>(sizeof(int))},
+                          like.options().dtype(at::kByte));
     auto* base = static_cast<char*>(workspace.data_ptr());
     args.partial = reinterpret_cast<acc_t*>(base);
     args.semaphores = reinterpret_cast<int*>(base + partial_bytes);
@@ -917,9 +981,11 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   }
 
   if (l.rows) {
-    reduce_rows_kernel<Op, scalar_t, VEC><<<rg.groups * rg.splits, kThreads, 0, stream>>>(rg, args);
+    reduce_rows_kernel<Op, scalar_t, VEC>
+        <<<grid_of(rg.groups * rg.splits), kThreads, 0, stream>>>(rg, args);
   } else {
-    reduce_planes_kernel<Op, scalar_t, VEC><<<pg.channels * pg.splits, kThreads, 0, stream>>>(pg, args);
+    reduce_planes_kernel<Op, scalar_t, VEC>
+        <<<grid_of(pg.channels * pg.splits), kThreads, 0, stream>>>(pg, args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -928,17 +994,28 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   }
 }
 
-// Calls f(std::integral_constant<int, VEC>) with the widest vector every pointer and the
-// layout allow: a channel's run (planes) or a row (rows) must hold whole vectors.
+// Calls f(std::integral_constant<int, VEC>) with the widest vector that the layout and
+// every pointer allow: a channel's run (planes) or a row (rows) must hold whole vectors,
+// and pointers must be aligned to them. 16-byte vectors, else (float16/bfloat16 only, for
+// runs such as 14 x 14 = 196 elements) 8-byte ones, else single elements.
 template <typename scalar_t, typename F>
 void with_vector_width(const Layout& l, std::initializer_list<const void*> ptrs, F&& f) {
   constexpr int V = kVec<scalar_t>;
-  bool ok = (l.rows ? l.channels : l.inner) % V == 0;
-  for (const void* p : ptrs) {
-    ok = ok && aligned16(p);
-  }
-  if (ok) {
+  const auto fits = [&](int vec) {
+    bool ok = (l.rows ? l.channels : l.inner) % vec == 0;
+    for (const void* p : ptrs) {
+      ok = ok && reinterpret_cast<uintptr_t>(p) % (vec * sizeof(scalar_t)) == 0;
+    }
+    return ok;
+  };
+  if (fits(V)) {
     f(std::integral_constant<int, V>{});
+  } else if constexpr (V == 8) {
+    if (fits(V / 2)) {
+      f(std::integral_constant<int, V / 2>{});
+    } else {
+      f(std::integral_constant<int, 1>{});
+    }
   } else {
     f(std::integral_constant<int, 1>{});
   }
@@ -980,39 +1057,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
   const at::Tensor rm = dense(running_mean);
   const at::Tensor rv = dense(running_var);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_cuda", [&] {
-    ChannelArgs<scalar_t> ch{};
-    ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
-    ch.bias = channel_ref<scalar_t>(ptr_or_null(b));
-    ch.channels = l.channels;
-    ch.count = l.per_channel();
-    ch.eps = eps;
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    with_vector_width<scalar_t>(l, {x_data, out_data}, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      if (!training) {
-        ch.pass = Pass::kNormalizeEval;
-        ch.mean = channel_ref<scalar_t>(&rm);
-        ch.spread = channel_ref<scalar_t>(&rv);
-        launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, nullptr, x_data, out_data);
-        return;
-      }
-      ch.pass = Pass::kNormalizeTraining;
-      ch.mean = channel_ref<scalar_t>(&save_mean);
-      ch.spread = channel_ref<scalar_t>(&save_invstd);
-      ReduceArgs<scalar_t> args{};
-      args.x = x_data;
-      args.out = x.numel() > 0 ? out_data : nullptr;
-      args.fin.save_mean = save_mean.mutable_data_ptr<at::opmath_type<scalar_t>>();
-      args.fin.save_invstd = save_invstd.mutable_data_ptr<at::opmath_type<scalar_t>>();
-      args.fin.running_mean = channel_ref<scalar_t>(ptr_or_null(rm));
-      args.fin.running_var = channel_ref<scalar_t>(ptr_or_null(rv));
-      args.fin.momentum = momentum;
-      args.ch = ch;
-      launch_reduce<StatsOp<scalar_t>, scalar_t, VEC>(l, x, args);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_cuda", [&] {
+        ChannelArgs<scalar_t> ch{};
+        ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
+        ch.bias = channel_ref<scalar_t>(ptr_or_null(b));
+        ch.channels = l.channels;
+        ch.count = l.per_channel();
+        ch.eps = eps;
+        const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+        scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+        with_vector_width<scalar_t>(l, {x_data, out_data}, [&](auto vec) {
+          constexpr int VEC = decltype(vec)::value;
+          if (!training) {
+            ch.pass = Pass::kNormalizeEval;
+            ch.mean = channel_ref<scalar_t>(&rm);
+            ch.spread = channel_ref<scalar_t>(&rv);
+            launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, nullptr, x_data, out_data);
+            return;
+          }
+          ch.pass = Pass::kNormalizeTraining;
+          ch.mean = channel_ref<scalar_t>(&save_mean);
+          ch.spread = channel_ref<scalar_t>(&save_invstd);
+          ReduceArgs<scalar_t> args{};
+          args.x = x_data;
+          args.out = x.numel() > 0 ? out_data : nullptr;
+          args.fin.save_mean = save_mean.mutable_data_ptr<at::opmath_type<scalar_t>>();
+          args.fin.save_invstd = save_invstd.mutable_data_ptr<at::opmath_type<scalar_t>>();
+          args.fin.running_mean = channel_ref<scalar_t>(ptr_or_null(rm));
+          args.fin.running_var = channel_ref<scalar_t>(ptr_or_null(rv));
+          args.fin.momentum = momentum;
+          args.ch = ch;
+          launch_reduce<StatsOp<scalar_t>, scalar_t, VEC>(l, x, args);
+        });
+      });
 
   // Strided running statistics were updated in a dense copy.
   if (training && rm.defined() && !rm.is_same(*running_mean)) {
@@ -1059,40 +1137,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   const at::Tensor mean = dense(training ? save_mean : running_mean);
   const at::Tensor spread = dense(training ? save_invstd : running_var);
   const auto acc_type = at::toOpMathType(input.scalar_type());
-  const at::Tensor sums = training && need_dx ? at::empty({2 * C}, x.options().dtype(acc_type)) : at::Tensor();
+  const at::Tensor sums =
+      training && need_dx ? at::empty({2 * C}, x.options().dtype(acc_type)) : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    ChannelArgs<scalar_t> ch{};
-    ch.pass = training ? Pass::kGradTraining : Pass::kGradEval;
-    ch.mean = channel_ref<scalar_t>(&mean);
-    ch.spread = channel_ref<scalar_t>(&spread);
-    ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
-    ch.bias = channel_ref<scalar_t>(nullptr);
-    ch.sums = sums.defined() ? sums.const_data_ptr<acc_t>() : nullptr;
-    ch.channels = C;
-    ch.count = l.per_channel();
-    ch.eps = eps;
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-    scalar_t* dx_data = need_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-    with_vector_width<scalar_t>(l, {x_data, dy_data, dx_data}, [&](auto vec) {
-      constexpr int VEC = decltype(vec)::value;
-      if (!need_sums) {
-        launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, dy_data, x_data, dx_data);
-        return;
-      }
-      ReduceArgs<scalar_t> args{};
-      args.x = x_data;
-      args.dy = dy_data;
-      args.out = dx_data;
-      args.fin.grad_weight = channel_ref<scalar_t>(mask[1] ? &grad_weight : nullptr);
-      args.fin.grad_bias = channel_ref<scalar_t>(mask[2] ? &grad_bias : nullptr);
-      args.fin.sums = sums.defined() ? sums.mutable_data_ptr<acc_t>() : nullptr;
-      args.ch = ch;
-      launch_reduce<GradOp<scalar_t>, scalar_t, VEC>(l, x, args);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        ChannelArgs<scalar_t> ch{};
+        ch.pass = training ? Pass::kGradTraining : Pass::kGradEval;
+        ch.mean = channel_ref<scalar_t>(&mean);
+        ch.spread = channel_ref<scalar_t>(&spread);
+        ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
+        ch.bias = channel_ref<scalar_t>(nullptr);
+        ch.sums = sums.defined() ? sums.const_data_ptr<acc_t>() : nullptr;
+        ch.channels = C;
+        ch.count = l.per_channel();
+        ch.eps = eps;
+        const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+        const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+        scalar_t* dx_data = need_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+        with_vector_width<scalar_t>(l, {x_data, dy_data, dx_data}, [&](auto vec) {
+          constexpr int VEC = decltype(vec)::value;
+          if (!need_sums) {
+            launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, dy_data, x_data, dx_data);
+            return;
+          }
+          ReduceArgs<scalar_t> args{};
+          args.x = x_data;
+          args.dy = dy_data;
+          args.out = dx_data;
+          args.fin.grad_weight = channel_ref<scalar_t>(mask[1] ? &grad_weight : nullptr);
+          args.fin.grad_bias = channel_ref<scalar_t>(mask[2] ? &grad_bias : nullptr);
+          args.fin.sums = sums.defined() ? sums.mutable_data_ptr<acc_t>() : nullptr;
+          args.ch = ch;
+          launch_reduce<GradOp<scalar_t>, scalar_t, VEC>(l, x, args);
+        });
+      });
   return {grad_input, grad_weight, grad_bias};
 }
 
