@@ -130,6 +130,70 @@ void check_devices(const at::Tensor& input, std::initializer_list<const at::Tens
   }
 }
 
+// Everything check_batch_norm_forward checks after the batch size and eps, in torch's
+// order; shared with the op that normalises with statistics gathered elsewhere.
+void check_forward_arguments(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training) {
+  check_input_dims(input);
+
+  const int64_t channels = num_channels(input);
+  const at::Tensor* mean = defined(running_mean);
+  const at::Tensor* var = defined(running_var);
+  TORCH_CHECK(mean != nullptr || training, "running_mean must be defined in evaluation mode");
+  check_numel("running_mean", mean, channels);
+  TORCH_CHECK(var != nullptr || training, "running_var must be defined in evaluation mode");
+  check_numel("running_var", var, channels);
+  check_numel("weight", defined(weight), channels);
+  check_numel("bias", defined(bias), channels);
+  TORCH_CHECK_VALUE(
+      (mean == nullptr) == (var == nullptr),
+      "running_mean and running_var must either both be None or neither be None");
+
+  check_input_dtype(input);
+  check_param_dtypes(input, defined(weight), defined(bias), mean, var, training);
+  check_stat_rank(mean);
+  check_stat_rank(var);
+  check_param_rank("weight", defined(weight));
+  check_param_rank("bias", defined(bias));
+  check_devices(input, {defined(weight), defined(bias), mean, var});
+}
+
+// Per-channel statistics passed between the ops (save_mean, save_invstd, M2, sums) are
+// 1-D, in the accumulation dtype, on the input's device.
+void check_channel_stats(
+    const at::Tensor& input, std::initializer_list<std::pair<const char*, const at::Tensor*>> stats) {
+  const int64_t channels = num_channels(input);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  for (const auto& [name, t] : stats) {
+    TORCH_CHECK(t != nullptr && t->defined(), name, " must be defined");
+    check_numel(name, t, channels);
+    check_param_rank(name, t);
+    TORCH_CHECK(t->scalar_type() == acc, name, " must have dtype ", acc, ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == input.device(), name, " must be on ", input.device(), ", got ",
+                t->device());
+  }
+}
+
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input) {
+  TORCH_CHECK(input.defined() && grad_out.defined(), "batch_norm_backward: undefined input");
+  check_input_dims(input);
+  TORCH_CHECK(
+      grad_out.sizes() == input.sizes(),
+      "batch_norm_backward: grad_out of size ", grad_out.sizes(),
+      " does not match input of size ", input.sizes());
+  TORCH_CHECK(
+      grad_out.scalar_type() == input.scalar_type(),
+      "batch_norm_backward: grad_out has dtype ", grad_out.scalar_type(),
+      " but input has dtype ", input.scalar_type());
+  check_input_dtype(input);
+  check_devices(input, {&grad_out});
+}
+
 }  // namespace
 
 bool is_mixed_type(
@@ -177,28 +241,7 @@ void check_batch_norm_forward(
     TORCH_CHECK_VALUE(
         !(eps < 0.0), "batch_norm eps must be non-negative, but got ", python_float(eps));
   }
-  check_input_dims(input);
-
-  const int64_t channels = num_channels(input);
-  const at::Tensor* mean = defined(running_mean);
-  const at::Tensor* var = defined(running_var);
-  TORCH_CHECK(mean != nullptr || training, "running_mean must be defined in evaluation mode");
-  check_numel("running_mean", mean, channels);
-  TORCH_CHECK(var != nullptr || training, "running_var must be defined in evaluation mode");
-  check_numel("running_var", var, channels);
-  check_numel("weight", defined(weight), channels);
-  check_numel("bias", defined(bias), channels);
-  TORCH_CHECK_VALUE(
-      (mean == nullptr) == (var == nullptr),
-      "running_mean and running_var must either both be None or neither be None");
-
-  check_input_dtype(input);
-  check_param_dtypes(input, defined(weight), defined(bias), mean, var, training);
-  check_stat_rank(mean);
-  check_stat_rank(var);
-  check_param_rank("weight", defined(weight));
-  check_param_rank("bias", defined(bias));
-  check_devices(input, {defined(weight), defined(bias), mean, var});
+  check_forward_arguments(input, weight, bias, running_mean, running_var, training);
 }
 
 void check_batch_norm_backward(
@@ -211,17 +254,7 @@ void check_batch_norm_backward(
     const std::optional<at::Tensor>& save_invstd,
     bool training,
     double eps) {
-  TORCH_CHECK(input.defined() && grad_out.defined(), "batch_norm_backward: undefined input");
-  check_input_dims(input);
-  TORCH_CHECK(
-      grad_out.sizes() == input.sizes(),
-      "batch_norm_backward: grad_out of size ", grad_out.sizes(),
-      " does not match input of size ", input.sizes());
-  TORCH_CHECK(
-      grad_out.scalar_type() == input.scalar_type(),
-      "batch_norm_backward: grad_out has dtype ", grad_out.scalar_type(),
-      " but input has dtype ", input.scalar_type());
-  check_input_dtype(input);
+  check_grad_out(grad_out, input);
   const int64_t channels = num_channels(input);
   const at::Tensor* mean = defined(training ? save_mean : running_mean);
   const at::Tensor* spread = defined(training ? save_invstd : running_var);
@@ -249,7 +282,65 @@ void check_batch_norm_backward(
   check_param_rank(mean_name, mean);
   check_param_rank(spread_name, spread);
   check_param_rank("weight", defined(weight));
-  check_devices(input, {&grad_out, defined(weight), mean, spread});
+  check_devices(input, {defined(weight), mean, spread});
+}
+
+void check_batch_norm_stats(const at::Tensor& input) {
+  TORCH_CHECK(input.defined(), "batch_norm_stats: input must be defined");
+  check_input_dims(input);
+  check_input_dtype(input);
+}
+
+void check_batch_norm_forward_with_stats(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const at::Tensor& mean,
+    const at::Tensor& m2,
+    int64_t count,
+    double eps) {
+  TORCH_CHECK(input.defined(), "batch_norm: input must be defined");
+  TORCH_CHECK_VALUE(count > 1,
+                    "Expected more than 1 value per channel when training, got ", count,
+                    " values per channel in total");
+  TORCH_CHECK_VALUE(!(eps <= 0.0),
+                    "batch_norm eps must be positive during training, but got ",
+                    python_float(eps));
+  check_forward_arguments(input, weight, bias, running_mean, running_var, /*training=*/true);
+  check_channel_stats(input, {{"mean", &mean}, {"m2", &m2}});
+}
+
+void check_batch_norm_backward_reduce(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd) {
+  check_grad_out(grad_out, input);
+  check_channel_stats(input, {{"mean", &mean}, {"invstd", &invstd}});
+}
+
+void check_batch_norm_backward_elemt(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu,
+    int64_t count) {
+  check_grad_out(grad_out, input);
+  check_channel_stats(input,
+                      {{"mean", &mean},
+                       {"invstd", &invstd},
+                       {"sum_dy", &sum_dy},
+                       {"sum_dy_xmu", &sum_dy_xmu}});
+  TORCH_CHECK_VALUE(count > 0, "batch_norm_backward_elemt: count must be positive, got ", count);
+  check_numel("weight", defined(weight), num_channels(input));
+  check_param_rank("weight", defined(weight));
+  check_param_dtypes(input, defined(weight), nullptr, nullptr, nullptr, /*training=*/true);
+  check_devices(input, {defined(weight)});
 }
 
 }  // namespace torch_batchnorm

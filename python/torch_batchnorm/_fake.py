@@ -47,3 +47,30 @@ def _batch_norm_backward_fake(
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=pdtype)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=pdtype)
     return grad_input, grad_weight, grad_bias
+
+
+def _channel_stats(input, n=2):
+    c = input.shape[1]
+    return tuple(input.new_empty((c,), dtype=_acc_dtype(input.dtype)) for _ in range(n))
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    return _channel_stats(input)
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_forward_with_stats")
+def _batch_norm_forward_with_stats_fake(
+    input, weight, bias, running_mean, running_var, mean, m2, count, momentum, eps
+):
+    return (_like_input(input), *_channel_stats(input))
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_backward_reduce")
+def _batch_norm_backward_reduce_fake(grad_out, input, mean, invstd):
+    return _channel_stats(input)
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt_fake(grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    return _like_input(input)
