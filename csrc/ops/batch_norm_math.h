@@ -89,6 +89,18 @@ TBN_HOST_DEVICE T batch_invstd(T var, double eps) {
   return T(1) / std::sqrt(var + static_cast<T>(eps));
 }
 
+// invstd of the batch statistics of `count` values with sum of squared deviations m2
+// (biased variance m2 / count). An empty batch has no variance: its invstd is 0 rather
+// than NaN, so that the weight gradient, a sum over no values times invstd, is 0 as
+// torch's is.
+template <typename T>
+TBN_HOST_DEVICE T batch_invstd_from_m2(T m2, int64_t count, double eps) {
+  if (count == 0) {
+    return T(0);
+  }
+  return batch_invstd(m2 / static_cast<T>(count), eps);
+}
+
 // 1 / sqrt(running_var + eps), as torch computes it for evaluation.
 template <typename T>
 TBN_HOST_DEVICE T running_invstd(T running_var, double eps) {
