@@ -1,23 +1,28 @@
-// CUDA kernels of batch_norm_forward and batch_norm_backward.
+// CUDA kernels of batch_norm_forward and batch_norm_backward, and of the ops that split
+// training into pieces for statistics that span processes (batch_norm_stats,
+// batch_norm_forward_with_stats, batch_norm_backward_reduce, batch_norm_backward_elemt).
 //
 // Same contract as the CPU kernels (cpu/batch_norm_kernel.cpp), which are the reference:
-// same layouts, same per-channel formulas from batch_norm_math.h, same outputs. The input
-// is walked either as contiguous planes [N, C, HW] or as channels-last rows [N * HW, C]
-// (channels_last, channels_last_3d and every 2D [N, C] input). Each op is at most one
-// reduction kernel and one elementwise pass:
+// same layouts (batch_norm_layout.h), same per-channel formulas (batch_norm_math.h), same
+// outputs. The input is walked either as contiguous planes [N, C, HW] or as rows
+// [N * HW, C] with the channels adjacent. Every op is built from two kernels:
 //
-//   reduction    forward: Welford statistics of x; backward: sum(dy), sum(dy * (x - mean)).
+//   reduction    statistics: Welford mean and M2 of x; gradient: sum(dy), sum(dy * (x - mean)).
 //                A block reduces a slice of one channel (planes) or of a group of channels
 //                (rows). When one block per channel would leave SMs idle, channels are split
 //                over several blocks and the last block of each channel to finish merges
 //                the partial results in a fixed order (deterministic) and finalizes: saved
-//                statistics and the in-place running-stat update, or grad_weight, grad_bias
-//                and the sums of the grad-input pass. No host synchronisation anywhere.
+//                statistics (or mean and M2) and the in-place running-stat update, or
+//                grad_weight, grad_bias and the sums. No host synchronisation anywhere.
 //   elementwise  out = a * dy + (b * (x - m) + c) with per-channel a, b, c, m: normalize
 //                (a = 0) and grad input alike. When a block owns whole channels it runs
 //                this pass itself right after its reduction (one launch per op); otherwise
 //                a second kernel runs it. Either way the pass walks the data backwards, so
 //                it starts with what the reduction read last, which is still in L2.
+//
+// batch_norm_forward is the statistics reduction with the normalizing pass,
+// batch_norm_backward the gradient reduction with the grad-input pass; the split ops run
+// the same pieces one at a time, with statistics and sums over all processes in between.
 //
 // Loads and stores are 16 bytes wide wherever the layout and the pointers allow it.
 
@@ -37,6 +42,7 @@
 #include <type_traits>
 
 #include "ops/batch_norm_check.h"
+#include "ops/batch_norm_layout.h"
 #include "ops/batch_norm_math.h"
 
 namespace torch_batchnorm {
@@ -218,13 +224,14 @@ struct ChannelRef {
   }
 };
 
+// An undefined tensor is an absent one.
 template <typename scalar_t>
-ChannelRef<scalar_t> channel_ref(const at::Tensor* t) {
-  if (t == nullptr || !t->defined()) {
+ChannelRef<scalar_t> channel_ref(const at::Tensor& t) {
+  if (!t.defined()) {
     return {nullptr, true};
   }
-  return {t->data_ptr(),
-          t->scalar_type() == at::toOpMathType(c10::CppTypeToScalarType<scalar_t>::value)};
+  return {t.data_ptr(),
+          t.scalar_type() == at::toOpMathType(c10::CppTypeToScalarType<scalar_t>::value)};
 }
 
 // ---------------------------------------------------------------------------------
@@ -250,8 +257,10 @@ struct ChannelArgs {
   ChannelRef<scalar_t> spread;  // save_invstd (training) or running_var (evaluation)
   ChannelRef<scalar_t> weight;
   ChannelRef<scalar_t> bias;
-  const acc_t* sums;  // [2, C]: sum(dy), sum(dy * (x - mean)); read by kGradTraining
-  int64_t channels;
+  // sum(dy) and sum(dy * (x - mean)) over the `count` values of each channel; read by
+  // kGradTraining.
+  const acc_t* sum_dy;
+  const acc_t* sum_dy_xmu;
   int64_t count;  // values per channel
   double eps;
 
@@ -283,7 +292,7 @@ struct ChannelArgs {
       }
       case Pass::kGradTraining: {
         const auto k =
-            math::grad_input_coeffs<acc_t>(w, is, sums[c], sums[channels + c], count, true);
+            math::grad_input_coeffs<acc_t>(w, is, sum_dy[c], sum_dy_xmu[c], count, true);
         return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
       }
       default: {
@@ -396,20 +405,23 @@ __global__ void __launch_bounds__(kThreads) elementwise_rows_kernel(
 // Reductions. An Op says what a thread accumulates from a tile, how two partial results
 // merge, and what the final result of a channel writes.
 
-// Outputs written once a channel's reduction is complete.
+// Outputs written once a channel's reduction is complete; a null pointer is an output
+// not asked for.
 template <typename scalar_t>
 struct FinalizeArgs {
   using acc_t = at::opmath_type<scalar_t>;
-  // forward
+  // statistics
   acc_t* save_mean;
   acc_t* save_invstd;
-  ChannelRef<scalar_t> running_mean;  // ptr null when not tracked
+  acc_t* m2;
+  ChannelRef<scalar_t> running_mean;
   ChannelRef<scalar_t> running_var;
   double momentum;
-  // backward
-  ChannelRef<scalar_t> grad_weight;  // ptr null when masked off
+  // backward sums
+  ChannelRef<scalar_t> grad_weight;
   ChannelRef<scalar_t> grad_bias;
-  acc_t* sums;  // [2, C] for the grad-input pass, or null
+  acc_t* sum_dy;
+  acc_t* sum_dy_xmu;
 };
 
 template <typename scalar_t>
@@ -485,9 +497,16 @@ struct StatsOp {
                                        int64_t c,
                                        const FinalizeArgs<scalar_t>& f,
                                        const ChannelArgs<scalar_t>& ch) {
-    // count == 0 (an empty batch) gives mean 0 and invstd NaN, as on the CPU.
-    f.save_mean[c] = a.mean;
-    f.save_invstd[c] = math::batch_invstd(a.m2 / static_cast<acc_t>(a.count), ch.eps);
+    // An empty batch gives mean 0, M2 0 and invstd 0, and leaves the running statistics.
+    if (f.save_mean != nullptr) {
+      f.save_mean[c] = a.mean;
+    }
+    if (f.m2 != nullptr) {
+      f.m2[c] = a.m2;
+    }
+    if (f.save_invstd != nullptr) {
+      f.save_invstd[c] = math::batch_invstd_from_m2(a.m2, a.count, ch.eps);
+    }
     if (f.running_mean.ptr != nullptr && a.count > 0) {
       f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), a.mean, f.momentum));
       f.running_var.store(
@@ -559,9 +578,9 @@ struct GradOp {
     if (f.grad_bias.ptr != nullptr) {
       f.grad_bias.store(c, a.dy);
     }
-    if (f.sums != nullptr) {
-      f.sums[c] = a.dy;
-      f.sums[ch.channels + c] = a.dy_xmu;
+    if (f.sum_dy != nullptr) {
+      f.sum_dy[c] = a.dy;
+      f.sum_dy_xmu[c] = a.dy_xmu;
     }
   }
 };
@@ -818,47 +837,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------
 // Host side
 
-// The input viewed as the kernels walk it, decided exactly as on the CPU.
-struct Layout {
-  int64_t outer;  // N (planes) or N * prod(spatial) (rows)
-  int64_t channels;
-  int64_t inner;  // prod(spatial) (planes) or 1 (rows)
-  bool rows;
-
-  int64_t per_channel() const {
-    return outer * inner;
-  }
-};
-
-bool is_rows(const at::Tensor& t) {
-  // Channels adjacent in memory: channels_last(_3d), 2D [N, C], contiguous [N, C, 1, 1].
-  return t.movedim(1, -1).is_contiguous();
-}
-
-at::Tensor walkable(const at::Tensor& input, Layout& l) {
-  at::Tensor x = input;
-  if (!is_rows(x) && !x.is_contiguous()) {
-    x = x.contiguous(x.suggest_memory_format());
-    if (!is_rows(x)) {
-      x = x.contiguous();
-    }
-  }
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) {
-    spatial *= x.size(d);
-  }
-  l.channels = x.size(1);
-  l.rows = is_rows(x);
-  l.outer = l.rows ? x.size(0) * spatial : x.size(0);
-  l.inner = l.rows ? 1 : spatial;
-  return x;
-}
-
-// grad_out in the input's layout.
-at::Tensor walkable_like(const at::Tensor& t, const Layout& l) {
-  return l.rows ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
-}
-
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
@@ -1021,13 +999,134 @@ void with_vector_width(const Layout& l, std::initializer_list<const void*> ptrs,
   }
 }
 
-// A per-channel tensor the kernels can index as [C]: itself when contiguous.
+// A per-channel tensor the kernels can index as [C]: itself when contiguous, undefined
+// when absent.
 at::Tensor dense(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
-const at::Tensor* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? &t : nullptr;
+// Writes back running statistics that were updated in a dense copy.
+void copy_back(const std::optional<at::Tensor>& running, const at::Tensor& updated) {
+  if (updated.defined() && !updated.is_same(*running)) {
+    running->copy_(updated);
+  }
+}
+
+// Per-channel inputs of the elementwise pass, dense or undefined; see ChannelArgs.
+struct ChannelTensors {
+  at::Tensor mean;
+  at::Tensor spread;
+  at::Tensor weight;
+  at::Tensor bias;
+  at::Tensor sum_dy;
+  at::Tensor sum_dy_xmu;
+};
+
+// Per-channel outputs of a reduction, dense or undefined (not asked for); see FinalizeArgs.
+struct FinalizeTensors {
+  at::Tensor save_mean;
+  at::Tensor save_invstd;
+  at::Tensor m2;
+  at::Tensor running_mean;
+  at::Tensor running_var;
+  double momentum = 0;
+  at::Tensor grad_weight;
+  at::Tensor grad_bias;
+  at::Tensor sum_dy;
+  at::Tensor sum_dy_xmu;
+};
+
+template <typename T>
+T* ptr_of(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+template <typename scalar_t>
+ChannelArgs<scalar_t> channel_args(Pass pass, const ChannelTensors& t, int64_t count, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  ChannelArgs<scalar_t> ch{};
+  ch.pass = pass;
+  ch.mean = channel_ref<scalar_t>(t.mean);
+  ch.spread = channel_ref<scalar_t>(t.spread);
+  ch.weight = channel_ref<scalar_t>(t.weight);
+  ch.bias = channel_ref<scalar_t>(t.bias);
+  ch.sum_dy = ptr_of<const acc_t>(t.sum_dy);
+  ch.sum_dy_xmu = ptr_of<const acc_t>(t.sum_dy_xmu);
+  ch.count = count;
+  ch.eps = eps;
+  return ch;
+}
+
+template <typename scalar_t>
+FinalizeArgs<scalar_t> finalize_args(const FinalizeTensors& t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  FinalizeArgs<scalar_t> f{};
+  f.save_mean = ptr_of<acc_t>(t.save_mean);
+  f.save_invstd = ptr_of<acc_t>(t.save_invstd);
+  f.m2 = ptr_of<acc_t>(t.m2);
+  f.running_mean = channel_ref<scalar_t>(t.running_mean);
+  f.running_var = channel_ref<scalar_t>(t.running_var);
+  f.momentum = t.momentum;
+  f.grad_weight = channel_ref<scalar_t>(t.grad_weight);
+  f.grad_bias = channel_ref<scalar_t>(t.grad_bias);
+  f.sum_dy = ptr_of<acc_t>(t.sum_dy);
+  f.sum_dy_xmu = ptr_of<acc_t>(t.sum_dy_xmu);
+  return f;
+}
+
+// The elementwise pass alone: out = map(dy, x) with the per-channel map of `pass`.
+void run_elementwise(const Layout& l,
+                     const at::Tensor& x,
+                     const at::Tensor& dy,
+                     const at::Tensor& out,
+                     Pass pass,
+                     const ChannelTensors& channels,
+                     int64_t count,
+                     double eps) {
+  if (l.channels == 0 || out.numel() == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_elementwise_cuda", [&] {
+        const auto ch = channel_args<scalar_t>(pass, channels, count, eps);
+        const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+        const scalar_t* dy_data = ptr_of<const scalar_t>(dy);
+        scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+        with_vector_width<scalar_t>(l, {x_data, dy_data, out_data}, [&](auto vec) {
+          constexpr int VEC = decltype(vec)::value;
+          launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, dy_data, x_data, out_data);
+        });
+      });
+}
+
+// A reduction of Op (StatsOp or GradOp) over x and dy, writing the outputs of `fin` per
+// channel, followed by the elementwise pass of `pass` into `out` when that is defined and
+// not empty. An empty batch still finalizes every channel.
+template <template <typename> class Op>
+void run_reduce(const Layout& l,
+                const at::Tensor& x,
+                const at::Tensor& dy,
+                const at::Tensor& out,
+                Pass pass,
+                const ChannelTensors& channels,
+                const FinalizeTensors& fin,
+                double eps) {
+  if (l.channels == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_reduce_cuda", [&] {
+        ReduceArgs<scalar_t> args{};
+        args.x = x.const_data_ptr<scalar_t>();
+        args.dy = ptr_of<const scalar_t>(dy);
+        args.out = out.defined() && out.numel() > 0 ? out.mutable_data_ptr<scalar_t>() : nullptr;
+        args.fin = finalize_args<scalar_t>(fin);
+        args.ch = channel_args<scalar_t>(pass, channels, l.per_channel(), eps);
+        with_vector_width<scalar_t>(l, {args.x, args.dy, args.out}, [&](auto vec) {
+          constexpr int VEC = decltype(vec)::value;
+          launch_reduce<Op<scalar_t>, scalar_t, VEC>(l, x, args);
+        });
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
@@ -1042,63 +1141,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
   check_batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
   const c10::cuda::CUDAGuard guard(input.device());
   Layout l{};
-  const at::Tensor x = walkable(input, l);
+  const at::Tensor x = kernel_layout(input, l);
   at::Tensor out = at::empty_like(x);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   at::Tensor save_mean = at::empty({training ? l.channels : 0}, x.options().dtype(acc_type));
   at::Tensor save_invstd = at::empty_like(save_mean);
-  // Training with an empty batch still writes the saved statistics (mean 0, invstd NaN).
-  if (l.channels == 0 || (!training && x.numel() == 0)) {
+
+  ChannelTensors ch;
+  ch.weight = dense(weight);
+  ch.bias = dense(bias);
+  if (!training) {
+    ch.mean = dense(running_mean);
+    ch.spread = dense(running_var);
+    run_elementwise(l, x, at::Tensor(), out, Pass::kNormalizeEval, ch, l.per_channel(), eps);
     return {out, save_mean, save_invstd};
   }
-
-  const at::Tensor w = dense(weight);
-  const at::Tensor b = dense(bias);
-  const at::Tensor rm = dense(running_mean);
-  const at::Tensor rv = dense(running_var);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_cuda", [&] {
-        ChannelArgs<scalar_t> ch{};
-        ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
-        ch.bias = channel_ref<scalar_t>(ptr_or_null(b));
-        ch.channels = l.channels;
-        ch.count = l.per_channel();
-        ch.eps = eps;
-        const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-        scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-        with_vector_width<scalar_t>(l, {x_data, out_data}, [&](auto vec) {
-          constexpr int VEC = decltype(vec)::value;
-          if (!training) {
-            ch.pass = Pass::kNormalizeEval;
-            ch.mean = channel_ref<scalar_t>(&rm);
-            ch.spread = channel_ref<scalar_t>(&rv);
-            launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, nullptr, x_data, out_data);
-            return;
-          }
-          ch.pass = Pass::kNormalizeTraining;
-          ch.mean = channel_ref<scalar_t>(&save_mean);
-          ch.spread = channel_ref<scalar_t>(&save_invstd);
-          ReduceArgs<scalar_t> args{};
-          args.x = x_data;
-          args.out = x.numel() > 0 ? out_data : nullptr;
-          args.fin.save_mean = save_mean.mutable_data_ptr<at::opmath_type<scalar_t>>();
-          args.fin.save_invstd = save_invstd.mutable_data_ptr<at::opmath_type<scalar_t>>();
-          args.fin.running_mean = channel_ref<scalar_t>(ptr_or_null(rm));
-          args.fin.running_var = channel_ref<scalar_t>(ptr_or_null(rv));
-          args.fin.momentum = momentum;
-          args.ch = ch;
-          launch_reduce<StatsOp<scalar_t>, scalar_t, VEC>(l, x, args);
-        });
-      });
-
-  // Strided running statistics were updated in a dense copy.
-  if (training && rm.defined() && !rm.is_same(*running_mean)) {
-    running_mean->copy_(rm);
-  }
-  if (training && rv.defined() && !rv.is_same(*running_var)) {
-    running_var->copy_(rv);
-  }
+  FinalizeTensors fin;
+  fin.save_mean = save_mean;
+  fin.save_invstd = save_invstd;
+  fin.running_mean = dense(running_mean);
+  fin.running_var = dense(running_var);
+  fin.momentum = momentum;
+  ch.mean = save_mean;
+  ch.spread = save_invstd;
+  run_reduce<StatsOp>(l, x, at::Tensor(), out, Pass::kNormalizeTraining, ch, fin, eps);
+  copy_back(running_mean, fin.running_mean);
+  copy_back(running_var, fin.running_var);
   return {out, save_mean, save_invstd};
 }
 
@@ -1117,62 +1185,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
       grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   const c10::cuda::CUDAGuard guard(input.device());
   Layout l{};
-  const at::Tensor x = walkable(input, l);
-  const at::Tensor dy = walkable_like(grad_out, l);
+  const at::Tensor x = kernel_layout(input, l);
+  const at::Tensor dy = same_layout(grad_out, l);
   const bool mixed = is_mixed_type(input, {&weight, &running_mean, &running_var});
   const auto param_type = mixed ? at::kFloat : input.scalar_type();
   const int64_t C = l.channels;
   at::Tensor grad_input = mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor grad_weight = at::empty({mask[1] ? C : 0}, x.options().dtype(param_type));
   at::Tensor grad_bias = at::empty({mask[2] ? C : 0}, x.options().dtype(param_type));
+
+  ChannelTensors ch;
+  ch.mean = dense(training ? save_mean : running_mean);
+  ch.spread = dense(training ? save_invstd : running_var);
+  ch.weight = dense(weight);
+  const Pass pass = training ? Pass::kGradTraining : Pass::kGradEval;
   // As on the CPU: the sums are taken whenever an output depends on them, so an empty
   // batch still produces grad_weight and grad_bias.
   const bool need_sums = training ? (mask[0] || mask[1] || mask[2]) : (mask[1] || mask[2]);
-  const bool need_dx = mask[0] && x.numel() > 0;
-  if (C == 0 || (!need_sums && !need_dx)) {
+  if (!need_sums) {
+    run_elementwise(l, x, dy, grad_input, pass, ch, l.per_channel(), eps);
     return {grad_input, grad_weight, grad_bias};
   }
-
-  const at::Tensor w = dense(weight);
-  const at::Tensor mean = dense(training ? save_mean : running_mean);
-  const at::Tensor spread = dense(training ? save_invstd : running_var);
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  const at::Tensor sums =
-      training && need_dx ? at::empty({2 * C}, x.options().dtype(acc_type)) : at::Tensor();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        ChannelArgs<scalar_t> ch{};
-        ch.pass = training ? Pass::kGradTraining : Pass::kGradEval;
-        ch.mean = channel_ref<scalar_t>(&mean);
-        ch.spread = channel_ref<scalar_t>(&spread);
-        ch.weight = channel_ref<scalar_t>(ptr_or_null(w));
-        ch.bias = channel_ref<scalar_t>(nullptr);
-        ch.sums = sums.defined() ? sums.const_data_ptr<acc_t>() : nullptr;
-        ch.channels = C;
-        ch.count = l.per_channel();
-        ch.eps = eps;
-        const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-        const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-        scalar_t* dx_data = need_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-        with_vector_width<scalar_t>(l, {x_data, dy_data, dx_data}, [&](auto vec) {
-          constexpr int VEC = decltype(vec)::value;
-          if (!need_sums) {
-            launch_elementwise<scalar_t, VEC>(l, nullptr, nullptr, ch, dy_data, x_data, dx_data);
-            return;
-          }
-          ReduceArgs<scalar_t> args{};
-          args.x = x_data;
-          args.dy = dy_data;
-          args.out = dx_data;
-          args.fin.grad_weight = channel_ref<scalar_t>(mask[1] ? &grad_weight : nullptr);
-          args.fin.grad_bias = channel_ref<scalar_t>(mask[2] ? &grad_bias : nullptr);
-          args.fin.sums = sums.defined() ? sums.mutable_data_ptr<acc_t>() : nullptr;
-          args.ch = ch;
-          launch_reduce<GradOp<scalar_t>, scalar_t, VEC>(l, x, args);
-        });
-      });
+  FinalizeTensors fin;
+  fin.grad_weight = mask[1] ? grad_weight : at::Tensor();
+  fin.grad_bias = mask[2] ? grad_bias : at::Tensor();
+  if (training && mask[0]) {
+    // The sums the grad-input pass reads.
+    const at::Tensor sums = at::empty({2, C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+    ch.sum_dy = sums[0];
+    ch.sum_dy_xmu = sums[1];
+    fin.sum_dy = ch.sum_dy;
+    fin.sum_dy_xmu = ch.sum_dy_xmu;
+  }
+  run_reduce<GradOp>(l, x, dy, grad_input, pass, ch, fin, eps);
   return {grad_input, grad_weight, grad_bias};
 }
 
