@@ -1,0 +1,127 @@
+// Builds the inner loops of batch_norm_loops_impl.h once per x86 instruction set and
+// picks one at run time.
+//
+// Each copy lives in a namespace of its own, compiled under `#pragma GCC target`, so the
+// library itself still runs on baseline x86-64. Every header is included above the
+// pragmas: an inline function of a shared header compiled with AVX-512 enabled could be
+// the copy the linker keeps for the whole library.
+
+#include "ops/cpu/batch_norm_loops.h"
+
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TBN_X86_CLONES 1
+#else
+#define TBN_X86_CLONES 0
+#endif
+
+// Vector types wider than the baseline ISA pass through always-inlined helpers only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace torch_batchnorm {
+namespace cpu {
+
+#if TBN_X86_CLONES
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#define TBN_VEC_BYTES 64
+#include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_VEC_BYTES
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define TBN_VEC_BYTES 32
+#include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_VEC_BYTES
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // TBN_X86_CLONES
+
+namespace base {
+#define TBN_VEC_BYTES 16
+#include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_VEC_BYTES
+}  // namespace base
+
+namespace {
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+// torch's choice (which ATEN_CPU_CAPABILITY overrides), checked against the CPU.
+Isa detect_isa() {
+#if TBN_X86_CLONES
+  const std::string torch_isa = at::get_cpu_capability();
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq");
+  if (torch_isa == "AVX512" && avx512) {
+    return Isa::kAvx512;
+  }
+  if ((torch_isa == "AVX512" || torch_isa == "AVX2") && avx2) {
+    return Isa::kAvx2;
+  }
+#endif
+  return Isa::kDefault;
+}
+
+Isa isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+const Loops<scalar_t>& loops() {
+  static const Loops<scalar_t> table = [] {
+    switch (isa()) {
+#if TBN_X86_CLONES
+      case Isa::kAvx512:
+        return avx512::make_loops<scalar_t>();
+      case Isa::kAvx2:
+        return avx2::make_loops<scalar_t>();
+#endif
+      default:
+        return base::make_loops<scalar_t>();
+    }
+  }();
+  return table;
+}
+
+template const Loops<float>& loops<float>();
+template const Loops<double>& loops<double>();
+template const Loops<c10::BFloat16>& loops<c10::BFloat16>();
+template const Loops<c10::Half>& loops<c10::Half>();
+
+const char* loops_isa() {
+  switch (isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
+
+}  // namespace cpu
+}  // namespace torch_batchnorm
+
+#pragma GCC diagnostic pop

@@ -1,0 +1,96 @@
+#pragma once
+
+// Inner loops of the CPU kernels, compiled once per instruction set (AVX-512, AVX2+FMA,
+// baseline) and picked at run time like torch's own kernels (ATEN_CPU_CAPABILITY
+// overrides the choice). The kernels in batch_norm_kernel.cpp split the work and call
+// these on cache-sized pieces.
+
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#include "ops/batch_norm_math.h"
+
+namespace torch_batchnorm {
+namespace cpu {
+
+// Values of one channel taken in two passes while they stay in cache (NCHW): a group of
+// whole runs, or one piece of a longer run.
+constexpr int64_t kGroupElems = 16384;
+
+// Rows of a channels-last block taken in two passes while they stay in cache (L2). At
+// least 16, so that merging a block's per-channel results costs little per row; at most
+// 512, so that no float accumulator sums more than 512 values.
+inline int64_t rows_per_block(int64_t channels) {
+  constexpr int64_t kBlockElems = 65536;
+  return std::clamp<int64_t>(kBlockElems / std::max<int64_t>(1, channels), 16, 512);
+}
+
+template <typename scalar_t>
+struct Loops {
+  using acc_t = at::opmath_type<scalar_t>;
+
+  // Runs of one channel: `spans` runs of `len` values, run s at x + s * stride.
+  // Mean and M2 of the runs.
+  math::Welford<double> (*group_stats)(const scalar_t* x, int64_t spans, int64_t len, int64_t stride);
+  // y = (x - centre) * scale + shift.
+  void (*group_affine)(
+      const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
+      acc_t scale, acc_t shift);
+  // The same over `runs` consecutive runs (memory order), run r of channel (c0 + r) % C,
+  // with per-channel arrays.
+  void (*runs_affine)(
+      const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
+      const acc_t* centre, const acc_t* scale, const acc_t* shift);
+  // {sum(dy), sum(dy * (x - mean))}.
+  std::pair<double, double> (*group_grad_sums)(
+      const scalar_t* dy, const scalar_t* x, int64_t spans, int64_t len, int64_t stride,
+      acc_t mean);
+  // dx = a * dy + b * (x - mean) + c; the _eval form computes a * dy and reads no x.
+  void (*group_grad_input)(
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
+      int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c);
+  void (*group_grad_input_eval)(
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
+      int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c);
+  // The same over consecutive runs, as runs_affine.
+  void (*runs_grad_input)(
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
+      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+  void (*runs_grad_input_eval)(
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
+      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+
+  // Rows of C channels (channels-last, 2D), with per-channel arrays of C values.
+  // Folds the rows into mean/m2 of *count earlier rows; scratch: 3 * C values.
+  void (*rows_stats)(
+      const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block, double* mean,
+      double* m2, int64_t* count, acc_t* scratch);
+  // y = (x - centre) * scale + shift.
+  void (*rows_affine)(
+      const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
+      const acc_t* scale, const acc_t* shift);
+  // Adds sum(dy) and sum(dy * (x - mean)) to sum_dy/sum_dy_xmu; scratch: 2 * C values.
+  void (*rows_grad_sums)(
+      const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block,
+      const acc_t* mean, double* sum_dy, double* sum_dy_xmu, acc_t* scratch);
+  // dx = a * dy + b * (x - mean) + k; the _eval form computes a * dy and reads no x.
+  void (*rows_grad_input)(
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
+      const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+  void (*rows_grad_input_eval)(
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
+      const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+};
+
+// The loops for this machine (float, double, c10::BFloat16, c10::Half).
+template <typename scalar_t>
+const Loops<scalar_t>& loops();
+
+// Name of the instruction set the loops were picked for: "avx512", "avx2" or "default".
+const char* loops_isa();
+
+}  // namespace cpu
+}  // namespace torch_batchnorm

@@ -1,0 +1,598 @@
+// The inner loops of the CPU kernels, written once with GCC/Clang vector extensions.
+//
+// batch_norm_loops.cpp includes this file several times, each time inside a namespace of
+// its own compiled for one instruction set (AVX-512, AVX2+FMA, baseline x86-64), with
+// TBN_VEC_BYTES set to that set's vector width. Hence no include guard, and no includes:
+// the includer brings in every header first, so that no inline function of a shared
+// header is ever compiled for an instruction set the machine may lack.
+//
+// Every loop visits its elements in an order fixed by the shapes alone (vector lanes,
+// unrolled accumulators, then a scalar tail), so results never depend on the thread
+// count. Accumulation is in acc_t (float for float, bfloat16 and half; double for double)
+// over cache-sized groups, and in double across groups.
+
+// NOLINTBEGIN(cppcoreguidelines-*, readability-*)
+
+#define TBN_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct Vec {
+  static constexpr int64_t kLanes = TBN_VEC_BYTES / static_cast<int64_t>(sizeof(T));
+  typedef T type __attribute__((vector_size(TBN_VEC_BYTES)));
+};
+
+typedef uint32_t U32x __attribute__((vector_size(TBN_VEC_BYTES)));
+typedef uint16_t U16x __attribute__((vector_size(TBN_VEC_BYTES / 2)));
+
+// Loads Vec<acc_t>::kLanes values of scalar_t as acc_t.
+template <typename acc_t, typename scalar_t>
+TBN_INLINE typename Vec<acc_t>::type vload(const scalar_t* p) {
+  using V = typename Vec<acc_t>::type;
+  V v;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(&v, p, sizeof(V));
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    // bfloat16 is the upper half of a float.
+    U16x h;
+    std::memcpy(&h, p, sizeof(U16x));
+    const U32x w = __builtin_convertvector(h, U32x) << 16;
+    std::memcpy(&v, &w, sizeof(V));
+  } else {
+    for (int64_t i = 0; i < Vec<acc_t>::kLanes; ++i) {
+      v[i] = static_cast<acc_t>(p[i]);
+    }
+  }
+  return v;
+}
+
+// Stores acc_t lanes as scalar_t, rounding as c10's scalar conversions do.
+template <typename scalar_t, typename V>
+TBN_INLINE void vstore(scalar_t* p, V v) {
+  using acc_t = std::remove_reference_t<decltype(v[0])>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(p, &v, sizeof(V));
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    // Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16(float).
+    U32x u;
+    std::memcpy(&u, &v, sizeof(U32x));
+    U32x r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const U32x nan = (U32x)(v != v);  // all ones in NaN lanes
+    r = (r & ~nan) | (nan & 0x7FC0u);
+    const U16x h = __builtin_convertvector(r, U16x);
+    std::memcpy(p, &h, sizeof(U16x));
+  } else {
+    for (int64_t i = 0; i < Vec<acc_t>::kLanes; ++i) {
+      p[i] = static_cast<scalar_t>(v[i]);
+    }
+  }
+}
+
+// Sum of the lanes as a tree: the upper half of the vector added to the lower half
+// until one lane is left. A short dependency chain, and a fixed order.
+template <typename T, int64_t kBytes, typename V>
+TBN_INLINE T hsum_tree(V v) {
+  if constexpr (kBytes == 2 * static_cast<int64_t>(sizeof(T))) {
+    return v[0] + v[1];
+  } else {
+    typedef T Half __attribute__((vector_size(kBytes / 2)));
+    Half lo;
+    Half hi;
+    std::memcpy(&lo, &v, sizeof(Half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return hsum_tree<T, kBytes / 2>(lo + hi);
+  }
+}
+
+template <typename V>
+TBN_INLINE auto hsum(V v) {
+  using T = std::remove_reference_t<decltype(v[0])>;
+  return hsum_tree<T, static_cast<int64_t>(sizeof(V))>(v);
+}
+
+// Visits [0, len): body4(i) for 4 vectors at a time, body1(i) for one vector, tail(i) for
+// one element. Reductions give each of the four vectors an accumulator of its own, so
+// that the adds do not wait on each other.
+template <typename acc_t, typename Body4, typename Body1, typename Tail>
+TBN_INLINE void vec_loop(int64_t len, Body4 body4, Body1 body1, Tail tail) {
+  constexpr int64_t L = Vec<acc_t>::kLanes;
+  int64_t i = 0;
+  for (; i + 4 * L <= len; i += 4 * L) {
+    body4(i);
+  }
+  for (; i + L <= len; i += L) {
+    body1(i);
+  }
+  for (; i < len; ++i) {
+    tail(i);
+  }
+}
+
+// Elementwise loops need no accumulators. Each output depends only on inputs at its own
+// index and never aliases them, so a run whose length is not a multiple of the vector
+// width ends with one vector overlapping the previous one (its first lanes are written
+// twice, with the same values) instead of a scalar tail.
+template <typename acc_t, typename Body1, typename Tail>
+TBN_INLINE void vec_map(int64_t len, Body1 body1, Tail tail) {
+  constexpr int64_t L = Vec<acc_t>::kLanes;
+  int64_t i = 0;
+  for (; i + 2 * L <= len; i += 2 * L) {
+    body1(i);
+    body1(i + L);
+  }
+  for (; i + L <= len; i += L) {
+    body1(i);
+  }
+  if (i < len) {
+    if (len >= L) {
+      body1(len - L);
+    } else {
+      for (; i < len; ++i) {
+        tail(i);
+      }
+    }
+  }
+}
+
+// Row-blocked loops over channels-last data: body(r, kRows) handles rows r..r+kRows-1.
+// Short rows go four at a time, so that per-channel values loaded once serve several
+// rows; long rows (at least 2 KiB) one at a time, which streams memory in order.
+template <typename Body>
+TBN_INLINE void rows_by_four(int64_t rows, int64_t row_bytes, Body body) {
+  int64_t r = 0;
+  if (row_bytes < 2048) {
+    for (; r + 4 <= rows; r += 4) {
+      body(r, std::integral_constant<int64_t, 4>{});
+    }
+  }
+  for (; r < rows; ++r) {
+    body(r, std::integral_constant<int64_t, 1>{});
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Runs of one channel (contiguous NCHW): `spans` runs of `len` values, run s at
+// x + s * stride. Callers keep a group small enough to stay in cache between passes.
+
+template <typename scalar_t>
+math::Welford<double> group_stats(
+    const scalar_t* x, int64_t spans, int64_t len, int64_t stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::kLanes;
+  const int64_t count = spans * len;
+  if (count == 0) {
+    return {};
+  }
+  // Pass 1: the group mean, used as the shift. It is rounded, and pass 2 corrects it.
+  V s0{}, s1{}, s2{}, s3{};
+  acc_t st = 0;
+  for (int64_t s = 0; s < spans; ++s) {
+    const scalar_t* p = x + s * stride;
+    vec_loop<acc_t>(
+        len,
+        [&](int64_t i) {
+          s0 += vload<acc_t>(p + i);
+          s1 += vload<acc_t>(p + i + L);
+          s2 += vload<acc_t>(p + i + 2 * L);
+          s3 += vload<acc_t>(p + i + 3 * L);
+        },
+        [&](int64_t i) { s0 += vload<acc_t>(p + i); },
+        [&](int64_t i) { st += static_cast<acc_t>(p[i]); });
+  }
+  const acc_t shift = (hsum((s0 + s1) + (s2 + s3)) + st) / static_cast<acc_t>(count);
+  // Pass 2: sums of (x - shift) and its square, over data now in cache.
+  V d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
+  acc_t dt = 0;
+  acc_t qt = 0;
+  for (int64_t s = 0; s < spans; ++s) {
+    const scalar_t* p = x + s * stride;
+    vec_loop<acc_t>(
+        len,
+        [&](int64_t i) {
+          const V v0 = vload<acc_t>(p + i) - shift;
+          const V v1 = vload<acc_t>(p + i + L) - shift;
+          const V v2 = vload<acc_t>(p + i + 2 * L) - shift;
+          const V v3 = vload<acc_t>(p + i + 3 * L) - shift;
+          d0 += v0;
+          d1 += v1;
+          d2 += v2;
+          d3 += v3;
+          q0 += v0 * v0;
+          q1 += v1 * v1;
+          q2 += v2 * v2;
+          q3 += v3 * v3;
+        },
+        [&](int64_t i) {
+          const V v = vload<acc_t>(p + i) - shift;
+          d0 += v;
+          q0 += v * v;
+        },
+        [&](int64_t i) {
+          const acc_t v = static_cast<acc_t>(p[i]) - shift;
+          dt += v;
+          qt += v * v;
+        });
+  }
+  const acc_t d = hsum((d0 + d1) + (d2 + d3)) + dt;
+  const acc_t q = hsum((q0 + q1) + (q2 + q3)) + qt;
+  return math::welford_from_shifted_sums<double>(shift, d, q, count);
+}
+
+// y = (x - centre) * scale + shift over one run.
+template <typename scalar_t, typename acc_t>
+TBN_INLINE void affine_run(
+    const scalar_t* p, scalar_t* q, int64_t len, acc_t centre, acc_t scale, acc_t shift) {
+  vec_map<acc_t>(
+      len,
+      [&](int64_t i) { vstore(q + i, (vload<acc_t>(p + i) - centre) * scale + shift); },
+      [&](int64_t i) {
+        q[i] = static_cast<scalar_t>((static_cast<acc_t>(p[i]) - centre) * scale + shift);
+      });
+}
+
+// affine_run over runs of one channel.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void group_affine(
+    const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
+    acc_t scale, acc_t shift) {
+  for (int64_t s = 0; s < spans; ++s) {
+    affine_run(x + s * stride, y + s * stride, len, centre, scale, shift);
+  }
+}
+
+// affine_run over `runs` consecutive runs, run r of channel (c0 + r) % C: memory order.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void runs_affine(
+    const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
+    const acc_t* centre, const acc_t* scale, const acc_t* shift) {
+  int64_t c = c0;
+  for (int64_t r = 0; r < runs; ++r) {
+    affine_run(x + r * len, y + r * len, len, centre[c], scale[c], shift[c]);
+    c = c + 1 == C ? 0 : c + 1;
+  }
+}
+
+// sum(dy) and sum(dy * (x - mean)).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+std::pair<double, double> group_grad_sums(
+    const scalar_t* dy, const scalar_t* x, int64_t spans, int64_t len, int64_t stride,
+    acc_t mean) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = Vec<acc_t>::kLanes;
+  V g0{}, g1{}, g2{}, g3{}, h0{}, h1{}, h2{}, h3{};
+  acc_t gt = 0;
+  acc_t ht = 0;
+  for (int64_t s = 0; s < spans; ++s) {
+    const scalar_t* pg = dy + s * stride;
+    const scalar_t* px = x + s * stride;
+    vec_loop<acc_t>(
+        len,
+        [&](int64_t i) {
+          const V a0 = vload<acc_t>(pg + i);
+          const V a1 = vload<acc_t>(pg + i + L);
+          const V a2 = vload<acc_t>(pg + i + 2 * L);
+          const V a3 = vload<acc_t>(pg + i + 3 * L);
+          g0 += a0;
+          g1 += a1;
+          g2 += a2;
+          g3 += a3;
+          h0 += a0 * (vload<acc_t>(px + i) - mean);
+          h1 += a1 * (vload<acc_t>(px + i + L) - mean);
+          h2 += a2 * (vload<acc_t>(px + i + 2 * L) - mean);
+          h3 += a3 * (vload<acc_t>(px + i + 3 * L) - mean);
+        },
+        [&](int64_t i) {
+          const V a = vload<acc_t>(pg + i);
+          g0 += a;
+          h0 += a * (vload<acc_t>(px + i) - mean);
+        },
+        [&](int64_t i) {
+          const acc_t a = static_cast<acc_t>(pg[i]);
+          gt += a;
+          ht += a * (static_cast<acc_t>(px[i]) - mean);
+        });
+  }
+  return {
+      static_cast<double>(hsum((g0 + g1) + (g2 + g3)) + gt),
+      static_cast<double>(hsum((h0 + h1) + (h2 + h3)) + ht)};
+}
+
+// dx = a * dy + b * (x - mean) + c (training), or a * dy (evaluation: x is not read)
+// over one run.
+template <bool kUsesInput, typename scalar_t, typename acc_t>
+TBN_INLINE void grad_input_run(
+    const scalar_t* pg, const scalar_t* px, scalar_t* q, int64_t len, acc_t mean, acc_t a,
+    acc_t b, acc_t c) {
+  vec_map<acc_t>(
+      len,
+      [&](int64_t i) {
+        auto v = a * vload<acc_t>(pg + i);
+        if constexpr (kUsesInput) {
+          v += b * (vload<acc_t>(px + i) - mean) + c;
+        }
+        vstore(q + i, v);
+      },
+      [&](int64_t i) {
+        acc_t v = a * static_cast<acc_t>(pg[i]);
+        if constexpr (kUsesInput) {
+          v += b * (static_cast<acc_t>(px[i]) - mean) + c;
+        }
+        q[i] = static_cast<scalar_t>(v);
+      });
+}
+
+// grad_input_run over runs of one channel.
+template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void group_grad_input(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
+    int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c) {
+  for (int64_t s = 0; s < spans; ++s) {
+    const int64_t off = s * stride;
+    grad_input_run<kUsesInput>(dy + off, x + off, dx + off, len, mean, a, b, c);
+  }
+}
+
+// grad_input_run over `runs` consecutive runs, run r of channel (c0 + r) % C.
+template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void runs_grad_input(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
+    int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k) {
+  int64_t c = c0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const int64_t off = r * len;
+    grad_input_run<kUsesInput>(dy + off, x + off, dx + off, len, mean[c], a[c], b[c], k[c]);
+    c = c + 1 == C ? 0 : c + 1;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Rows of C channels (channels-last and 2D): per-channel arrays, vectorised along C.
+
+// Visits channels [0, C) of one row: body(c) for a vector of channels, tail(c) for one.
+template <typename acc_t, typename Body, typename Tail>
+TBN_INLINE void channel_loop(int64_t C, Body body, Tail tail) {
+  constexpr int64_t L = Vec<acc_t>::kLanes;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    body(c);
+  }
+  for (; c < C; ++c) {
+    tail(c);
+  }
+}
+
+// Vectors of channels held in per-channel arrays.
+template <typename V, typename T>
+TBN_INLINE V aload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+TBN_INLINE void astore(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Folds `rows` rows into the per-channel statistics (mean, m2) of `count` earlier rows,
+// block by block: each block of rows_per_block rows is taken in two passes while it is in
+// cache (its mean as the shift, then the shifted sums), then merged (Chan et al.; every
+// channel has the same count, so the merge needs no division per channel).
+// `scratch`: 3 * C acc_t.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void rows_stats(
+    const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block, double* mean,
+    double* m2, int64_t* count, acc_t* scratch) {
+  using V = typename Vec<acc_t>::type;
+  acc_t* shift = scratch;
+  acc_t* d = scratch + C;
+  acc_t* q = scratch + 2 * C;
+  for (int64_t r0 = 0; r0 < rows; r0 += rows_per_block) {
+    const int64_t nb = std::min(rows_per_block, rows - r0);
+    const scalar_t* xb = x + r0 * C;
+    std::fill(scratch, scratch + 3 * C, acc_t(0));
+    rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+      constexpr int64_t R = decltype(rows_const)::value;
+      const scalar_t* row = xb + r * C;
+      channel_loop<acc_t>(
+          C,
+          [&](int64_t c) {
+            V s = aload<V>(shift + c);
+            for (int64_t j = 0; j < R; ++j) {
+              s += vload<acc_t>(row + j * C + c);
+            }
+            astore(shift + c, s);
+          },
+          [&](int64_t c) {
+            for (int64_t j = 0; j < R; ++j) {
+              shift[c] += static_cast<acc_t>(row[j * C + c]);
+            }
+          });
+    });
+    const acc_t inv_nb = acc_t(1) / static_cast<acc_t>(nb);
+    for (int64_t c = 0; c < C; ++c) {
+      shift[c] *= inv_nb;
+    }
+    rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+      constexpr int64_t R = decltype(rows_const)::value;
+      const scalar_t* row = xb + r * C;
+      channel_loop<acc_t>(
+          C,
+          [&](int64_t c) {
+            const V sh = aload<V>(shift + c);
+            V dv = aload<V>(d + c);
+            V qv = aload<V>(q + c);
+            for (int64_t j = 0; j < R; ++j) {
+              const V v = vload<acc_t>(row + j * C + c) - sh;
+              dv += v;
+              qv += v * v;
+            }
+            astore(d + c, dv);
+            astore(q + c, qv);
+          },
+          [&](int64_t c) {
+            for (int64_t j = 0; j < R; ++j) {
+              const acc_t v = static_cast<acc_t>(row[j * C + c]) - shift[c];
+              d[c] += v;
+              q[c] += v * v;
+            }
+          });
+    });
+    // Merge the block (mean_b = shift + d / nb, m2_b = q - d^2 / nb) into the total.
+    const int64_t n_a = *count;
+    const int64_t n = n_a + nb;
+    const double frac = static_cast<double>(nb) / static_cast<double>(n);
+    const double weight = static_cast<double>(n_a) * frac;
+    const double inv_nb_d = 1.0 / static_cast<double>(nb);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double dc = static_cast<double>(d[c]);
+      const double corr = dc * inv_nb_d;
+      double m2_b = static_cast<double>(q[c]) - dc * corr;
+      m2_b = m2_b < 0 ? 0 : m2_b;
+      const double delta = static_cast<double>(shift[c]) + corr - mean[c];
+      mean[c] += delta * frac;
+      m2[c] += m2_b + delta * delta * weight;
+    }
+    *count = n;
+  }
+}
+
+// y = (x - centre[c]) * scale[c] + shift[c].
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void rows_affine(
+    const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
+    const acc_t* scale, const acc_t* shift) {
+  using V = typename Vec<acc_t>::type;
+  rows_by_four(rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+    constexpr int64_t R = decltype(rows_const)::value;
+    const scalar_t* p = x + r * C;
+    scalar_t* o = y + r * C;
+    channel_loop<acc_t>(
+        C,
+        [&](int64_t c) {
+          const V m = aload<V>(centre + c);
+          const V s = aload<V>(scale + c);
+          const V b = aload<V>(shift + c);
+          for (int64_t j = 0; j < R; ++j) {
+            vstore(o + j * C + c, (vload<acc_t>(p + j * C + c) - m) * s + b);
+          }
+        },
+        [&](int64_t c) {
+          for (int64_t j = 0; j < R; ++j) {
+            o[j * C + c] = static_cast<scalar_t>(
+                (static_cast<acc_t>(p[j * C + c]) - centre[c]) * scale[c] + shift[c]);
+          }
+        });
+  });
+}
+
+// Adds sum(dy) and sum(dy * (x - mean)) of `rows` rows to sum_dy[C] and sum_dy_xmu[C],
+// accumulating blocks of rows_per_block rows in acc_t. `scratch`: 2 * C acc_t.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void rows_grad_sums(
+    const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block,
+    const acc_t* mean, double* sum_dy, double* sum_dy_xmu, acc_t* scratch) {
+  using V = typename Vec<acc_t>::type;
+  acc_t* g = scratch;
+  acc_t* h = scratch + C;
+  for (int64_t r0 = 0; r0 < rows; r0 += rows_per_block) {
+    const int64_t nb = std::min(rows_per_block, rows - r0);
+    std::fill(scratch, scratch + 2 * C, acc_t(0));
+    rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+      constexpr int64_t R = decltype(rows_const)::value;
+      const scalar_t* pg = dy + (r0 + r) * C;
+      const scalar_t* px = x + (r0 + r) * C;
+      channel_loop<acc_t>(
+          C,
+          [&](int64_t c) {
+            const V m = aload<V>(mean + c);
+            V gv = aload<V>(g + c);
+            V hv = aload<V>(h + c);
+            for (int64_t j = 0; j < R; ++j) {
+              const V a = vload<acc_t>(pg + j * C + c);
+              gv += a;
+              hv += a * (vload<acc_t>(px + j * C + c) - m);
+            }
+            astore(g + c, gv);
+            astore(h + c, hv);
+          },
+          [&](int64_t c) {
+            for (int64_t j = 0; j < R; ++j) {
+              const acc_t a = static_cast<acc_t>(pg[j * C + c]);
+              g[c] += a;
+              h[c] += a * (static_cast<acc_t>(px[j * C + c]) - mean[c]);
+            }
+          });
+    });
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dy[c] += static_cast<double>(g[c]);
+      sum_dy_xmu[c] += static_cast<double>(h[c]);
+    }
+  }
+}
+
+// dx = a[c] * dy + b[c] * (x - mean[c]) + k[c] (training), or a[c] * dy (evaluation).
+template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void rows_grad_input(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
+    const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k) {
+  using V = typename Vec<acc_t>::type;
+  rows_by_four(rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+    constexpr int64_t R = decltype(rows_const)::value;
+    const scalar_t* pg = dy + r * C;
+    const scalar_t* px = x + r * C;
+    scalar_t* o = dx + r * C;
+    channel_loop<acc_t>(
+        C,
+        [&](int64_t c) {
+          const V av = aload<V>(a + c);
+          if constexpr (kUsesInput) {
+            const V bv = aload<V>(b + c);
+            const V kv = aload<V>(k + c);
+            const V m = aload<V>(mean + c);
+            for (int64_t j = 0; j < R; ++j) {
+              const int64_t i = j * C + c;
+              vstore(o + i, av * vload<acc_t>(pg + i) + (bv * (vload<acc_t>(px + i) - m) + kv));
+            }
+          } else {
+            for (int64_t j = 0; j < R; ++j) {
+              vstore(o + j * C + c, av * vload<acc_t>(pg + j * C + c));
+            }
+          }
+        },
+        [&](int64_t c) {
+          for (int64_t j = 0; j < R; ++j) {
+            const int64_t i = j * C + c;
+            acc_t v = a[c] * static_cast<acc_t>(pg[i]);
+            if constexpr (kUsesInput) {
+              v += b[c] * (static_cast<acc_t>(px[i]) - mean[c]) + k[c];
+            }
+            o[i] = static_cast<scalar_t>(v);
+          }
+        });
+  });
+}
+
+template <typename scalar_t>
+Loops<scalar_t> make_loops() {
+  Loops<scalar_t> l;
+  l.group_stats = &group_stats<scalar_t>;
+  l.group_affine = &group_affine<scalar_t>;
+  l.runs_affine = &runs_affine<scalar_t>;
+  l.group_grad_sums = &group_grad_sums<scalar_t>;
+  l.group_grad_input = &group_grad_input<true, scalar_t>;
+  l.group_grad_input_eval = &group_grad_input<false, scalar_t>;
+  l.runs_grad_input = &runs_grad_input<true, scalar_t>;
+  l.runs_grad_input_eval = &runs_grad_input<false, scalar_t>;
+  l.rows_stats = &rows_stats<scalar_t>;
+  l.rows_affine = &rows_affine<scalar_t>;
+  l.rows_grad_sums = &rows_grad_sums<scalar_t>;
+  l.rows_grad_input = &rows_grad_input<true, scalar_t>;
+  l.rows_grad_input_eval = &rows_grad_input<false, scalar_t>;
+  return l;
+}
+
+#undef TBN_INLINE
+
+// NOLINTEND(cppcoreguidelines-*, readability-*)
