@@ -1,4 +1,4 @@
-"""torch.library.opcheck on both ops: schema (mutation annotations), autograd
+"""torch.library.opcheck on the ops: schema (mutation annotations), autograd
 registration, fake kernels against the real ones (shapes, dtypes, strides) and AOT
 dispatch with dynamic shapes, over training and evaluation, with and without running
 statistics and affine parameters, contiguous and channels-last, and the backward's output
@@ -141,3 +141,65 @@ def test_backward_channels_last_no_weight(training):
         ops.batch_norm_backward.default,
         _backward_args(training, [True, True, True], channels_last=True, weight=False),
     )
+
+
+def _split_training_samples(channels_last):
+    """Arguments of the four ops that split training (SyncBatchNorm), from one batch."""
+    torch.manual_seed(0)
+    x = _input(channels_last=channels_last).detach()
+    weight, bias = _params(requires_grad=False)
+    running_mean, running_var = _stats()
+    mean, m2 = ops.batch_norm_stats(x)
+    count = x.numel() // C
+    _, save_mean, save_invstd = ops.batch_norm_forward_with_stats(
+        x, weight, bias, running_mean.clone(), running_var.clone(), mean, m2, count, 0.1, 1e-5
+    )
+    grad_out = torch.randn_like(x)
+    sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, x, save_mean, save_invstd)
+    return {
+        ops.batch_norm_stats.default: (x,),
+        ops.batch_norm_forward_with_stats.default: (
+            x, weight, bias, running_mean, running_var, mean, m2, count, 0.1, 1e-5,
+        ),
+        ops.batch_norm_backward_reduce.default: (grad_out, x, save_mean, save_invstd),
+        ops.batch_norm_backward_elemt.default: (
+            grad_out, x, weight, save_mean, save_invstd, sum_dy, sum_dy_xmu, count,
+        ),
+    }
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "op", ["batch_norm_stats", "batch_norm_forward_with_stats", "batch_norm_backward_reduce",
+           "batch_norm_backward_elemt"],
+)
+def test_split_training_ops(op, channels_last):
+    samples = _split_training_samples(channels_last)
+    torch.library.opcheck(getattr(ops, op).default, samples[getattr(ops, op).default])
+
+
+def test_split_training_ops_compose_to_the_training_ops():
+    """stats + forward_with_stats and reduce + elemt give what the training forward and
+    backward give for the same batch."""
+    samples = _split_training_samples(channels_last=False)
+    x, weight, bias, running_mean, running_var, mean, m2, count, *_ = samples[
+        ops.batch_norm_forward_with_stats.default
+    ]
+    out, save_mean, save_invstd = ops.batch_norm_forward_with_stats(
+        x, weight, bias, None, None, mean, m2, count, 0.1, 1e-5
+    )
+    ref_out, ref_mean, ref_invstd = ops.batch_norm_forward(x, weight, bias, None, None, True, 0.1, 1e-5)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(save_mean, ref_mean)
+    torch.testing.assert_close(save_invstd, ref_invstd)
+    grad_out, *_ = samples[ops.batch_norm_backward_reduce.default]
+    sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, x, save_mean, save_invstd)
+    grad_input = ops.batch_norm_backward_elemt(
+        grad_out, x, weight, save_mean, save_invstd, sum_dy, sum_dy_xmu, count
+    )
+    ref = ops.batch_norm_backward(
+        grad_out, x, weight, None, None, ref_mean, ref_invstd, True, 1e-5, [True, True, True]
+    )
+    torch.testing.assert_close(grad_input, ref[0])
+    torch.testing.assert_close(sum_dy_xmu * save_invstd, ref[1])
+    torch.testing.assert_close(sum_dy, ref[2])
