@@ -8,7 +8,7 @@ per-channel sums, then the local input gradient from our kernels. Works on CPU t
 with gloo and on CUDA tensors with NCCL.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -84,13 +84,33 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """Drop-in for :class:`torch.nn.SyncBatchNorm` that also runs on CPU tensors (gloo).
 
-    Same constructor (``process_group`` included), parameters, buffers and state_dict
-    keys. In evaluation, without an initialised process group, or with a group of one,
-    it behaves as plain BatchNorm.
+    Same constructor (``process_group`` included), parameters, buffers, state_dict keys,
+    input checks and repr. In evaluation, without an initialised process group, or with a
+    group of one, it behaves as plain BatchNorm. It is deliberately not a subclass of
+    torch's class: DistributedDataParallel refuses those on CPU.
     """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Optional[Any] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

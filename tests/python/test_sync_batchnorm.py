@@ -84,13 +84,34 @@ def _worker(rank, world, port, case, path):
         dist.destroy_process_group()
 
 
-def _run_distributed(case):
+def _ddp_worker(rank, world, port, case, path):
+    """DistributedDataParallel accepts our SyncBatchNorm on CPU (it refuses torch's)."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        x, grad, module = _case_data(case)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            tbn.SyncBatchNorm.convert_sync_batchnorm(module)
+        )
+        start = sum(case["sizes"][:rank])
+        local = slice(start, start + case["sizes"][rank])
+        ddp(x[local]).backward(grad[local])
+        # DDP averages gradients: the sum over ranks divided by the world size.
+        torch.save(
+            {"weight": module.weight.grad * world, "state": module.state_dict()}, path
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_distributed(case, worker=_worker):
     world = len(case["sizes"])
     port = _free_port()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(world)]
-        procs = [ctx.Process(target=_worker, args=(r, world, port, case, paths[r])) for r in range(world)]
+        procs = [ctx.Process(target=worker, args=(r, world, port, case, paths[r])) for r in range(world)]
         for p in procs:
             p.start()
         try:
@@ -172,8 +193,23 @@ def test_convert_sync_batchnorm_keeps_state_and_modes():
     )
     model[1].running_mean.fill_(0.5)
     model[2].eval()
+    originals = [model[1], model[2]]
     converted = tbn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert isinstance(converted[1], tbn.SyncBatchNorm) and isinstance(converted[2], tbn.SyncBatchNorm)
-    assert converted[1].running_mean is model[1].running_mean
+    for i, original in zip((1, 2), originals):
+        assert isinstance(converted[i], tbn.SyncBatchNorm)
+        assert converted[i].weight is original.weight
+        assert converted[i].running_mean is original.running_mean
+        assert converted[i].num_batches_tracked is original.num_batches_tracked
     assert converted[2].momentum is None and not converted[2].training
     assert repr(converted[1]) == repr(torch.nn.SyncBatchNorm(4))
+    assert isinstance(converted[0], torch.nn.Conv2d)
+
+
+def test_distributed_data_parallel_on_cpu():
+    case = dict(sizes=[5, 3], channels=3, spatial=(2, 2), dtype=torch.float64, momentum=0.1)
+    results = _run_distributed(case, worker=_ddp_worker)
+    x, grad, module = _case_data(case)
+    module(x).backward(grad)
+    for got in results:
+        torch.testing.assert_close(got["weight"], module.weight.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got["state"]["running_var"], module.running_var)
