@@ -567,6 +567,13 @@ EPS = 1e-5
 MOMENTUM = 0.1
 
 
+def _split_cases(test):
+    """Runs `test` over SPLIT_LAYOUTS and every dtype."""
+    test = pytest.mark.parametrize("dtype", DTYPES, ids=str)(test)
+    test = pytest.mark.parametrize("shape,layout", SPLIT_LAYOUTS, ids=lambda v: str(v))(test)
+    return needs_kernels(test)
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -594,6 +601,11 @@ def _result_strides(x):
         torch.ones(C, dtype=x.dtype, device=x.device),
     ]
     return forward_op(x, None, None, *stats, False, MOMENTUM, EPS)[0].stride()
+
+
+def _batch_stats(x):
+    """batch_norm_forward in training, without parameters: (out, save_mean, save_invstd)."""
+    return forward_op(x, None, None, None, None, True, MOMENTUM, EPS)
 
 
 def _reduce_dims(x):
@@ -628,9 +640,7 @@ def _split_inputs(shape, layout, dtype, affine=True):
     return x, g, w, b, rm, rv
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", SPLIT_LAYOUTS, ids=lambda v: str(v))
+@_split_cases
 def test_stats_matches_float64(shape, layout, dtype):
     x = _make_input(shape, layout, _input_dtype(dtype), "cuda")
     acc_rtol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -643,16 +653,14 @@ def test_stats_matches_float64(shape, layout, dtype):
         assert bool(((mean.double() - mean64).abs() <= acc_rtol * abs_max).all()), f"{what} mean"
         assert bool(((m2.double() - m2_64).abs() <= acc_rtol * m2_64).all()), f"{what} m2"
     # The statistics of batch_norm_forward come from the same reduction.
-    _, save_mean, save_invstd = forward_op(x, None, None, None, None, True, MOMENTUM, EPS)
+    _, save_mean, save_invstd = _batch_stats(x)
     mean, m2 = stats_op(x)
     assert torch.equal(save_mean, mean)
     count = x.numel() // shape[1]
     torch.testing.assert_close(save_invstd, (m2 / count + EPS).rsqrt(), rtol=1e-6, atol=0)
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", SPLIT_LAYOUTS, ids=lambda v: str(v))
+@_split_cases
 def test_forward_with_stats_matches_float64(shape, layout, dtype):
     x, _, w, b, rm0, rv0 = _split_inputs(shape, layout, dtype)
     # Statistics of a larger batch than the local one, as in SyncBatchNorm.
@@ -682,12 +690,10 @@ def test_forward_with_stats_matches_float64(shape, layout, dtype):
         _assert_rounded(out, exact, f"{what} out", scale=scale)
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", SPLIT_LAYOUTS, ids=lambda v: str(v))
+@_split_cases
 def test_backward_reduce_matches_float64(shape, layout, dtype):
     x, g, _, _, _, _ = _split_inputs(shape, layout, dtype)
-    _, mean, invstd = forward_op(x, None, None, None, None, True, MOMENTUM, EPS)
+    _, mean, invstd = _batch_stats(x)
     acc_rtol = 1e-12 if dtype == torch.float64 else 1e-5
     for piece, g_piece in zip(_pieces(x) + [x], _pieces(g) + [g]):
         sum_dy, sum_dy_xmu = backward_reduce_op(g_piece, piece, mean, invstd)
@@ -702,12 +708,10 @@ def test_backward_reduce_matches_float64(shape, layout, dtype):
             assert bool((err <= acc_rtol * t.abs().sum(dims)).all()), f"{what} {name}"
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", SPLIT_LAYOUTS, ids=lambda v: str(v))
+@_split_cases
 def test_backward_elemt_matches_float64(shape, layout, dtype):
     x, g, w, _, _, _ = _split_inputs(shape, layout, dtype)
-    _, mean, invstd = forward_op(x, None, None, None, None, True, MOMENTUM, EPS)
+    _, mean, invstd = _batch_stats(x)
     # Sums and count of a larger batch than the local one.
     sum_dy, sum_dy_xmu = (3 * s for s in backward_reduce_op(g, x, mean, invstd))
     count = 3 * x.numel() // shape[1]
@@ -814,7 +818,7 @@ def test_split_ops_opcheck(layout, dtype):
     x, g, w, b, rm, rv = _split_inputs((4, 8, 6, 6), layout, dtype)
     mean, m2 = stats_op(x)
     count = 3 * x.numel() // 8
-    _, save_mean, save_invstd = forward_op(x, None, None, None, None, True, MOMENTUM, EPS)
+    _, save_mean, save_invstd = _batch_stats(x)
     sum_dy, sum_dy_xmu = backward_reduce_op(g, x, save_mean, save_invstd)
     torch.library.opcheck(stats_op, (x,))
     torch.library.opcheck(
