@@ -5,7 +5,9 @@ parity suite through its ``device`` fixture. This file checks what only CUDA has
 with the CPU kernels (the reference implementation of the op contract), both launch shapes
 of the kernels (one block per channel, and channels split over blocks with a grid merge),
 vector and scalar memory paths, gradcheck/opcheck/torch.compile on CUDA tensors, no host
-synchronisation, streams, device guards, determinism and tensors beyond 2**31 elements.
+synchronisation, streams, device guards, determinism and tensors beyond 2**31 elements;
+and the ops that split training for SyncBatchNorm, against float64 and against the
+unsplit ops.
 """
 
 import pytest
