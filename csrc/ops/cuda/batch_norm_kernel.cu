@@ -291,8 +291,7 @@ struct ChannelArgs {
         return {acc_t(0), scale, bias.load(c, acc_t(0)) - mean.load(c, acc_t(0)) * scale, acc_t(0)};
       }
       case Pass::kGradTraining: {
-        const auto k =
-            math::grad_input_coeffs<acc_t>(w, is, sum_dy[c], sum_dy_xmu[c], count, true);
+        const auto k = math::grad_input_coeffs<acc_t>(w, is, sum_dy[c], sum_dy_xmu[c], count, true);
         return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
       }
       default: {
@@ -839,13 +838,13 @@ __global__ void __launch_bounds__(kThreads)
 // Finalizes statistics of `count` values per channel gathered elsewhere, given their
 // mean and M2, as a reduction finalizes its own.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) finalize_stats_kernel(
-    const at::opmath_type<scalar_t>* mean,
-    const at::opmath_type<scalar_t>* m2,
-    int64_t count,
-    int64_t channels,
-    FinalizeArgs<scalar_t> fin,
-    ChannelArgs<scalar_t> ch) {
+__global__ void __launch_bounds__(kThreads)
+    finalize_stats_kernel(const at::opmath_type<scalar_t>* mean,
+                          const at::opmath_type<scalar_t>* m2,
+                          int64_t count,
+                          int64_t channels,
+                          FinalizeArgs<scalar_t> fin,
+                          ChannelArgs<scalar_t> ch) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c < channels) {
     math::Welford<at::opmath_type<scalar_t>> a;
@@ -1297,7 +1296,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_with_stats_cud
         using acc_t = at::opmath_type<scalar_t>;
         finalize_stats_kernel<scalar_t>
             <<<grid_of(ceil_div(C, kThreads)), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-                mean_d.const_data_ptr<acc_t>(), m2_d.const_data_ptr<acc_t>(), count, C,
+                mean_d.const_data_ptr<acc_t>(),
+                m2_d.const_data_ptr<acc_t>(),
+                count,
+                C,
                 finalize_args<scalar_t>(fin),
                 channel_args<scalar_t>(Pass::kNormalizeTraining, ch, count, eps));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1308,11 +1310,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_with_stats_cud
   return {out, fin.save_mean, fin.save_invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(
-    const at::Tensor& grad_out,
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& invstd) {
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_out,
+                                                                   const at::Tensor& input,
+                                                                   const at::Tensor& mean,
+                                                                   const at::Tensor& invstd) {
   check_batch_norm_backward_reduce(grad_out, input, mean, invstd);
   const c10::cuda::CUDAGuard guard(input.device());
   Layout l{};
@@ -1336,8 +1337,7 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_out,
                                           const at::Tensor& sum_dy,
                                           const at::Tensor& sum_dy_xmu,
                                           int64_t count) {
-  check_batch_norm_backward_elemt(
-      grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count);
+  check_batch_norm_backward_elemt(grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count);
   const c10::cuda::CUDAGuard guard(input.device());
   Layout l{};
   const at::Tensor x = kernel_layout(input, l);
