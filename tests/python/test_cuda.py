@@ -5,7 +5,9 @@ parity suite through its ``device`` fixture. This file checks what only CUDA has
 with the CPU kernels (the reference implementation of the op contract), both launch shapes
 of the kernels (one block per channel, and channels split over blocks with a grid merge),
 vector and scalar memory paths, gradcheck/opcheck/torch.compile on CUDA tensors, no host
-synchronisation, streams, device guards, determinism and tensors beyond 2**31 elements.
+synchronisation, streams, device guards, determinism and tensors beyond 2**31 elements;
+and the ops that split training for SyncBatchNorm, against float64 and against the
+unsplit ops.
 """
 
 import pytest
@@ -21,6 +23,10 @@ needs_kernels = pytest.mark.skipif(
 
 forward_op = torch.ops.torch_batchnorm.batch_norm_forward.default
 backward_op = torch.ops.torch_batchnorm.batch_norm_backward.default
+stats_op = torch.ops.torch_batchnorm.batch_norm_stats.default
+forward_with_stats_op = torch.ops.torch_batchnorm.batch_norm_forward_with_stats.default
+backward_reduce_op = torch.ops.torch_batchnorm.batch_norm_backward_reduce.default
+backward_elemt_op = torch.ops.torch_batchnorm.batch_norm_backward_elemt.default
 
 MIXED = "mixed"  # float16/bfloat16 input with float32 parameters and statistics
 
@@ -163,16 +169,19 @@ def _running_reference(x, running_mean, running_var, training, momentum):
     return (1 - momentum) * rm + momentum * mean, (1 - momentum) * rv + momentum * var
 
 
-def _assert_rounded(actual, exact, what):
+def _assert_rounded(actual, exact, what, scale=None):
     """`actual` is `exact` computed in the accumulation type and rounded once to its dtype:
-    within half a unit in the last place of that dtype, plus the accumulation error.
+    within half a unit in the last place of that dtype, plus the accumulation error
+    relative to `scale` (default |exact|; the sum of the magnitudes of the terms where
+    they cancel).
 
     Two backends that sum in different orders get float32 values a few ulps apart; when
     those straddle a rounding boundary of float16/bfloat16, the stored results are one
     unit in the last place apart. Each is still a correct rounding, which is what this
     checks, against float64 rather than against the other backend."""
     acc_rtol = 1e-12 if actual.dtype == torch.float64 else 1e-5
-    bound = 0.5 * _ulp(actual) + acc_rtol * (1 + exact.abs())
+    scale = exact.abs() if scale is None else scale
+    bound = 0.5 * _ulp(actual) + acc_rtol * (1 + scale)
     err = (actual.double() - exact).abs()
     worst = int(torch.argmax(err - bound)) if err.numel() else 0
     assert bool((err <= bound).all()), (
@@ -540,3 +549,284 @@ def test_over_2_pow_31_elements_bfloat16(layout):
         * w[chan]
     )
     torch.testing.assert_close(flat_gi[positions].float(), expected, rtol=1.6e-2, atol=1.6e-2)
+
+
+# ---------------------------------------------------------------------------------------
+# The ops that split training for statistics that span processes (SyncBatchNorm): each
+# against its float64 formula, and together, on pieces of a batch as ranks would hold
+# them, against batch_norm_forward/backward on the whole batch.
+
+SPLIT_LAYOUTS = [
+    ((6, 3, 16, 16), "contiguous"),  # planes, channels split over blocks
+    ((4, 3000, 2, 2), "contiguous"),  # planes, one block per channel
+    ((6, 16, 10, 10), "channels_last"),
+    ((3, 5, 4, 3, 2), "channels_last_3d"),  # rows, C = 5: scalar path
+    ((64, 40), "contiguous"),
+    ((5, 6, 11), "channels_innermost"),
+    ((8, 6, 12, 12), "strided"),
+]
+EPS = 1e-5
+MOMENTUM = 0.1
+
+
+def _split_cases(test):
+    """Runs `test` over SPLIT_LAYOUTS and every dtype."""
+    test = pytest.mark.parametrize("dtype", DTYPES, ids=str)(test)
+    test = pytest.mark.parametrize("shape,layout", SPLIT_LAYOUTS, ids=lambda v: str(v))(test)
+    return needs_kernels(test)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pieces(x):
+    """x split along the batch as ranks would hold it: one sample, none, the rest."""
+    return [x[:1], x[1:1], x[1:]]
+
+
+def _channel_view(t, x):
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _c64(t, x):
+    """A per-channel tensor in float64, broadcastable against x."""
+    return _channel_view(t.double(), x)
+
+
+def _result_strides(x):
+    """Strides of batch_norm_forward's result for x (its layout rule is checked against
+    the CPU's by test_cuda_matches_cpu)."""
+    C = x.shape[1]
+    stats = [
+        torch.zeros(C, dtype=x.dtype, device=x.device),
+        torch.ones(C, dtype=x.dtype, device=x.device),
+    ]
+    return forward_op(x, None, None, *stats, False, MOMENTUM, EPS)[0].stride()
+
+
+def _batch_stats(x):
+    """batch_norm_forward in training, without parameters: (out, save_mean, save_invstd)."""
+    return forward_op(x, None, None, None, None, True, MOMENTUM, EPS)
+
+
+def _reduce_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def _stats64(x):
+    """Mean, M2 and max |x| per channel, in float64."""
+    xd = x.double()
+    dims = _reduce_dims(x)
+    if x.numel() == 0:
+        zeros = xd.new_zeros(x.shape[1])
+        return zeros, zeros, zeros
+    mean = xd.mean(dims)
+    m2 = ((xd - _channel_view(mean, xd)) ** 2).sum(dims)
+    return mean, m2, xd.abs().amax(dims)
+
+
+def _merge64(stats):
+    """Chan's merge of per-piece (mean, m2, count) in float64, as SyncBatchNorm merges the
+    statistics gathered from its ranks."""
+    count = sum(n for _, _, n in stats)
+    mean = sum(m.double() * n for m, _, n in stats) / count
+    m2 = sum(q.double() + n * (m.double() - mean) ** 2 for m, q, n in stats)
+    return mean, m2, count
+
+
+def _split_inputs(shape, layout, dtype, affine=True):
+    x = _make_input(shape, layout, _input_dtype(dtype), "cuda")
+    g = _make_input(shape, layout, _input_dtype(dtype), "cuda", seed=5)
+    w, b, rm, rv = _params(shape[1], dtype, "cuda", affine=affine)
+    return x, g, w, b, rm, rv
+
+
+@_split_cases
+def test_stats_matches_float64(shape, layout, dtype):
+    x = _make_input(shape, layout, _input_dtype(dtype), "cuda")
+    acc_rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for piece in _pieces(x) + [x]:
+        mean, m2 = stats_op(piece)
+        assert mean.dtype == m2.dtype == _acc_dtype(dtype) and mean.shape == (shape[1],)
+        mean64, m2_64, abs_max = _stats64(piece)
+        what = f"{tuple(piece.shape)} {layout} {dtype}"
+        # The bounds are 0 for an empty piece: its mean and M2 are exactly 0.
+        assert bool(((mean.double() - mean64).abs() <= acc_rtol * abs_max).all()), f"{what} mean"
+        assert bool(((m2.double() - m2_64).abs() <= acc_rtol * m2_64).all()), f"{what} m2"
+    # The statistics of batch_norm_forward come from the same reduction.
+    _, save_mean, save_invstd = _batch_stats(x)
+    mean, m2 = stats_op(x)
+    assert torch.equal(save_mean, mean)
+    count = x.numel() // shape[1]
+    torch.testing.assert_close(save_invstd, (m2 / count + EPS).rsqrt(), rtol=1e-6, atol=0)
+
+
+@_split_cases
+def test_forward_with_stats_matches_float64(shape, layout, dtype):
+    x, _, w, b, rm0, rv0 = _split_inputs(shape, layout, dtype)
+    # Statistics of a larger batch than the local one, as in SyncBatchNorm.
+    other = _make_input(shape, layout, _input_dtype(dtype), "cuda", seed=9)
+    mean64, m2_64, count = _merge64([stats_op(t) + (t.numel() // shape[1],) for t in (x, other)])
+    mean, m2 = mean64.to(_acc_dtype(dtype)), m2_64.to(_acc_dtype(dtype))
+    # The float64 reference starts from the statistics as passed.
+    invstd = (m2.double() / count + EPS).rsqrt()
+    rm_exact = (1 - MOMENTUM) * rm0.double() + MOMENTUM * mean.double()
+    rv_exact = (1 - MOMENTUM) * rv0.double() + MOMENTUM * m2.double() / (count - 1)
+    for piece in _pieces(x) + [x]:
+        rm, rv = rm0.clone(), rv0.clone()
+        out, save_mean, save_invstd = forward_with_stats_op(
+            piece, w, b, rm, rv, mean, m2, count, MOMENTUM, EPS
+        )
+        what = f"{tuple(piece.shape)} {layout} {dtype}"
+        assert out.shape == piece.shape and out.dtype == piece.dtype, what
+        assert out.stride() == _result_strides(piece), what
+        assert torch.equal(save_mean, mean), what
+        _assert_rounded(save_invstd, invstd, f"{what} save_invstd")
+        # Updated from the global statistics even where the piece is empty.
+        _assert_rounded(rm, rm_exact, f"{what} running_mean")
+        _assert_rounded(rv, rv_exact, f"{what} running_var")
+        scaled = (piece.double() - _c64(mean, piece)) * _c64(invstd, piece) * _c64(w, piece)
+        exact = scaled + _c64(b, piece)
+        scale = scaled.abs() + _c64(b, piece).abs()
+        _assert_rounded(out, exact, f"{what} out", scale=scale)
+
+
+@_split_cases
+def test_backward_reduce_matches_float64(shape, layout, dtype):
+    x, g, _, _, _, _ = _split_inputs(shape, layout, dtype)
+    _, mean, invstd = _batch_stats(x)
+    acc_rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for piece, g_piece in zip(_pieces(x) + [x], _pieces(g) + [g]):
+        sum_dy, sum_dy_xmu = backward_reduce_op(g_piece, piece, mean, invstd)
+        assert sum_dy.dtype == sum_dy_xmu.dtype == _acc_dtype(dtype)
+        gd, dims = g_piece.double(), _reduce_dims(piece)
+        terms = gd * (piece.double() - _channel_view(mean.double(), piece))
+        what = f"{tuple(piece.shape)} {layout} {dtype}"
+        # Summation error is relative to the sum of the magnitudes of the terms (0 for an
+        # empty piece: its sums are exactly 0).
+        for name, actual, t in (("sum_dy", sum_dy, gd), ("sum_dy_xmu", sum_dy_xmu, terms)):
+            err = (actual.double() - t.sum(dims)).abs()
+            assert bool((err <= acc_rtol * t.abs().sum(dims)).all()), f"{what} {name}"
+
+
+@_split_cases
+def test_backward_elemt_matches_float64(shape, layout, dtype):
+    x, g, w, _, _, _ = _split_inputs(shape, layout, dtype)
+    _, mean, invstd = _batch_stats(x)
+    # Sums and count of a larger batch than the local one.
+    sum_dy, sum_dy_xmu = (3 * s for s in backward_reduce_op(g, x, mean, invstd))
+    count = 3 * x.numel() // shape[1]
+    for weight in (w, None):
+        for piece, g_piece in zip(_pieces(x) + [x], _pieces(g) + [g]):
+            grad_input = backward_elemt_op(
+                g_piece, piece, weight, mean, invstd, sum_dy, sum_dy_xmu, count
+            )
+            what = f"{tuple(piece.shape)} {layout} {dtype} weight={weight is not None}"
+            assert grad_input.shape == piece.shape and grad_input.dtype == piece.dtype, what
+            assert grad_input.stride() == _result_strides(piece), what
+            # dx = a * dy + b * (x - mean) + c with the coefficients of batch_norm_math.h.
+            a = _c64(invstd, piece) * (1 if weight is None else _c64(weight, piece))
+            terms = (
+                a * g_piece.double(),
+                -a
+                * _c64(invstd, piece) ** 2
+                * _c64(sum_dy_xmu, piece)
+                / count
+                * (piece.double() - _c64(mean, piece)),
+                -a * _c64(sum_dy, piece) / count,
+            )
+            _assert_rounded(
+                grad_input, sum(terms), f"{what} grad_input", scale=sum(t.abs() for t in terms)
+            )
+
+
+@needs_kernels
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", SPLIT_LAYOUTS, ids=lambda v: str(v))
+def test_split_training_matches_whole_batch(shape, layout, dtype, affine):
+    """SyncBatchNorm's training step on pieces of a batch, one of them empty: local
+    statistics, merged; normalisation with the merged ones; local sums, added; input
+    gradients from the added ones. The same results as batch_norm_forward/backward on the
+    whole batch, to summation order."""
+    x, g, w, b, rm0, rv0 = _split_inputs(shape, layout, dtype, affine=affine)
+    C = shape[1]
+    acc = _acc_dtype(dtype)
+    pieces, g_pieces = _pieces(x), _pieces(g)
+
+    stats = [stats_op(p) + (p.numel() // C,) for p in pieces]
+    mean64, m2_64, count = _merge64(stats)
+    mean, m2 = mean64.to(acc), m2_64.to(acc)
+    outs, running = [], []
+    for p in pieces:
+        rm = rv = None
+        if rm0 is not None:
+            rm, rv = rm0.clone(), rv0.clone()
+            running.append((rm, rv))
+        outs.append(forward_with_stats_op(p, w, b, rm, rv, mean, m2, count, MOMENTUM, EPS))
+    save_mean, save_invstd = outs[0][1], outs[0][2]
+    sums = [backward_reduce_op(gp, p, save_mean, save_invstd) for gp, p in zip(g_pieces, pieces)]
+    sum_dy = sum(s[0] for s in sums)
+    sum_dy_xmu = sum(s[1] for s in sums)
+    grads = [
+        backward_elemt_op(gp, p, w, save_mean, save_invstd, sum_dy, sum_dy_xmu, count)
+        for gp, p in zip(g_pieces, pieces)
+    ]
+
+    rm_ref = rv_ref = None
+    if rm0 is not None:
+        rm_ref, rv_ref = rm0.clone(), rv0.clone()
+    expected = forward_op(x, w, b, rm_ref, rv_ref, True, MOMENTUM, EPS)
+    gi, gw, gb = backward_op(
+        g, x, w, None, None, expected[1], expected[2], True, EPS, [True, affine, affine]
+    )
+    split = {
+        "out": torch.cat([o[0] for o in outs]),
+        "save_mean": save_mean,
+        "save_invstd": save_invstd,
+        "grad_input": torch.cat(grads),
+    }
+    whole = {
+        "out": expected[0],
+        "save_mean": expected[1],
+        "save_invstd": expected[2],
+        "grad_input": gi,
+    }
+    if affine:
+        pdtype = w.dtype
+        split["grad_weight"] = (sum_dy_xmu * save_invstd).to(pdtype)
+        split["grad_bias"] = sum_dy.to(pdtype)
+        whole["grad_weight"], whole["grad_bias"] = gw, gb
+    # Pieces concatenated have their own strides: values are compared here, layouts by
+    # the tests of each op.
+    _assert_agree(
+        {k: v.contiguous().cpu() for k, v in whole.items()},
+        {k: v.contiguous().cpu() for k, v in split.items()},
+        dtype,
+        f"split {shape} {layout} {dtype}",
+    )
+    if rm0 is not None:
+        exact = _running_reference(x, rm0, rv0, True, MOMENTUM)
+        for rm, rv in running:
+            _assert_rounded(rm, exact[0], "running_mean")
+            _assert_rounded(rv, exact[1], "running_var")
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, MIXED], ids=str)
+def test_split_ops_opcheck(layout, dtype):
+    x, g, w, b, rm, rv = _split_inputs((4, 8, 6, 6), layout, dtype)
+    mean, m2 = stats_op(x)
+    count = 3 * x.numel() // 8
+    _, save_mean, save_invstd = _batch_stats(x)
+    sum_dy, sum_dy_xmu = backward_reduce_op(g, x, save_mean, save_invstd)
+    torch.library.opcheck(stats_op, (x,))
+    torch.library.opcheck(
+        forward_with_stats_op, (x, w, b, rm, rv, mean, 3 * m2, count, MOMENTUM, EPS)
+    )
+    torch.library.opcheck(backward_reduce_op, (g, x, save_mean, save_invstd))
+    torch.library.opcheck(
+        backward_elemt_op, (g, x, w, save_mean, save_invstd, sum_dy, sum_dy_xmu, count)
+    )

@@ -291,8 +291,7 @@ struct ChannelArgs {
         return {acc_t(0), scale, bias.load(c, acc_t(0)) - mean.load(c, acc_t(0)) * scale, acc_t(0)};
       }
       case Pass::kGradTraining: {
-        const auto k =
-            math::grad_input_coeffs<acc_t>(w, is, sum_dy[c], sum_dy_xmu[c], count, true);
+        const auto k = math::grad_input_coeffs<acc_t>(w, is, sum_dy[c], sum_dy_xmu[c], count, true);
         return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
       }
       default: {
@@ -493,6 +492,8 @@ struct StatsOp {
     return a;
   }
 
+  // Also finalizes statistics gathered elsewhere (batch_norm_forward_with_stats), with
+  // `a` holding their mean, M2 and count.
   TBN_HOST_DEVICE static void finalize(const Acc& a,
                                        int64_t c,
                                        const FinalizeArgs<scalar_t>& f,
@@ -831,6 +832,26 @@ __global__ void __launch_bounds__(kThreads)
     if (active) {
       elementwise_rows<VEC>(g, cv, r0, r1, y, args.ch, args.dy, args.x, args.out);
     }
+  }
+}
+
+// Finalizes statistics of `count` values per channel gathered elsewhere, given their
+// mean and M2, as a reduction finalizes its own.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    finalize_stats_kernel(const at::opmath_type<scalar_t>* mean,
+                          const at::opmath_type<scalar_t>* m2,
+                          int64_t count,
+                          int64_t channels,
+                          FinalizeArgs<scalar_t> fin,
+                          ChannelArgs<scalar_t> ch) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c < channels) {
+    math::Welford<at::opmath_type<scalar_t>> a;
+    a.mean = mean[c];
+    a.m2 = m2[c];
+    a.count = count;
+    StatsOp<scalar_t>::finalize(a, c, fin, ch);
   }
 }
 
@@ -1221,12 +1242,129 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  check_batch_norm_stats(input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Layout l{};
+  const at::Tensor x = kernel_layout(input, l);
+  FinalizeTensors fin;
+  fin.save_mean = at::empty({l.channels}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  fin.m2 = at::empty_like(fin.save_mean);
+  run_reduce<StatsOp>(
+      l, x, at::Tensor(), at::Tensor(), Pass::kNormalizeTraining, ChannelTensors(), fin, 0.0);
+  return {fin.save_mean, fin.m2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_with_stats_cuda(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const at::Tensor& mean,
+    const at::Tensor& m2,
+    int64_t count,
+    double momentum,
+    double eps) {
+  check_batch_norm_forward_with_stats(
+      input, weight, bias, running_mean, running_var, mean, m2, count, eps);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Layout l{};
+  const at::Tensor x = kernel_layout(input, l);
+  at::Tensor out = at::empty_like(x);
+  const int64_t C = l.channels;
+  FinalizeTensors fin;
+  fin.save_mean = at::empty({C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  fin.save_invstd = at::empty_like(fin.save_mean);
+  if (C == 0) {
+    return {out, fin.save_mean, fin.save_invstd};
+  }
+  fin.running_mean = dense(running_mean);
+  fin.running_var = dense(running_var);
+  fin.momentum = momentum;
+  ChannelTensors ch;
+  ch.weight = dense(weight);
+  ch.bias = dense(bias);
+  ch.mean = fin.save_mean;
+  ch.spread = fin.save_invstd;
+  const at::Tensor mean_d = mean.contiguous();
+  const at::Tensor m2_d = m2.contiguous();
+  // The statistics are finalized (and the running statistics updated) even when this
+  // process holds no values: they are those of all `count`.
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_with_stats_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        finalize_stats_kernel<scalar_t>
+            <<<grid_of(ceil_div(C, kThreads)), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                mean_d.const_data_ptr<acc_t>(),
+                m2_d.const_data_ptr<acc_t>(),
+                count,
+                C,
+                finalize_args<scalar_t>(fin),
+                channel_args<scalar_t>(Pass::kNormalizeTraining, ch, count, eps));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  run_elementwise(l, x, at::Tensor(), out, Pass::kNormalizeTraining, ch, count, eps);
+  copy_back(running_mean, fin.running_mean);
+  copy_back(running_var, fin.running_var);
+  return {out, fin.save_mean, fin.save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_out,
+                                                                   const at::Tensor& input,
+                                                                   const at::Tensor& mean,
+                                                                   const at::Tensor& invstd) {
+  check_batch_norm_backward_reduce(grad_out, input, mean, invstd);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Layout l{};
+  const at::Tensor x = kernel_layout(input, l);
+  const at::Tensor dy = same_layout(grad_out, l);
+  ChannelTensors ch;
+  ch.mean = mean.contiguous();
+  ch.spread = invstd.contiguous();
+  FinalizeTensors fin;
+  fin.sum_dy = at::empty({l.channels}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  fin.sum_dy_xmu = at::empty_like(fin.sum_dy);
+  run_reduce<GradOp>(l, x, dy, at::Tensor(), Pass::kGradTraining, ch, fin, 0.0);
+  return {fin.sum_dy, fin.sum_dy_xmu};
+}
+
+at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_out,
+                                          const at::Tensor& input,
+                                          const std::optional<at::Tensor>& weight,
+                                          const at::Tensor& mean,
+                                          const at::Tensor& invstd,
+                                          const at::Tensor& sum_dy,
+                                          const at::Tensor& sum_dy_xmu,
+                                          int64_t count) {
+  check_batch_norm_backward_elemt(grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count);
+  const c10::cuda::CUDAGuard guard(input.device());
+  Layout l{};
+  const at::Tensor x = kernel_layout(input, l);
+  const at::Tensor dy = same_layout(grad_out, l);
+  at::Tensor grad_input = at::empty_like(x);
+  ChannelTensors ch;
+  ch.mean = mean.contiguous();
+  ch.spread = invstd.contiguous();
+  ch.weight = dense(weight);
+  ch.sum_dy = sum_dy.contiguous();
+  ch.sum_dy_xmu = sum_dy_xmu.contiguous();
+  // The sums and `count` are those of every process: the coefficients are the training
+  // ones of batch_norm_backward with that count.
+  run_elementwise(l, x, dy, grad_input, Pass::kGradTraining, ch, count, 0.0);
+  return grad_input;
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(torch_batchnorm, CUDA, m) {
   m.impl("batch_norm_forward", &cuda::batch_norm_forward_cuda);
   m.impl("batch_norm_backward", &cuda::batch_norm_backward_cuda);
+  m.impl("batch_norm_stats", &cuda::batch_norm_stats_cuda);
+  m.impl("batch_norm_forward_with_stats", &cuda::batch_norm_forward_with_stats_cuda);
+  m.impl("batch_norm_backward_reduce", &cuda::batch_norm_backward_reduce_cuda);
+  m.impl("batch_norm_backward_elemt", &cuda::batch_norm_backward_elemt_cuda);
 }
 
 }  // namespace torch_batchnorm
