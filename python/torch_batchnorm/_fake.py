@@ -15,6 +15,8 @@ def _like_input(input):
     # The kernels return torch's layout (batch_norm_cpu): a contiguous input stays
     # contiguous, a channels_last / channels_last_3d one keeps that format, anything else
     # takes its suggested memory format (3D [N, C, L] with C innermost: contiguous).
+    if input.numel() == 0:
+        return torch.empty_like(input)  # any strides; the kernels keep the input's
     if input.is_contiguous():
         memory_format = torch.contiguous_format
     elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
