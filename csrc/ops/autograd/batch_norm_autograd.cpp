@@ -90,6 +90,32 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 // second differentiation through batch_norm (create_graph=True, then backward again)
 // would only warn and return zeros; like an ATen op without a derivative formula, its
 // outputs get a node that raises when the backward reaches it.
+class BatchNormBackwardFunction : public torch::autograd::Function<BatchNormBackwardFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& grad_out,
+      const at::Tensor& input,
+      const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& running_mean,
+      const std::optional<at::Tensor>& running_var,
+      const std::optional<at::Tensor>& save_mean,
+      const std::optional<at::Tensor>& save_invstd,
+      bool training,
+      double eps,
+      std::array<bool, 3> output_mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_input, grad_weight, grad_bias] = batch_norm_backward(
+        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
+        eps, output_mask);
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false, "derivative for torch_batchnorm::batch_norm_backward is not implemented");
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     const at::Tensor& grad_out,
     const at::Tensor& input,
@@ -101,28 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     bool training,
     double eps,
     std::array<bool, 3> output_mask) {
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    grads = batch_norm_backward(grad_out,
-                                input,
-                                weight,
-                                running_mean,
-                                running_var,
-                                save_mean,
-                                save_invstd,
-                                training,
-                                eps,
-                                output_mask);
-  }
-  if (torch::autograd::compute_requires_grad(grad_out, input, weight)) {
-    auto node = c10::make_intrusive<torch::autograd::NotImplemented>(
-        "torch_batchnorm::batch_norm_backward",
-        torch::autograd::collect_next_edges(grad_out, input, weight));
-    torch::autograd::set_history({std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)},
-                                 node);
-  }
-  return grads;
+  auto grads = BatchNormBackwardFunction::apply(
+      grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+      output_mask);
+  return {grads[0], grads[1], grads[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
