@@ -31,19 +31,27 @@ class _BatchNormForward:
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
+        momentum = 0.0 if self.momentum is None else self.momentum
         cumulative = (
             track
             and self.momentum is None
             and self.num_batches_tracked is not None
             and running_mean is not None
         )
-        if cumulative:
+        traced = cumulative and torch.compiler.is_compiling()
+        if cumulative and not traced:
+            # Cumulative moving average over the batches seen, this one included.
+            momentum = 1.0 / float(self.num_batches_tracked + 1)
+        elif traced:
             # The op takes its momentum as a Python float, and 1 / num_batches_tracked as
             # one is data-dependent (a graph break under torch.compile). So the op writes
             # this batch's statistics (momentum 1) into copies, and the cumulative average
             # is taken with tensor arithmetic. The copies start as the running values, so
-            # an empty batch, which the op leaves alone, changes nothing.
+            # an empty batch, which the op leaves alone, changes nothing. (With float16 or
+            # bfloat16 buffers the copies round the batch statistics once more, which is
+            # why eager mode passes the exact momentum instead.)
             running_mean, running_var = running_mean.clone(), running_var.clone()
+            momentum = 1.0
         out = F.batch_norm(
             input,
             running_mean,
@@ -51,12 +59,12 @@ class _BatchNormForward:
             self.weight,
             self.bias,
             bn_training,
-            1.0 if cumulative else (0.0 if self.momentum is None else self.momentum),
+            momentum,
             self.eps,
         )
         if track and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        if cumulative:
+        if traced:
             _cumulative_update(self.running_mean, running_mean, self.num_batches_tracked)
             _cumulative_update(self.running_var, running_var, self.num_batches_tracked)
         return out

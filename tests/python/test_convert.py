@@ -37,11 +37,15 @@ def _converted_pair(device="cpu", memory_format=torch.contiguous_format):
     [torch.contiguous_format, torch.channels_last],
     ids=["contiguous", "channels_last"],
 )
-def test_trains_step_for_step(memory_format, device, monkeypatch):
+def test_trains_step_for_step(memory_format, device):
     # cuDNN convolutions default to TF32 on Ampere and later, which rounds their inputs to
     # 10 mantissa bits: float32 differences between the two BatchNorms then come back
     # out of the next convolution a thousand times larger. Compare in true float32.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        _train_step_for_step(memory_format, device)
+
+
+def _train_step_for_step(memory_format, device):
     ref, ours = _converted_pair(device, memory_format)
     assert sum(isinstance(m, tbn.BatchNorm2d) for m in ours.modules()) == 2
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, ours)]
