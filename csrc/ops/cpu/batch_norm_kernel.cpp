@@ -305,21 +305,22 @@ void forward_impl(
   load_channels<param_t>(weight, C, acc_t(1), w);
   load_channels<param_t>(bias, C, acc_t(0), b);
 
-  // The elementwise pass.
+  // The elementwise pass. (Evaluation has no centre: it is folded into the shift.)
   const auto normalize = [&] {
     if (count == 0) {
       return;
     }
+    const acc_t* centre_or_null = training ? centre : nullptr;
     if (l.rows) {
       for_each_rows(l, [&](int64_t r0, int64_t rows) {
-        loop.rows_affine(x_data + r0 * C, y_data + r0 * C, rows, C, centre, scale, shift);
+        loop.rows_affine(x_data + r0 * C, y_data + r0 * C, rows, C, centre_or_null, scale, shift);
       });
       return;
     }
     for_each_runs(l, [&](int64_t r0, int64_t runs) {
       const int64_t off = r0 * l.inner;
       loop.runs_affine(
-          x_data + off, y_data + off, runs, l.inner, r0 % C, C, centre, scale, shift);
+          x_data + off, y_data + off, runs, l.inner, r0 % C, C, centre_or_null, scale, shift);
     });
   };
 
@@ -330,7 +331,6 @@ void forward_impl(
     for (int64_t c = 0; c < C; ++c) {
       scale[c] = math::running_invstd(scale[c], eps) * w[c];
       shift[c] = b[c] - centre[c] * scale[c];
-      centre[c] = 0;
     }
     normalize();
     return;

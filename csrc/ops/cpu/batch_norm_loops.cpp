@@ -20,6 +20,7 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define TBN_X86_CLONES 1
+#include <immintrin.h>
 #else
 #define TBN_X86_CLONES 0
 #endif
@@ -32,11 +33,20 @@ namespace torch_batchnorm {
 namespace cpu {
 
 #if TBN_X86_CLONES
+// Elementwise loops over NCHW runs use 256-bit vectors even here: runs start anywhere, and
+// a 512-bit access at an unaligned address always splits across two cache lines, which
+// costs more than the wider vector gains in a loop bound by memory.
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 namespace avx512 {
 #define TBN_VEC_BYTES 64
+#define TBN_RUN_BYTES 32
+#define TBN_HAVE_AVX512 1
+#define TBN_HAVE_AVX2 1
 #include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_HAVE_AVX2
+#undef TBN_HAVE_AVX512
+#undef TBN_RUN_BYTES
 #undef TBN_VEC_BYTES
 }  // namespace avx512
 #pragma GCC pop_options
@@ -45,7 +55,13 @@ namespace avx512 {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #define TBN_VEC_BYTES 32
+#define TBN_RUN_BYTES 32
+#define TBN_HAVE_AVX512 0
+#define TBN_HAVE_AVX2 1
 #include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_HAVE_AVX2
+#undef TBN_HAVE_AVX512
+#undef TBN_RUN_BYTES
 #undef TBN_VEC_BYTES
 }  // namespace avx2
 #pragma GCC pop_options
@@ -53,7 +69,13 @@ namespace avx2 {
 
 namespace base {
 #define TBN_VEC_BYTES 16
+#define TBN_RUN_BYTES 16
+#define TBN_HAVE_AVX512 0
+#define TBN_HAVE_AVX2 0
 #include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_HAVE_AVX2
+#undef TBN_HAVE_AVX512
+#undef TBN_RUN_BYTES
 #undef TBN_VEC_BYTES
 }  // namespace base
 

@@ -40,7 +40,7 @@ struct Loops {
       const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
       acc_t scale, acc_t shift);
   // The same over `runs` consecutive runs (memory order), run r of channel (c0 + r) % C,
-  // with per-channel arrays.
+  // with per-channel arrays; a null centre means y = x * scale + shift.
   void (*runs_affine)(
       const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
       const acc_t* centre, const acc_t* scale, const acc_t* shift);
@@ -68,7 +68,7 @@ struct Loops {
   void (*rows_stats)(
       const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block, double* mean,
       double* m2, int64_t* count, acc_t* scratch);
-  // y = (x - centre) * scale + shift.
+  // y = (x - centre) * scale + shift; a null centre means y = x * scale + shift.
   void (*rows_affine)(
       const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
       const acc_t* scale, const acc_t* shift);

@@ -2,9 +2,12 @@
 //
 // batch_norm_loops.cpp includes this file several times, each time inside a namespace of
 // its own compiled for one instruction set (AVX-512, AVX2+FMA, baseline x86-64), with
-// TBN_VEC_BYTES set to that set's vector width. Hence no include guard, and no includes:
-// the includer brings in every header first, so that no inline function of a shared
-// header is ever compiled for an instruction set the machine may lack.
+// TBN_VEC_BYTES set to that set's vector width, TBN_RUN_BYTES to the width of the
+// elementwise loops over NCHW runs, and TBN_HAVE_AVX512 / TBN_HAVE_AVX2 to 0 or 1.
+// Hence no include guard, and no includes:
+// the includer brings in every header first (<immintrin.h> too, for the few conversions
+// written with intrinsics), so that no inline function of a shared header is ever
+// compiled for an instruction set the machine may lack.
 //
 // Every loop visits its elements in an order fixed by the shapes alone (vector lanes,
 // unrolled accumulators, then a scalar tail), so results never depend on the thread
@@ -15,30 +18,47 @@
 
 #define TBN_INLINE inline __attribute__((always_inline))
 
-template <typename T>
-struct Vec {
-  static constexpr int64_t kLanes = TBN_VEC_BYTES / static_cast<int64_t>(sizeof(T));
-  typedef T type __attribute__((vector_size(TBN_VEC_BYTES)));
-};
-
 typedef uint32_t U32x __attribute__((vector_size(TBN_VEC_BYTES)));
 typedef uint16_t U16x __attribute__((vector_size(TBN_VEC_BYTES / 2)));
 
-// Loads Vec<acc_t>::kLanes values of scalar_t as acc_t.
-template <typename acc_t, typename scalar_t>
-TBN_INLINE typename Vec<acc_t>::type vload(const scalar_t* p) {
-  using V = typename Vec<acc_t>::type;
+// kBytes-wide vectors of T (GCC/Clang vector extensions).
+template <typename T, int64_t kBytes = TBN_VEC_BYTES>
+struct Vec {
+  static constexpr int64_t kLanes = kBytes / static_cast<int64_t>(sizeof(T));
+  typedef T type __attribute__((vector_size(kBytes)));
+};
+
+// Loads Vec<acc_t, kBytes>::kLanes values of scalar_t as acc_t.
+template <typename acc_t, int64_t kBytes = TBN_VEC_BYTES, typename scalar_t>
+TBN_INLINE typename Vec<acc_t, kBytes>::type vload(const scalar_t* p) {
+  using V = typename Vec<acc_t, kBytes>::type;
   V v;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(&v, p, sizeof(V));
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    // bfloat16 is the upper half of a float.
-    U16x h;
-    std::memcpy(&h, p, sizeof(U16x));
-    const U32x w = __builtin_convertvector(h, U32x) << 16;
-    std::memcpy(&v, &w, sizeof(V));
+    // bfloat16 is the upper half of a float. (GCC widens vector extensions of 16-bit
+    // lanes in several steps; the intrinsics take one.)
+    if constexpr (TBN_HAVE_AVX512 && kBytes == 64) {
+#if TBN_HAVE_AVX512
+      const __m512i w = _mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+      std::memcpy(&v, &w, sizeof(V));
+#endif
+    } else if constexpr (TBN_HAVE_AVX2 && kBytes == 32) {
+#if TBN_HAVE_AVX2
+      const __m256i w = _mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+      std::memcpy(&v, &w, sizeof(V));
+#endif
+    } else {
+      static_assert(kBytes == TBN_VEC_BYTES, "no bfloat16 conversion for this width");
+      U16x h;
+      std::memcpy(&h, p, sizeof(U16x));
+      const U32x w = __builtin_convertvector(h, U32x) << 16;
+      std::memcpy(&v, &w, sizeof(V));
+    }
   } else {
-    for (int64_t i = 0; i < Vec<acc_t>::kLanes; ++i) {
+    for (int64_t i = 0; i < Vec<acc_t, kBytes>::kLanes; ++i) {
       v[i] = static_cast<acc_t>(p[i]);
     }
   }
@@ -49,19 +69,41 @@ TBN_INLINE typename Vec<acc_t>::type vload(const scalar_t* p) {
 template <typename scalar_t, typename V>
 TBN_INLINE void vstore(scalar_t* p, V v) {
   using acc_t = std::remove_reference_t<decltype(v[0])>;
+  constexpr int64_t kBytes = sizeof(V);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(p, &v, sizeof(V));
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
     // Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16(float).
-    U32x u;
-    std::memcpy(&u, &v, sizeof(U32x));
-    U32x r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-    const U32x nan = (U32x)(v != v);  // all ones in NaN lanes
+    typedef uint32_t U32 __attribute__((vector_size(kBytes)));
+    U32 u;
+    std::memcpy(&u, &v, sizeof(U32));
+    U32 r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const U32 nan = (U32)(v != v);  // all ones in NaN lanes
     r = (r & ~nan) | (nan & 0x7FC0u);
-    const U16x h = __builtin_convertvector(r, U16x);
-    std::memcpy(p, &h, sizeof(U16x));
+    if constexpr (TBN_HAVE_AVX512 && kBytes == 64) {
+#if TBN_HAVE_AVX512
+      __m512i ri;
+      std::memcpy(&ri, &r, sizeof(ri));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(ri));
+#endif
+    } else if constexpr (TBN_HAVE_AVX2 && kBytes == 32) {
+#if TBN_HAVE_AVX2
+      __m256i ri;
+      std::memcpy(&ri, &r, sizeof(ri));
+      // Every lane is below 2^16, so the saturating pack is exact.
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(p),
+          _mm_packus_epi32(_mm256_castsi256_si128(ri), _mm256_extracti128_si256(ri, 1)));
+#endif
+    } else {
+      static_assert(kBytes == TBN_VEC_BYTES, "no bfloat16 conversion for this width");
+      U32x rx;
+      std::memcpy(&rx, &r, sizeof(rx));
+      const U16x h = __builtin_convertvector(rx, U16x);
+      std::memcpy(p, &h, sizeof(U16x));
+    }
   } else {
-    for (int64_t i = 0; i < Vec<acc_t>::kLanes; ++i) {
+    for (int64_t i = 0; i < static_cast<int64_t>(sizeof(V) / sizeof(acc_t)); ++i) {
       p[i] = static_cast<scalar_t>(v[i]);
     }
   }
@@ -89,9 +131,40 @@ TBN_INLINE auto hsum(V v) {
   return hsum_tree<T, static_cast<int64_t>(sizeof(V))>(v);
 }
 
-// Visits [0, len): body4(i) for 4 vectors at a time, body1(i) for one vector, tail(i) for
-// one element. Reductions give each of the four vectors an accumulator of its own, so
-// that the adds do not wait on each other.
+// v with lanes below `from` set to zero.
+template <typename V>
+TBN_INLINE V zero_lanes_below(V v, int64_t from) {
+  using T = std::remove_reference_t<decltype(v[0])>;
+  using I = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+  typedef I Ix __attribute__((vector_size(sizeof(V))));
+  Ix lane;
+  for (int64_t i = 0; i < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++i) {
+    lane[i] = static_cast<I>(i);
+  }
+  const Ix keep = lane >= static_cast<I>(from);  // all ones where kept
+  Ix bits;
+  std::memcpy(&bits, &v, sizeof(V));
+  bits &= keep;
+  std::memcpy(&v, &bits, sizeof(V));
+  return v;
+}
+
+// (a, b, c, d) = (b, c, d, a): single vectors added to a, then rotated, spread over four
+// accumulators instead of waiting on one. (Register renames, no data moves.)
+template <typename V>
+TBN_INLINE void rotate(V& a, V& b, V& c, V& d) {
+  const V t = a;
+  a = b;
+  b = c;
+  c = d;
+  d = t;
+}
+
+// Visits [0, len): body4(i) for 4 vectors at a time, body1(i, 0) for one vector; the last
+// len % L values, when len >= L, as the vector ending at len with its first lanes
+// (already visited) masked: body1(len - L, lanes_to_skip); else tail(i) for each value.
+// Reductions give each of the four vectors an accumulator of its own, so that the adds
+// do not wait on each other.
 template <typename acc_t, typename Body4, typename Body1, typename Tail>
 TBN_INLINE void vec_loop(int64_t len, Body4 body4, Body1 body1, Tail tail) {
   constexpr int64_t L = Vec<acc_t>::kLanes;
@@ -100,10 +173,16 @@ TBN_INLINE void vec_loop(int64_t len, Body4 body4, Body1 body1, Tail tail) {
     body4(i);
   }
   for (; i + L <= len; i += L) {
-    body1(i);
+    body1(i, int64_t{0});
   }
-  for (; i < len; ++i) {
-    tail(i);
+  if (i < len) {
+    if (len >= L) {
+      body1(len - L, L - (len - i));
+    } else {
+      for (; i < len; ++i) {
+        tail(i);
+      }
+    }
   }
 }
 
@@ -111,9 +190,9 @@ TBN_INLINE void vec_loop(int64_t len, Body4 body4, Body1 body1, Tail tail) {
 // index and never aliases them, so a run whose length is not a multiple of the vector
 // width ends with one vector overlapping the previous one (its first lanes are written
 // twice, with the same values) instead of a scalar tail.
-template <typename acc_t, typename Body1, typename Tail>
+template <typename acc_t, int64_t kBytes, typename Body1, typename Tail>
 TBN_INLINE void vec_map(int64_t len, Body1 body1, Tail tail) {
-  constexpr int64_t L = Vec<acc_t>::kLanes;
+  constexpr int64_t L = Vec<acc_t, kBytes>::kLanes;
   int64_t i = 0;
   for (; i + 2 * L <= len; i += 2 * L) {
     body1(i);
@@ -176,7 +255,10 @@ math::Welford<double> group_stats(
           s2 += vload<acc_t>(p + i + 2 * L);
           s3 += vload<acc_t>(p + i + 3 * L);
         },
-        [&](int64_t i) { s0 += vload<acc_t>(p + i); },
+        [&](int64_t i, int64_t skip) {
+          s0 += zero_lanes_below(vload<acc_t>(p + i), skip);
+          rotate(s0, s1, s2, s3);
+        },
         [&](int64_t i) { st += static_cast<acc_t>(p[i]); });
   }
   const acc_t shift = (hsum((s0 + s1) + (s2 + s3)) + st) / static_cast<acc_t>(count);
@@ -202,10 +284,12 @@ math::Welford<double> group_stats(
           q2 += v2 * v2;
           q3 += v3 * v3;
         },
-        [&](int64_t i) {
-          const V v = vload<acc_t>(p + i) - shift;
+        [&](int64_t i, int64_t skip) {
+          const V v = zero_lanes_below(vload<acc_t>(p + i) - shift, skip);
           d0 += v;
           q0 += v * v;
+          rotate(d0, d1, d2, d3);
+          rotate(q0, q1, q2, q3);
         },
         [&](int64_t i) {
           const acc_t v = static_cast<acc_t>(p[i]) - shift;
@@ -218,16 +302,21 @@ math::Welford<double> group_stats(
   return math::welford_from_shifted_sums<double>(shift, d, q, count);
 }
 
-// y = (x - centre) * scale + shift over one run.
-template <typename scalar_t, typename acc_t>
+// y = (x - centre) * scale + shift over one run; without kCentre, y = x * scale + shift.
+template <bool kCentre, typename scalar_t, typename acc_t>
 TBN_INLINE void affine_run(
     const scalar_t* p, scalar_t* q, int64_t len, acc_t centre, acc_t scale, acc_t shift) {
-  vec_map<acc_t>(
+  const auto f = [&](auto v) {
+    if constexpr (kCentre) {
+      return (v - centre) * scale + shift;
+    } else {
+      return v * scale + shift;
+    }
+  };
+  vec_map<acc_t, TBN_RUN_BYTES>(
       len,
-      [&](int64_t i) { vstore(q + i, (vload<acc_t>(p + i) - centre) * scale + shift); },
-      [&](int64_t i) {
-        q[i] = static_cast<scalar_t>((static_cast<acc_t>(p[i]) - centre) * scale + shift);
-      });
+      [&](int64_t i) { vstore(q + i, f(vload<acc_t, TBN_RUN_BYTES>(p + i))); },
+      [&](int64_t i) { q[i] = static_cast<scalar_t>(f(static_cast<acc_t>(p[i]))); });
 }
 
 // affine_run over runs of one channel.
@@ -236,19 +325,28 @@ void group_affine(
     const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
     acc_t scale, acc_t shift) {
   for (int64_t s = 0; s < spans; ++s) {
-    affine_run(x + s * stride, y + s * stride, len, centre, scale, shift);
+    affine_run<true>(x + s * stride, y + s * stride, len, centre, scale, shift);
   }
 }
 
 // affine_run over `runs` consecutive runs, run r of channel (c0 + r) % C: memory order.
+// A null `centre` means no centring (evaluation folds the mean into the shift).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void runs_affine(
     const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
     const acc_t* centre, const acc_t* scale, const acc_t* shift) {
-  int64_t c = c0;
-  for (int64_t r = 0; r < runs; ++r) {
-    affine_run(x + r * len, y + r * len, len, centre[c], scale[c], shift[c]);
-    c = c + 1 == C ? 0 : c + 1;
+  const auto each_run = [&](auto centred) {
+    int64_t c = c0;
+    for (int64_t r = 0; r < runs; ++r) {
+      affine_run<decltype(centred)::value>(
+          x + r * len, y + r * len, len, centre ? centre[c] : acc_t(0), scale[c], shift[c]);
+      c = c + 1 == C ? 0 : c + 1;
+    }
+  };
+  if (centre != nullptr) {
+    each_run(std::true_type{});
+  } else {
+    each_run(std::false_type{});
   }
 }
 
@@ -281,10 +379,12 @@ std::pair<double, double> group_grad_sums(
           h2 += a2 * (vload<acc_t>(px + i + 2 * L) - mean);
           h3 += a3 * (vload<acc_t>(px + i + 3 * L) - mean);
         },
-        [&](int64_t i) {
+        [&](int64_t i, int64_t skip) {
           const V a = vload<acc_t>(pg + i);
-          g0 += a;
-          h0 += a * (vload<acc_t>(px + i) - mean);
+          g0 += zero_lanes_below(a, skip);
+          h0 += zero_lanes_below(a * (vload<acc_t>(px + i) - mean), skip);
+          rotate(g0, g1, g2, g3);
+          rotate(h0, h1, h2, h3);
         },
         [&](int64_t i) {
           const acc_t a = static_cast<acc_t>(pg[i]);
@@ -303,12 +403,12 @@ template <bool kUsesInput, typename scalar_t, typename acc_t>
 TBN_INLINE void grad_input_run(
     const scalar_t* pg, const scalar_t* px, scalar_t* q, int64_t len, acc_t mean, acc_t a,
     acc_t b, acc_t c) {
-  vec_map<acc_t>(
+  vec_map<acc_t, TBN_RUN_BYTES>(
       len,
       [&](int64_t i) {
-        auto v = a * vload<acc_t>(pg + i);
+        auto v = a * vload<acc_t, TBN_RUN_BYTES>(pg + i);
         if constexpr (kUsesInput) {
-          v += b * (vload<acc_t>(px + i) - mean) + c;
+          v += b * (vload<acc_t, TBN_RUN_BYTES>(px + i) - mean) + c;
         }
         vstore(q + i, v);
       },
@@ -457,33 +557,48 @@ void rows_stats(
   }
 }
 
-// y = (x - centre[c]) * scale[c] + shift[c].
+// y = (x - centre[c]) * scale[c] + shift[c]; a null `centre` means no centring.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void rows_affine(
     const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
     const acc_t* scale, const acc_t* shift) {
   using V = typename Vec<acc_t>::type;
-  rows_by_four(rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
-    constexpr int64_t R = decltype(rows_const)::value;
-    const scalar_t* p = x + r * C;
-    scalar_t* o = y + r * C;
-    channel_loop<acc_t>(
-        C,
-        [&](int64_t c) {
-          const V m = aload<V>(centre + c);
-          const V s = aload<V>(scale + c);
-          const V b = aload<V>(shift + c);
-          for (int64_t j = 0; j < R; ++j) {
-            vstore(o + j * C + c, (vload<acc_t>(p + j * C + c) - m) * s + b);
-          }
-        },
-        [&](int64_t c) {
-          for (int64_t j = 0; j < R; ++j) {
-            o[j * C + c] = static_cast<scalar_t>(
-                (static_cast<acc_t>(p[j * C + c]) - centre[c]) * scale[c] + shift[c]);
-          }
-        });
-  });
+  const auto all_rows = [&](auto centred) {
+    constexpr bool kCentre = decltype(centred)::value;
+    rows_by_four(rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
+      constexpr int64_t R = decltype(rows_const)::value;
+      const scalar_t* p = x + r * C;
+      scalar_t* o = y + r * C;
+      channel_loop<acc_t>(
+          C,
+          [&](int64_t c) {
+            const V s = aload<V>(scale + c);
+            const V b = aload<V>(shift + c);
+            if constexpr (kCentre) {
+              const V m = aload<V>(centre + c);
+              for (int64_t j = 0; j < R; ++j) {
+                vstore(o + j * C + c, (vload<acc_t>(p + j * C + c) - m) * s + b);
+              }
+            } else {
+              for (int64_t j = 0; j < R; ++j) {
+                vstore(o + j * C + c, vload<acc_t>(p + j * C + c) * s + b);
+              }
+            }
+          },
+          [&](int64_t c) {
+            for (int64_t j = 0; j < R; ++j) {
+              const acc_t v = static_cast<acc_t>(p[j * C + c]);
+              o[j * C + c] = static_cast<scalar_t>(
+                  (kCentre ? (v - centre[c]) : v) * scale[c] + shift[c]);
+            }
+          });
+    });
+  };
+  if (centre != nullptr) {
+    all_rows(std::true_type{});
+  } else {
+    all_rows(std::false_type{});
+  }
 }
 
 // Adds sum(dy) and sum(dy * (x - mean)) of `rows` rows to sum_dy[C] and sum_dy_xmu[C],
