@@ -23,6 +23,25 @@ TORCH_LIBRARY(torch_batchnorm, m) {
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, "
       "Tensor? running_mean, Tensor? running_var, Tensor? save_mean, Tensor? save_invstd, "
       "bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // Training split into pieces, for statistics that span processes (SyncBatchNorm):
+  // per-channel mean and M2 (sum of squared deviations) of the local batch, in the
+  // accumulation dtype;
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor m2)");
+  // normalisation with statistics of `count` values per channel gathered elsewhere, with
+  // the running-statistics update of batch_norm_forward in training;
+  m.def(
+      "batch_norm_forward_with_stats(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor m2, int count, "
+      "float momentum, float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd)");
+  // the local sums sum(dy) and sum(dy * (x - mean)) per channel;
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  // and the input gradient from sums over all `count` values per channel.
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
 }
 
 bool compiled_with_cuda() {

@@ -31,6 +31,38 @@ void check_batch_norm_backward(
     bool training,
     double eps);
 
+// Validation of the ops that split training into pieces, for statistics that span
+// several processes (SyncBatchNorm): local statistics, normalisation with given (global)
+// statistics, the local backward sums, and the input gradient from global sums.
+void check_batch_norm_stats(const at::Tensor& input);
+
+void check_batch_norm_forward_with_stats(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const at::Tensor& mean,
+    const at::Tensor& m2,
+    int64_t count,
+    double eps);
+
+void check_batch_norm_backward_reduce(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd);
+
+void check_batch_norm_backward_elemt(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu,
+    int64_t count);
+
 // True when a float16/bfloat16 input comes with float32 parameters ("mixed type"):
 // the kernels then read and write the parameters and statistics as float.
 bool is_mixed_type(const at::Tensor& input, std::initializer_list<const std::optional<at::Tensor>*> params);

@@ -35,6 +35,19 @@ TBN_HOST_DEVICE void welford_step(Welford<T>& w, T x) {
   w.m2 += delta * (x - w.mean);
 }
 
+// Combines the statistics of two disjoint sets of values, given the share of b in the
+// union, b_frac = b.count / (a.count + b.count). Statistics of several channels over the
+// same values (a vector of channels-last channels) share one division this way.
+template <typename T>
+TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b, T b_frac) {
+  const T delta = b.mean - a.mean;
+  Welford<T> out;
+  out.mean = a.mean + delta * b_frac;
+  out.m2 = a.m2 + b.m2 + delta * delta * static_cast<T>(a.count) * b_frac;
+  out.count = a.count + b.count;
+  return out;
+}
+
 // Combines the statistics of two disjoint sets of values.
 template <typename T>
 TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
@@ -42,13 +55,7 @@ TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& 
   if (count == 0) {
     return a;
   }
-  const T b_frac = static_cast<T>(b.count) / static_cast<T>(count);
-  const T delta = b.mean - a.mean;
-  Welford<T> out;
-  out.mean = a.mean + delta * b_frac;
-  out.m2 = a.m2 + b.m2 + delta * delta * static_cast<T>(a.count) * b_frac;
-  out.count = count;
-  return out;
+  return welford_merge(a, b, static_cast<T>(b.count) / static_cast<T>(count));
 }
 
 // Statistics of `count` values given their mean and their sum of deviations `dsum`
@@ -80,6 +87,18 @@ TBN_HOST_DEVICE T batch_invstd(T var, double eps) {
     return T(0);
   }
   return T(1) / std::sqrt(var + static_cast<T>(eps));
+}
+
+// invstd of the batch statistics of `count` values with sum of squared deviations m2
+// (biased variance m2 / count). An empty batch has no variance: its invstd is 0 rather
+// than NaN, so that the weight gradient, a sum over no values times invstd, is 0 as
+// torch's is.
+template <typename T>
+TBN_HOST_DEVICE T batch_invstd_from_m2(T m2, int64_t count, double eps) {
+  if (count == 0) {
+    return T(0);
+  }
+  return batch_invstd(m2 / static_cast<T>(count), eps);
 }
 
 // 1 / sqrt(running_var + eps), as torch computes it for evaluation.

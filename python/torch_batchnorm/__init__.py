@@ -22,6 +22,7 @@ from . import _fake  # noqa: E402,F401  (fake kernels for torch.compile / export
 from . import functional  # noqa: E402
 from .convert import convert_batchnorm  # noqa: E402
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d  # noqa: E402
+from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 #: CMake prefix for LibTorch programs: find_package(TorchBatchNorm) looks here.
 cmake_prefix_path = _os.path.join(_os.path.dirname(__file__), "lib", "cmake")
@@ -35,6 +36,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "functional",
     "convert_batchnorm",
     "cmake_prefix_path",

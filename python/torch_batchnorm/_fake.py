@@ -2,6 +2,7 @@
 torch.export trace them without running the kernels."""
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
@@ -10,18 +11,28 @@ def _acc_dtype(dtype):
     return _ACC.get(dtype, dtype)
 
 
-def _memory_format(input):
-    # The kernels keep channels-last inputs channels-last and make the rest contiguous.
-    if input.dim() >= 2 and input.movedim(1, -1).is_contiguous():
-        return input.movedim(1, -1).contiguous().movedim(-1, 1)
-    return input.contiguous()
+def _like_input(input):
+    # The kernels return torch's layout (batch_norm_cpu): a contiguous input stays
+    # contiguous, a channels_last / channels_last_3d one keeps that format, anything else
+    # takes its suggested memory format (3D [N, C, L] with C innermost: contiguous).
+    if input.numel() == 0:
+        return torch.empty_like(input)  # any strides; the kernels keep the input's
+    if input.is_contiguous():
+        memory_format = torch.contiguous_format
+    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        memory_format = torch.channels_last
+    elif input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        memory_format = torch.channels_last_3d
+    else:
+        memory_format = suggest_memory_format(input)
+    return torch.empty_like(input, memory_format=memory_format)
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_forward")
 def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
     channels = input.shape[1] if training else 0
     stats = input.new_empty((channels,), dtype=_acc_dtype(input.dtype))
-    return torch.empty_like(_memory_format(input)), stats, stats.clone()
+    return _like_input(input), stats, stats.clone()
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_backward")
@@ -34,9 +45,34 @@ def _batch_norm_backward_fake(
         t is not None and t.dtype == torch.float32 for t in (weight, running_mean, running_var)
     )
     pdtype = torch.float32 if mixed else input.dtype
-    grad_input = (
-        torch.empty_like(_memory_format(input)) if output_mask[0] else input.new_empty((0,))
-    )
+    grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=pdtype)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=pdtype)
     return grad_input, grad_weight, grad_bias
+
+
+def _channel_stats(input, n=2):
+    c = input.shape[1]
+    return tuple(input.new_empty((c,), dtype=_acc_dtype(input.dtype)) for _ in range(n))
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    return _channel_stats(input)
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_forward_with_stats")
+def _batch_norm_forward_with_stats_fake(
+    input, weight, bias, running_mean, running_var, mean, m2, count, momentum, eps
+):
+    return (_like_input(input), *_channel_stats(input))
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_backward_reduce")
+def _batch_norm_backward_reduce_fake(grad_out, input, mean, invstd):
+    return _channel_stats(input)
+
+
+@torch.library.register_fake("torch_batchnorm::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt_fake(grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    return _like_input(input)

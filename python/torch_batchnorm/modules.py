@@ -17,26 +17,45 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 class _BatchNormForward:
     """The forward shared by the three classes: torch's _BatchNorm.forward, except that
     num_batches_tracked is only advanced once the op has succeeded, so a call that
-    raises leaves every buffer as it was."""
+    raises leaves every buffer as it was, and that momentum=None traces under
+    torch.compile(fullgraph=True)."""
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
 
-        momentum = 0.0 if self.momentum is None else self.momentum
         track = self.training and self.track_running_stats
-        if track and self.num_batches_tracked is not None and self.momentum is None:
-            # Cumulative moving average over the batches seen, this one included.
-            momentum = 1.0 / float(self.num_batches_tracked + 1)
-
         # Batch statistics in training, and in eval when there are no buffers.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are passed only where they are updated (training with tracking) or
         # read (evaluation).
         use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        cumulative = (
+            track
+            and self.momentum is None
+            and self.num_batches_tracked is not None
+            and running_mean is not None
+        )
+        traced = cumulative and torch.compiler.is_compiling()
+        if cumulative and not traced:
+            # Cumulative moving average over the batches seen, this one included.
+            momentum = 1.0 / float(self.num_batches_tracked + 1)
+        elif traced:
+            # The op takes its momentum as a Python float, and 1 / num_batches_tracked as
+            # one is data-dependent (a graph break under torch.compile). So the op writes
+            # this batch's statistics (momentum 1) into copies, and the cumulative average
+            # is taken with tensor arithmetic. The copies start as the running values, so
+            # an empty batch, which the op leaves alone, changes nothing. (With float16 or
+            # bfloat16 buffers the copies round the batch statistics once more, which is
+            # why eager mode passes the exact momentum instead.)
+            running_mean, running_var = running_mean.clone(), running_var.clone()
+            momentum = 1.0
         out = F.batch_norm(
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             bn_training,
@@ -45,7 +64,18 @@ class _BatchNormForward:
         )
         if track and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
+        if traced:
+            _cumulative_update(self.running_mean, running_mean, self.num_batches_tracked)
+            _cumulative_update(self.running_var, running_var, self.num_batches_tracked)
         return out
+
+
+def _cumulative_update(running: Tensor, batch: Tensor, count: Tensor) -> None:
+    """running += (batch - running) / count, in float32 at least (as the kernels update
+    float16/bfloat16 statistics), rounded once."""
+    acc = torch.promote_types(running.dtype, torch.float32)
+    old = running.to(acc)
+    running.copy_(old + (batch.to(acc) - old) / count.to(acc))
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):

@@ -44,6 +44,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     });
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = is_defined(bias);
     ctx->mark_non_differentiable({save_mean, save_invstd});
     return {out, save_mean, save_invstd};
   }
@@ -57,8 +58,13 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     };
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
-    const std::array<bool, 3> mask{
-        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+    // needs_input_grad counts only the tensors that were defined in forward: with weight
+    // None, edge 1 is bias (or a running statistic, or nothing at all).
+    const bool has_weight = saved[1].defined();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0),
+                                   has_weight && ctx->needs_input_grad(1),
+                                   has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     at::Tensor grad_input;
     at::Tensor grad_weight;
     at::Tensor grad_bias;
@@ -80,6 +86,53 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   }
 };
 
+// batch_norm_backward has no derivative of its own. Without an autograd kernel, a
+// second differentiation through batch_norm (create_graph=True, then backward again)
+// would only warn and return zeros; like an ATen op without a derivative formula, its
+// outputs get a node that raises when the backward reaches it.
+class BatchNormBackwardFunction : public torch::autograd::Function<BatchNormBackwardFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& grad_out,
+      const at::Tensor& input,
+      const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& running_mean,
+      const std::optional<at::Tensor>& running_var,
+      const std::optional<at::Tensor>& save_mean,
+      const std::optional<at::Tensor>& save_invstd,
+      bool training,
+      double eps,
+      std::array<bool, 3> output_mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_input, grad_weight, grad_bias] = batch_norm_backward(
+        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
+        eps, output_mask);
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false, "derivative for torch_batchnorm::batch_norm_backward is not implemented");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& save_mean,
+    const std::optional<at::Tensor>& save_invstd,
+    bool training,
+    double eps,
+    std::array<bool, 3> output_mask) {
+  auto grads = BatchNormBackwardFunction::apply(
+      grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+      output_mask);
+  return {grads[0], grads[1], grads[2]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -89,6 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     bool training,
     double momentum,
     double eps) {
+  // No gradient flows to the running statistics (training overwrites them in place), so
+  // like torch refuse ones that ask for it rather than return none silently.
+  torch::autograd::check_no_requires_grad(running_mean, "running_mean", "batch_norm_forward");
+  torch::autograd::check_no_requires_grad(running_var, "running_var", "batch_norm_forward");
   auto outs = BatchNormFunction::apply(
       input, weight, bias, running_mean, running_var, training, momentum, eps);
   // The update happened below autograd; bump the versions so graphs that saved the
@@ -104,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
 
 TORCH_LIBRARY_IMPL(torch_batchnorm, Autograd, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
 }
 
 }  // namespace torch_batchnorm

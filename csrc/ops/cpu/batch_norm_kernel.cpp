@@ -23,9 +23,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <utility>
 
 #include "ops/batch_norm_check.h"
+#include "ops/batch_norm_layout.h"
 #include "ops/batch_norm_math.h"
 #include "ops/cpu/batch_norm_loops.h"
 
@@ -49,76 +49,10 @@ constexpr int64_t kGrainElems = 32768;
 template <typename T>
 using Buffer = c10::SmallVector<T, 2048 / sizeof(T)>;
 
-// The input viewed as the kernels walk it.
-struct Layout {
-  int64_t outer;  // N for NCHW, N * prod(spatial) rows for channels-last
-  int64_t channels;
-  int64_t inner;  // prod(spatial) for NCHW, 1 for channels-last
-  bool channels_last;
-
-  int64_t per_channel() const {
-    return outer * inner;
-  }
-};
-
-// A 2D [N, C] tensor, or any tensor whose dim 1 is innermost: the channels of one
-// position are adjacent. (A contiguous [N, C, 1, 1] qualifies too.) The same test as
-// t.movedim(1, -1).is_contiguous(), read off the strides without making a view.
-bool is_channels_last(const at::Tensor& t) {
-  if (t.numel() == 0) {
-    return true;
-  }
-  const auto sizes = t.sizes();
-  const auto strides = t.strides();
-  int64_t expected = 1;
-  const auto next = [&](int64_t d) {
-    if (sizes[d] == 1) {
-      return true;
-    }
-    if (strides[d] != expected) {
-      return false;
-    }
-    expected *= sizes[d];
-    return true;
-  };
-  if (!next(1)) {
-    return false;
-  }
-  for (int64_t d = t.dim() - 1; d >= 2; --d) {
-    if (!next(d)) {
-      return false;
-    }
-  }
-  return next(0);
-}
-
-// Returns `t` in a layout the kernels walk, copying only when it is neither
-// contiguous nor channels-last.
-at::Tensor kernel_layout(const at::Tensor& t, Layout& layout) {
-  at::Tensor x = t;
-  if (!x.is_contiguous() && !is_channels_last(x)) {
-    x = x.contiguous(x.suggest_memory_format());
-    if (!is_channels_last(x)) {
-      x = x.contiguous();
-    }
-  }
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) {
-    spatial *= x.size(d);
-  }
-  layout.channels = x.size(1);
-  layout.channels_last = is_channels_last(x);
-  layout.outer = layout.channels_last ? x.size(0) * spatial : x.size(0);
-  layout.inner = layout.channels_last ? 1 : spatial;
-  return x;
-}
-
-// Brings a second tensor of the input's shape (grad_out) into the input's layout.
-at::Tensor same_layout(const at::Tensor& t, const Layout& layout) {
-  if (layout.channels_last) {
-    return is_channels_last(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
-  }
-  return t.contiguous();
+// grad_out walked like the input: as it usually has the input's strides already, that
+// case skips same_layout's views.
+at::Tensor grad_in_layout(const at::Tensor& grad_out, const at::Tensor& x, const Layout& l) {
+  return grad_out.strides() == x.strides() ? grad_out : same_layout(grad_out, l);
 }
 
 int64_t grain_for(int64_t elems_per_task) {
@@ -218,6 +152,144 @@ at::ScalarType param_dtype(const at::Tensor& input, bool mixed) {
 }
 
 // ---------------------------------------------------------------------------------
+// Reductions
+
+// Mean and M2 of channel c over the runs of batch entries [n0, n1) (planes layout).
+template <typename scalar_t>
+Welford<double> channel_piece_stats(
+    const Loops<scalar_t>& loop, const scalar_t* x, const Layout& l, int64_t c, int64_t n0,
+    int64_t n1) {
+  Welford<double> acc;
+  for_each_group(l, c, n0, n1, [&](int64_t off, int64_t spans, int64_t len) {
+    acc = math::welford_merge(acc, loop.group_stats(x + off, spans, len, l.channels * l.inner));
+  });
+  return acc;
+}
+
+// Mean, M2 and count of every channel.
+template <typename scalar_t>
+Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Loops<scalar_t>& loop = loops<scalar_t>();
+  const int64_t C = l.channels;
+  Buffer<Welford<double>> result(C);
+  if (C == 0 || l.per_channel() == 0) {
+    return result;
+  }
+  if (l.rows) {
+    const int64_t rows = l.outer;
+    const int64_t pieces = cl_pieces(l);
+    const int64_t block = rows_per_block(C);
+    Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: mean[C], m2[C]
+    Buffer<int64_t> partial_count(pieces, 0);
+    at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
+      Buffer<acc_t> scratch(3 * C);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t r0 = rows * p / pieces;
+        const int64_t r1 = rows * (p + 1) / pieces;
+        double* mean = partial.data() + 2 * p * C;
+        loop.rows_stats(
+            x + r0 * C, r1 - r0, C, block, mean, mean + C, &partial_count[p], scratch.data());
+      }
+    });
+    Buffer<double> total(2 * C, 0.0);
+    int64_t n = 0;
+    for (int64_t p = 0; p < pieces; ++p) {
+      const double* mean = partial.data() + 2 * p * C;
+      merge_channel_stats(total.data(), total.data() + C, &n, mean, mean + C, partial_count[p], C);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      result[c] = Welford<double>{total[c], total[C + c], n};
+    }
+    return result;
+  }
+  const int64_t pieces = nchw_pieces(l);
+  Buffer<Welford<double>> partial(C * pieces);
+  at::parallel_for(0, C * pieces, grain_for(l.per_channel() / pieces), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / pieces;
+      const int64_t p = task % pieces;
+      partial[task] =
+          channel_piece_stats(loop, x, l, c, l.outer * p / pieces, l.outer * (p + 1) / pieces);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t p = 0; p < pieces; ++p) {
+      result[c] = math::welford_merge(result[c], partial[c * pieces + p]);
+    }
+  }
+  return result;
+}
+
+// {sum(dy), sum(dy * (x - mean))} of channel c over batch entries [n0, n1) (planes).
+template <typename scalar_t>
+std::pair<double, double> channel_piece_grad_sums(
+    const Loops<scalar_t>& loop, const scalar_t* dy, const scalar_t* x, const Layout& l,
+    int64_t c, int64_t n0, int64_t n1, at::opmath_type<scalar_t> mean) {
+  std::pair<double, double> acc{0.0, 0.0};
+  for_each_group(l, c, n0, n1, [&](int64_t off, int64_t spans, int64_t len) {
+    const auto s =
+        loop.group_grad_sums(dy + off, x + off, spans, len, l.channels * l.inner, mean);
+    acc.first += s.first;
+    acc.second += s.second;
+  });
+  return acc;
+}
+
+// {sum(dy), sum(dy * (x - mean))} of every channel.
+template <typename scalar_t>
+Buffer<std::pair<double, double>> channel_grad_sums(
+    const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* mean, const Layout& l) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Loops<scalar_t>& loop = loops<scalar_t>();
+  const int64_t C = l.channels;
+  Buffer<std::pair<double, double>> result(C, {0.0, 0.0});
+  if (C == 0 || l.per_channel() == 0) {
+    return result;
+  }
+  if (l.rows) {
+    const int64_t rows = l.outer;
+    const int64_t pieces = cl_pieces(l);
+    const int64_t block = rows_per_block(C);
+    Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: sum_dy[C], sum_dy_xmu[C]
+    at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
+      Buffer<acc_t> scratch(2 * C);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t r0 = rows * p / pieces;
+        const int64_t r1 = rows * (p + 1) / pieces;
+        double* sums = partial.data() + 2 * p * C;
+        loop.rows_grad_sums(
+            dy + r0 * C, x + r0 * C, r1 - r0, C, block, mean, sums, sums + C, scratch.data());
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t p = 0; p < pieces; ++p) {
+        result[c].first += partial[2 * p * C + c];
+        result[c].second += partial[2 * p * C + C + c];
+      }
+    }
+    return result;
+  }
+  const int64_t pieces = nchw_pieces(l);
+  Buffer<std::pair<double, double>> partial(C * pieces);
+  at::parallel_for(0, C * pieces, grain_for(l.per_channel() / pieces), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / pieces;
+      const int64_t p = task % pieces;
+      partial[task] = channel_piece_grad_sums(
+          loop, dy, x, l, c, l.outer * p / pieces, l.outer * (p + 1) / pieces, mean[c]);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t p = 0; p < pieces; ++p) {
+      result[c].first += partial[c * pieces + p].first;
+      result[c].second += partial[c * pieces + p].second;
+    }
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------
 // Ops
 
 template <typename scalar_t, typename param_t>
@@ -225,7 +297,8 @@ void forward_impl(
     const at::Tensor& x, const Layout& l, at::Tensor& out, at::Tensor& save_mean,
     at::Tensor& save_invstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps) {
+    const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    const Welford<double>* given = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
@@ -249,7 +322,7 @@ void forward_impl(
       return;
     }
     const acc_t* centre_or_null = training ? centre : nullptr;
-    if (l.channels_last) {
+    if (l.rows) {
       for_each_rows(l, [&](int64_t r0, int64_t rows) {
         loop.rows_affine(x_data + r0 * C, y_data + r0 * C, rows, C, centre_or_null, scale, shift);
       });
@@ -274,7 +347,10 @@ void forward_impl(
     return;
   }
 
-  const bool update_running = running_mean.has_value() && running_mean->defined() && count > 0;
+  // `given`: statistics of every channel gathered elsewhere (batch_norm_forward_with_stats),
+  // whose count includes values this input does not hold.
+  const bool update_running =
+      running_mean.has_value() && running_mean->defined() && (given != nullptr || count > 0);
   acc_t* save_m = save_mean.mutable_data_ptr<acc_t>();
   acc_t* save_i = save_invstd.mutable_data_ptr<acc_t>();
   std::optional<at::TensorAccessor<param_t, 1>> rm;
@@ -288,12 +364,13 @@ void forward_impl(
   // keep their precision.
   const auto finish_channel = [&](int64_t c, const Welford<double>& stats) {
     const acc_t mean = static_cast<acc_t>(stats.mean);
-    const acc_t invstd = math::batch_invstd(static_cast<acc_t>(stats.m2 / count), eps);
+    const acc_t invstd =
+        math::batch_invstd_from_m2(static_cast<acc_t>(stats.m2), stats.count, eps);
     if (update_running) {
       (*rm)[c] = static_cast<param_t>(
           math::running_update(static_cast<acc_t>((*rm)[c]), mean, momentum));
       (*rv)[c] = static_cast<param_t>(math::running_update(
-          static_cast<acc_t>((*rv)[c]), static_cast<acc_t>(math::unbiased_var(stats.m2, count)),
+          static_cast<acc_t>((*rv)[c]), static_cast<acc_t>(math::unbiased_var(stats.m2, stats.count)),
           momentum));
     }
     save_m[c] = mean;
@@ -303,6 +380,13 @@ void forward_impl(
     shift[c] = b[c];
   };
 
+  if (given != nullptr) {
+    for (int64_t c = 0; c < C; ++c) {
+      finish_channel(c, given[c]);
+    }
+    normalize();
+    return;
+  }
   if (count == 0) {
     for (int64_t c = 0; c < C; ++c) {
       finish_channel(c, Welford<double>{});
@@ -310,50 +394,13 @@ void forward_impl(
     return;
   }
 
-  if (l.channels_last) {
-    const int64_t rows = l.outer;
-    const int64_t pieces = cl_pieces(l);
-    const int64_t block = rows_per_block(C);
-    Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: mean[C], m2[C]
-    Buffer<int64_t> partial_count(pieces, 0);
-    at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
-      Buffer<acc_t> scratch(3 * C);
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t r0 = rows * p / pieces;
-        const int64_t r1 = rows * (p + 1) / pieces;
-        double* mean = partial.data() + 2 * p * C;
-        loop.rows_stats(
-            x_data + r0 * C, r1 - r0, C, block, mean, mean + C, &partial_count[p], scratch.data());
-      }
-    });
-    Buffer<double> total(2 * C, 0.0);
-    int64_t n = 0;
-    for (int64_t p = 0; p < pieces; ++p) {
-      const double* mean = partial.data() + 2 * p * C;
-      merge_channel_stats(total.data(), total.data() + C, &n, mean, mean + C, partial_count[p], C);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      finish_channel(c, Welford<double>{total[c], total[C + c], n});
-    }
-    normalize();
-    return;
-  }
-
-  const int64_t pieces = nchw_pieces(l);
   const int64_t stride = C * l.inner;
-  const auto channel_stats = [&](int64_t c, int64_t n0, int64_t n1) {
-    Welford<double> acc;
-    for_each_group(l, c, n0, n1, [&](int64_t off, int64_t spans, int64_t len) {
-      acc = math::welford_merge(acc, loop.group_stats(x_data + off, spans, len, stride));
-    });
-    return acc;
-  };
-  if (pieces == 1) {
-    // The same statistics as below, each channel normalised right after them, while it is
-    // still in cache (L2, or L3 for large channels): memory is read once, not twice.
+  if (!l.rows && nchw_pieces(l) == 1) {
+    // Each channel normalised right after its statistics, while it is still in cache
+    // (L2, or L3 for large channels): memory is read once, not twice.
     at::parallel_for(0, C, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        finish_channel(c, channel_stats(c, 0, l.outer));
+        finish_channel(c, channel_piece_stats(loop, x_data, l, c, 0, l.outer));
         const int64_t off = c * l.inner;
         loop.group_affine(
             x_data + off, y_data + off, l.outer, l.inner, stride, centre[c], scale[c], shift[c]);
@@ -361,20 +408,9 @@ void forward_impl(
     });
     return;
   }
-  Buffer<Welford<double>> partial(C * pieces);
-  at::parallel_for(0, C * pieces, grain_for(count / pieces), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / pieces;
-      const int64_t p = task % pieces;
-      partial[task] = channel_stats(c, l.outer * p / pieces, l.outer * (p + 1) / pieces);
-    }
-  });
+  const auto stats = channel_stats(x_data, l);
   for (int64_t c = 0; c < C; ++c) {
-    Welford<double> acc;
-    for (int64_t p = 0; p < pieces; ++p) {
-      acc = math::welford_merge(acc, partial[c * pieces + p]);
-    }
-    finish_channel(c, acc);
+    finish_channel(c, stats[c]);
   }
   normalize();
 }
@@ -419,11 +455,15 @@ void backward_impl(
     at::Tensor& grad_weight, at::Tensor& grad_bias, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& save_mean, const std::optional<at::Tensor>& save_invstd,
-    bool training, double eps, std::array<bool, 3> mask) {
+    bool training, double eps, std::array<bool, 3> mask,
+    const std::pair<double, double>* given_sums = nullptr, int64_t given_count = 0) {
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
   const int64_t count = l.per_channel();
+  // `given_sums`: sums over `given_count` values per channel gathered elsewhere
+  // (batch_norm_backward_elemt); this input holds only some of them.
+  const int64_t total = given_sums != nullptr ? given_count : count;
   const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* dx_data = mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
@@ -458,7 +498,7 @@ void backward_impl(
       gb[c] = static_cast<param_t>(static_cast<acc_t>(sum_dy));
     }
     const auto coeffs = math::grad_input_coeffs<acc_t>(
-        w[c], invstd[c], static_cast<acc_t>(sum_dy), static_cast<acc_t>(sum_dy_xmu), count,
+        w[c], invstd[c], static_cast<acc_t>(sum_dy), static_cast<acc_t>(sum_dy_xmu), total,
         training);
     a[c] = coeffs.a;
     b[c] = coeffs.b;
@@ -471,7 +511,7 @@ void backward_impl(
     if (dx_data == nullptr || count == 0) {
       return;
     }
-    if (l.channels_last) {
+    if (l.rows) {
       const auto rows_fn = training ? loop.rows_grad_input : loop.rows_grad_input_eval;
       for_each_rows(l, [&](int64_t r0, int64_t rows) {
         const int64_t off = r0 * C;
@@ -487,6 +527,13 @@ void backward_impl(
     });
   };
 
+  if (given_sums != nullptr) {
+    for (int64_t c = 0; c < C; ++c) {
+      finish_channel(c, given_sums[c].first, given_sums[c].second);
+    }
+    grad_input_pass();
+    return;
+  }
   if (!need_sums || count == 0) {
     for (int64_t c = 0; c < C; ++c) {
       finish_channel(c, 0.0, 0.0);
@@ -495,53 +542,14 @@ void backward_impl(
     return;
   }
 
-  if (l.channels_last) {
-    const int64_t rows = l.outer;
-    const int64_t pieces = cl_pieces(l);
-    const int64_t block = rows_per_block(C);
-    Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: sum_dy[C], sum_dy_xmu[C]
-    at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
-      Buffer<acc_t> scratch(2 * C);
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t r0 = rows * p / pieces;
-        const int64_t r1 = rows * (p + 1) / pieces;
-        double* sums = partial.data() + 2 * p * C;
-        loop.rows_grad_sums(
-            dy_data + r0 * C, x_data + r0 * C, r1 - r0, C, block, mean, sums, sums + C,
-            scratch.data());
-      }
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      double sum_dy = 0;
-      double sum_dy_xmu = 0;
-      for (int64_t p = 0; p < pieces; ++p) {
-        sum_dy += partial[2 * p * C + c];
-        sum_dy_xmu += partial[2 * p * C + C + c];
-      }
-      finish_channel(c, sum_dy, sum_dy_xmu);
-    }
-    grad_input_pass();
-    return;
-  }
-
-  const int64_t pieces = nchw_pieces(l);
-  const int64_t stride = C * l.inner;
-  const auto channel_sums = [&](int64_t c, int64_t n0, int64_t n1) {
-    std::pair<double, double> acc{0.0, 0.0};
-    for_each_group(l, c, n0, n1, [&](int64_t off, int64_t spans, int64_t len) {
-      const auto s = loop.group_grad_sums(dy_data + off, x_data + off, spans, len, stride, mean[c]);
-      acc.first += s.first;
-      acc.second += s.second;
-    });
-    return acc;
-  };
-  if (pieces == 1 && dx_data != nullptr) {
-    // The same sums as below, each channel's dx written right after them, while its dy
-    // and x are still in cache.
+  if (!l.rows && nchw_pieces(l) == 1 && dx_data != nullptr) {
+    // Each channel's dx written right after its sums, while its dy and x are still in
+    // cache.
+    const int64_t stride = C * l.inner;
     const auto group_fn = training ? loop.group_grad_input : loop.group_grad_input_eval;
     at::parallel_for(0, C, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const auto s = channel_sums(c, 0, l.outer);
+        const auto s = channel_piece_grad_sums(loop, dy_data, x_data, l, c, 0, l.outer, mean[c]);
         finish_channel(c, s.first, s.second);
         const int64_t off = c * l.inner;
         group_fn(
@@ -551,22 +559,9 @@ void backward_impl(
     });
     return;
   }
-  Buffer<std::pair<double, double>> partial(C * pieces);
-  at::parallel_for(0, C * pieces, grain_for(count / pieces), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / pieces;
-      const int64_t p = task % pieces;
-      partial[task] = channel_sums(c, l.outer * p / pieces, l.outer * (p + 1) / pieces);
-    }
-  });
+  const auto sums = channel_grad_sums(dy_data, x_data, mean, l);
   for (int64_t c = 0; c < C; ++c) {
-    double sum_dy = 0;
-    double sum_dy_xmu = 0;
-    for (int64_t p = 0; p < pieces; ++p) {
-      sum_dy += partial[c * pieces + p].first;
-      sum_dy_xmu += partial[c * pieces + p].second;
-    }
-    finish_channel(c, sum_dy, sum_dy_xmu);
+    finish_channel(c, sums[c].first, sums[c].second);
   }
   grad_input_pass();
 }
@@ -586,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
       grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   Layout l{};
   const at::Tensor x = kernel_layout(input, l);
-  const at::Tensor dy = same_layout(grad_out, l);
+  const at::Tensor dy = grad_in_layout(grad_out, x, l);
   const bool mixed = is_mixed_type(input, {&weight, &running_mean, &running_var});
   const auto pdtype = param_dtype(input, mixed);
   const int64_t C = l.channels;
@@ -609,12 +604,151 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// ---------------------------------------------------------------------------------
+// Training split into pieces (SyncBatchNorm)
+
+template <typename acc_t>
+Buffer<acc_t> channel_values(const at::Tensor& t) {
+  Buffer<acc_t> out(t.numel());
+  load_channels<acc_t>(t, t.numel(), acc_t(0), out.data());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
+  check_batch_norm_stats(input);
+  Layout l{};
+  const at::Tensor x = kernel_layout(input, l);
+  const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  at::Tensor mean = at::empty({l.channels}, options);
+  at::Tensor m2 = at::empty({l.channels}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto stats = channel_stats(x.const_data_ptr<scalar_t>(), l);
+    acc_t* mean_data = mean.mutable_data_ptr<acc_t>();
+    acc_t* m2_data = m2.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < l.channels; ++c) {
+      mean_data[c] = static_cast<acc_t>(stats[c].mean);
+      m2_data[c] = static_cast<acc_t>(stats[c].m2);
+    }
+  });
+  return {mean, m2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_with_stats_cpu(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const at::Tensor& mean,
+    const at::Tensor& m2,
+    int64_t count,
+    double momentum,
+    double eps) {
+  check_batch_norm_forward_with_stats(
+      input, weight, bias, running_mean, running_var, mean, m2, count, eps);
+  Layout l{};
+  const at::Tensor x = kernel_layout(input, l);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor save_mean = at::empty_like(mean, at::MemoryFormat::Contiguous);
+  at::Tensor save_invstd = at::empty_like(mean, at::MemoryFormat::Contiguous);
+  const bool mixed = is_mixed_type(input, {&weight, &bias, &running_mean, &running_var});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_forward_with_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto means = channel_values<acc_t>(mean);
+    const auto m2s = channel_values<acc_t>(m2);
+    Buffer<Welford<double>> given(l.channels);
+    for (int64_t c = 0; c < l.channels; ++c) {
+      given[c] = Welford<double>{means[c], m2s[c], count};
+    }
+    if (mixed) {
+      forward_impl<scalar_t, float>(
+          x, l, out, save_mean, save_invstd, weight, bias, running_mean, running_var,
+          /*training=*/true, momentum, eps, given.data());
+    } else {
+      forward_impl<scalar_t, scalar_t>(
+          x, l, out, save_mean, save_invstd, weight, bias, running_mean, running_var,
+          /*training=*/true, momentum, eps, given.data());
+    }
+  });
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd) {
+  check_batch_norm_backward_reduce(grad_out, input, mean, invstd);
+  Layout l{};
+  const at::Tensor x = kernel_layout(input, l);
+  const at::Tensor dy = grad_in_layout(grad_out, x, l);
+  at::Tensor sum_dy = at::empty_like(mean, at::MemoryFormat::Contiguous);
+  at::Tensor sum_dy_xmu = at::empty_like(mean, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto means = channel_values<acc_t>(mean);
+    const auto sums = channel_grad_sums(
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), means.data(), l);
+    acc_t* s = sum_dy.mutable_data_ptr<acc_t>();
+    acc_t* sx = sum_dy_xmu.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < l.channels; ++c) {
+      s[c] = static_cast<acc_t>(sums[c].first);
+      sx[c] = static_cast<acc_t>(sums[c].second);
+    }
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+at::Tensor batch_norm_backward_elemt_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu,
+    int64_t count) {
+  check_batch_norm_backward_elemt(
+      grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count);
+  Layout l{};
+  const at::Tensor x = kernel_layout(input, l);
+  const at::Tensor dy = grad_in_layout(grad_out, x, l);
+  at::Tensor grad_input = at::empty_like(x);
+  at::Tensor unused;
+  const bool mixed = is_mixed_type(input, {&weight});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto s = channel_values<acc_t>(sum_dy);
+    const auto sx = channel_values<acc_t>(sum_dy_xmu);
+    Buffer<std::pair<double, double>> sums(l.channels);
+    for (int64_t c = 0; c < l.channels; ++c) {
+      sums[c] = {s[c], sx[c]};
+    }
+    const std::array<bool, 3> mask{true, false, false};
+    if (mixed) {
+      backward_impl<scalar_t, float>(
+          dy, x, l, grad_input, unused, unused, weight, std::nullopt, std::nullopt, mean, invstd,
+          /*training=*/true, /*eps=*/0.0, mask, sums.data(), count);
+    } else {
+      backward_impl<scalar_t, scalar_t>(
+          dy, x, l, grad_input, unused, unused, weight, std::nullopt, std::nullopt, mean, invstd,
+          /*training=*/true, /*eps=*/0.0, mask, sums.data(), count);
+    }
+  });
+  return grad_input;
+}
+
 }  // namespace
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(torch_batchnorm, CPU, m) {
   m.impl("batch_norm_forward", &cpu::batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &cpu::batch_norm_backward_cpu);
+  m.impl("batch_norm_stats", &cpu::batch_norm_stats_cpu);
+  m.impl("batch_norm_forward_with_stats", &cpu::batch_norm_forward_with_stats_cpu);
+  m.impl("batch_norm_backward_reduce", &cpu::batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &cpu::batch_norm_backward_elemt_cpu);
 }
 
 }  // namespace torch_batchnorm

@@ -1,0 +1,69 @@
+#pragma once
+
+// The memory layout of the ops' results and how the kernels walk their inputs. Host only,
+// shared by the CPU and CUDA kernels so that both backends return the same strides.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace torch_batchnorm {
+
+// An input as the kernels walk it, in one of two shapes:
+//   planes  [outer = N, C, inner = prod(spatial)], contiguous: one run per (n, c);
+//   rows    [outer = N * prod(spatial), C], inner = 1: the channels of a position adjacent.
+struct Layout {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+  bool rows;
+
+  int64_t per_channel() const {
+    return outer * inner;
+  }
+};
+
+// torch's rule for the layout of the result (batch_norm_cpu, whose callers rely on it:
+// code calls .view() on outputs): a contiguous input gives a contiguous result; a
+// channels_last / channels_last_3d input that is not also contiguous keeps that format;
+// anything else takes its suggested memory format. So a 3D [N, C, L] input with C
+// innermost, or a transposed 2D one, gives a contiguous result.
+inline bool keeps_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() && (t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+                                t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
+// Returns `input` in the layout of the result, copying only where the rule above asks
+// for another one, and sets how the kernels walk it. The result is allocated like the
+// returned tensor (empty_like), so both share its strides.
+//
+// A channels-last tensor is walked as rows, a contiguous one as planes, except where it
+// has no spatial extent ([N, C], [N, C, 1, 1]): its memory is then rows of C channels.
+inline at::Tensor kernel_layout(const at::Tensor& input, Layout& layout) {
+  at::Tensor x = input;
+  if (!x.is_contiguous() && !keeps_channels_last(x)) {
+    // Contiguous, or channels_last(_3d) where that is what torch suggests.
+    x = x.contiguous(x.suggest_memory_format());
+  }
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    spatial *= x.size(d);
+  }
+  layout.channels = x.size(1);
+  layout.rows = !x.is_contiguous() || spatial == 1;
+  layout.outer = layout.rows ? x.size(0) * spatial : x.size(0);
+  layout.inner = layout.rows ? 1 : spatial;
+  return x;
+}
+
+// Brings a second tensor of the input's shape (grad_out) into the walked layout of the
+// input, copying only when its strides differ.
+inline at::Tensor same_layout(const at::Tensor& t, const Layout& layout) {
+  if (layout.rows) {
+    // Channels innermost, in every dimension count: [N, *, C] in memory.
+    return t.movedim(1, -1).contiguous().movedim(-1, 1);
+  }
+  return t.contiguous();
+}
+
+}  // namespace torch_batchnorm

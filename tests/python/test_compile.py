@@ -1,0 +1,92 @@
+"""torch.compile(fullgraph=True) and torch.export trace the ops through their fake kernels
+and the C++ autograd kernel: a compiled training step (forward, backward, running
+statistics, momentum=None included) and a compiled evaluation match torch's BatchNorm
+run eagerly. Few cases, since every compilation takes seconds."""
+
+import copy
+
+import pytest
+import torch
+import torch_batchnorm as tbn
+from conftest import assert_close
+
+
+class Net(torch.nn.Module):
+    """conv-bn-relu, then a BatchNorm1d with momentum=None (a cumulative average, which
+    torch's own module cannot compile with fullgraph=True) on the features. The
+    layers before a BatchNorm have no bias, as in real networks: in training its gradient
+    is zero, and two computations of it differ only by rounding noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4 * 5 * 5, 5, bias=False)
+        self.bn1d = torch.nn.BatchNorm1d(5, momentum=None)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.bn1d(self.head(x.flatten(1)))
+
+
+def _pair():
+    torch.manual_seed(0)
+    ref = Net()
+    return ref, tbn.convert_batchnorm(copy.deepcopy(ref))
+
+
+def _train_step(model, x):
+    model.zero_grad()
+    out = model(x)
+    loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+    loss.backward()
+    return out.detach()
+
+
+def _assert_same(ours, ref):
+    for (name, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
+        assert_close(p_ours.grad, p_ref.grad, f"{name} grad")
+    for (name, b_ref), b_ours in zip(ref.named_buffers(), ours.buffers()):
+        if b_ref.is_floating_point():
+            assert_close(b_ours, b_ref, name)
+        else:
+            assert torch.equal(b_ours, b_ref), name
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_train_step(backend):
+    ref, ours = _pair()
+    compiled = torch.compile(ours, backend=backend, fullgraph=True)
+    for step in range(3):
+        x = torch.randn(6, 3, 5, 5).to(memory_format=torch.channels_last) * 2 + 1
+        assert_close(_train_step(compiled, x), _train_step(ref, x), f"step {step} output")
+        _assert_same(ours, ref)
+    assert ours.bn1d.num_batches_tracked.item() == 3
+
+
+def _trained_pair_in_eval():
+    """The pair after one training step (running statistics moved), in eval mode."""
+    ref, ours = _pair()
+    x = torch.randn(6, 3, 5, 5)
+    for model in (ref, ours):
+        _train_step(model, x)
+        model.eval()
+    return ref, ours
+
+
+def test_compiled_eval():
+    ref, ours = _trained_pair_in_eval()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 3, 5, 5)
+    with torch.no_grad():
+        assert_close(compiled(x), ref(x), "output")
+
+
+def test_export_eval():
+    ref, ours = _trained_pair_in_eval()
+    x = torch.randn(4, 3, 5, 5)
+    program = torch.export.export(ours, (x,))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert "torch_batchnorm.batch_norm_forward.default" in targets
+    with torch.no_grad():
+        assert_close(program.module()(x), ref(x), "output")

@@ -1,0 +1,508 @@
+"""Every input torch.nn.BatchNormNd and torch.nn.functional.batch_norm reject, ours reject
+with the same exception type and message; and, unlike torch, a call that raises leaves
+every parameter and buffer (num_batches_tracked included) as it was.
+
+The few deliberate differences (where torch reads out of bounds, or accepts arguments it
+cannot use) are pinned down at the end of the file, each with its reason."""
+
+import itertools
+
+import pytest
+import torch
+import torch_batchnorm as tbn
+from conftest import BN_TAKES_BIAS, OUR_CLASSES, TORCH_CLASSES, Precision, make_pair
+
+F = torch.nn.functional
+ops = torch.ops.torch_batchnorm
+
+f32, f64, bf16, f16, i64 = torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.long
+
+
+def raised(fn, *args, **kwargs):
+    """(type, message) of the exception fn(*args, **kwargs) raises, or None."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the point is to compare any exception
+        return type(e), str(e)
+    return None
+
+
+def torch_words(error):
+    """torch's error as ours word it: the one autograd message names the op that refuses,
+    which is native_batch_norm in torch and batch_norm_forward here."""
+    if error is None:
+        return None
+    kind, message = error
+    return kind, message.replace("'native_batch_norm'", "'batch_norm_forward'")
+
+
+def snapshot(tensors):
+    return [None if t is None else t.detach().clone() for t in tensors]
+
+
+def assert_unchanged(before, after, what):
+    for i, (b, a) in enumerate(zip(before, after)):
+        assert (b is None) == (a is None), f"{what}[{i}]"
+        if b is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{what}[{i}] changed on error"
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+
+C = 3
+
+
+def _input(ndim, channels=C, batch=4, dtype=f32):
+    shape = (batch, channels) + (2,) * max(ndim - 2, 0) if ndim >= 2 else (batch,) * ndim
+    return torch.randn(shape).to(dtype)
+
+
+def _setattr(name, value):
+    return lambda m: setattr(m, name, value(m) if callable(value) else value)
+
+
+def _requires_grad(name):
+    return lambda m: getattr(m, name).requires_grad_()
+
+
+# (id, module ndim, constructor kwargs, training, module edit, input)
+MODULE_CASES = []
+for ndim, bad in [(2, [1, 4]), (4, [2, 3, 5]), (5, [3, 4, 6])]:
+    for bad_ndim in bad:
+        for training in (True, False):
+            MODULE_CASES.append(
+                (
+                    f"{ndim}d_class_{bad_ndim}d_input",
+                    ndim,
+                    {},
+                    training,
+                    None,
+                    lambda d=bad_ndim: _input(d),
+                )
+            )
+for ndim in (2, 3, 4, 5):
+    MODULE_CASES.append(
+        (
+            f"{ndim}d_one_value_per_channel",
+            ndim,
+            {},
+            True,
+            None,
+            lambda d=ndim: _input(d, batch=1)[(slice(None),) * 2 + (slice(0, 1),) * (d - 2)],
+        )
+    )
+for training, kwargs in itertools.product(
+    (True, False),
+    [
+        {},
+        {"affine": False},
+        {"track_running_stats": False},
+    ]
+    + ([{"bias": False}] if BN_TAKES_BIAS else []),
+):
+    MODULE_CASES.append(
+        (
+            f"wrong_channels_{'train' if training else 'eval'}_{kwargs}",
+            4,
+            kwargs,
+            training,
+            None,
+            lambda: _input(4, channels=C + 1),
+        )
+    )
+MODULE_CASES += [
+    ("eps_zero_train", 4, {"eps": 0.0}, True, None, lambda: _input(4)),
+    ("eps_negative_train", 4, {"eps": -1.0}, True, None, lambda: _input(4)),
+    ("eps_negative_eval", 4, {"eps": -1.0}, False, None, lambda: _input(4)),
+    (
+        "eps_negative_untracked_eval",
+        4,
+        {"eps": -1e-3, "track_running_stats": False},
+        False,
+        None,
+        lambda: _input(4),
+    ),
+    ("running_mean_none_eval", 4, {}, False, _setattr("running_mean", None), lambda: _input(4)),
+    ("running_var_none_eval", 4, {}, False, _setattr("running_var", None), lambda: _input(4)),
+    ("running_mean_none_train", 4, {}, True, _setattr("running_mean", None), lambda: _input(4)),
+    ("running_var_none_train", 4, {}, True, _setattr("running_var", None), lambda: _input(4)),
+    (
+        "running_mean_2d",
+        4,
+        {},
+        True,
+        _setattr("running_mean", lambda m: m.running_mean.view(C, 1)),
+        lambda: _input(4),
+    ),
+    (
+        "running_mean_requires_grad_train",
+        4,
+        {},
+        True,
+        _requires_grad("running_mean"),
+        lambda: _input(4),
+    ),
+    (
+        "running_var_requires_grad_eval",
+        4,
+        {},
+        False,
+        _requires_grad("running_var"),
+        lambda: _input(4),
+    ),
+    ("integer_input_train", 4, {}, True, None, lambda: _input(4, dtype=i64)),
+    ("integer_input_eval", 4, {}, False, None, lambda: _input(4, dtype=i64)),
+    ("bool_input", 2, {}, True, None, lambda: _input(2) > 0),
+    ("float64_input_float32_module", 4, {}, True, None, lambda: _input(4, dtype=f64)),
+    ("float32_input_float64_module", 4, {"dtype": f64}, True, None, lambda: _input(4)),
+    ("float32_input_bfloat16_module", 2, {"dtype": bf16}, False, None, lambda: _input(2)),
+    ("float16_input_bfloat16_module", 4, {"dtype": bf16}, True, None, lambda: _input(4, dtype=f16)),
+    (
+        "bfloat16_input_float64_module",
+        4,
+        {"dtype": f64},
+        False,
+        None,
+        lambda: _input(4, dtype=bf16),
+    ),
+    (
+        "bfloat16_input_float16_stats",
+        4,
+        {},
+        True,
+        lambda m: (
+            _setattr("running_mean", lambda m: m.running_mean.half())(m),
+            _setattr("running_var", lambda m: m.running_var.half())(m),
+        ),
+        lambda: _input(4, dtype=bf16),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
+def test_module_errors(case):
+    _, ndim, kwargs, training, edit, make_x = case
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype", f32)
+    torch.manual_seed(0)
+    ref, ours = make_pair(ndim, C, Precision(dtype, dtype), **kwargs)
+    for module in (ref, ours):
+        module.train(training)
+        if edit is not None:
+            edit(module)
+    x = make_x()
+    expected = raised(ref, x.clone())
+    assert expected is not None, "not an error case for torch"
+    state = list(ours.parameters()) + list(ours.buffers())
+    before = snapshot(state)
+    assert raised(ours, x.clone()) == torch_words(expected)
+    assert_unchanged(before, list(ours.parameters()) + list(ours.buffers()), "state")
+
+
+@pytest.mark.parametrize("ndim", [2, 4, 5])
+def test_num_batches_tracked_unchanged_on_error(ndim):
+    """torch advances num_batches_tracked before it validates; ours do not."""
+    ref, ours = make_pair(ndim, C)
+    x = _input(ndim, channels=C + 1)
+    for module in (ref, ours):
+        with pytest.raises(RuntimeError):
+            module(x)
+    assert ref.num_batches_tracked.item() == 4
+    assert ours.num_batches_tracked.item() == 3
+
+
+# ---------------------------------------------------------------------------------------
+# Functional form
+
+
+def _stats(n=C, dtype=f32):
+    return torch.zeros(n, dtype=dtype), torch.ones(n, dtype=dtype)
+
+
+X = torch.randn(4, C, 5)
+W, B = torch.rand(C) + 0.5, torch.rand(C)
+TRAIN = {"training": True}
+
+# (id, args of batch_norm after input, kwargs, input)
+FUNCTIONAL_CASES = [
+    ("0d_train", _stats(), TRAIN, torch.tensor(1.0)),
+    ("1d_size1_train", _stats(), TRAIN, torch.randn(1)),
+    ("one_value_per_channel", _stats(), TRAIN, torch.randn(1, C)),
+    ("one_value_per_channel_4d", _stats(), TRAIN, torch.randn(1, C, 1, 1)),
+    ("one_value_per_channel_eps0", _stats(), {"training": True, "eps": 0.0}, torch.randn(1, C)),
+    ("eps_zero_train", _stats(), {"training": True, "eps": 0.0}, X),
+    ("eps_negative_train", _stats(), {"training": True, "eps": -1.0}, X),
+    ("eps_minus_inf_train", _stats(), {"training": True, "eps": float("-inf")}, X),
+    ("eps_negative_eval", _stats(), {"eps": -1.0}, X),
+    ("eps_zero_and_wrong_stats", _stats(C + 1), {"training": True, "eps": 0.0}, X),
+    ("eval_without_stats", (None, None), {}, X),
+    ("eval_without_mean", (None, torch.ones(C)), {}, X),
+    ("eval_without_var", (torch.zeros(C), None), {}, X),
+    ("eval_without_mean_wrong_var", (None, torch.ones(C + 1)), {}, X),
+    ("train_without_mean", (None, torch.ones(C)), TRAIN, X),
+    ("train_without_var", (torch.zeros(C), None), TRAIN, X),
+    ("train_without_mean_wrong_var", (None, torch.ones(C + 1)), TRAIN, X),
+    ("running_mean_size", (torch.zeros(C + 1), torch.ones(C)), TRAIN, X),
+    ("running_var_size", (torch.zeros(C), torch.ones(C - 1)), TRAIN, X),
+    ("running_mean_size_eval", (torch.zeros(C + 1), torch.ones(C)), {}, X),
+    ("both_sizes_eval", (torch.zeros(C + 1), torch.ones(C + 2)), {}, X),
+    ("weight_size", _stats() + (torch.ones(C + 1),), TRAIN, X),
+    ("bias_size", _stats() + (W, torch.ones(C + 1)), TRAIN, X),
+    ("weight_size_no_stats", (None, None, torch.ones(2)), TRAIN, X),
+    ("stats_and_weight_size", (torch.zeros(C + 1), torch.ones(C), torch.ones(C + 2)), TRAIN, X),
+    ("running_mean_2d", (torch.zeros(C, 1), torch.ones(C)), TRAIN, X),
+    ("running_var_2d_eval", (torch.zeros(C), torch.ones(1, C)), {}, X),
+    ("running_mean_0d", (torch.tensor(0.0), torch.ones(1)), TRAIN, torch.randn(4, 1)),
+    ("running_mean_3d", (torch.zeros(1, C, 1), torch.ones(C)), TRAIN, X),
+    ("running_mean_2d_float64", (torch.zeros(C, 1, dtype=f64), torch.ones(C)), TRAIN, X),
+    ("running_mean_2d_integer_input", (torch.zeros(C, 1), torch.ones(C)), TRAIN, X.long()),
+    (
+        "running_mean_2d_wrong_weight",
+        (torch.zeros(C, 1), torch.ones(C), torch.ones(C + 1)),
+        TRAIN,
+        X,
+    ),
+    ("long_input", _stats(), TRAIN, X.long()),
+    ("long_input_eval", _stats(), {}, X.long()),
+    ("long_input_wrong_stats", _stats(C + 1), TRAIN, X.long()),
+    ("long_input_float64_stats", _stats(dtype=f64), TRAIN, X.long()),
+    ("int8_input", _stats(), TRAIN, X.to(torch.int8)),
+    ("bool_input", _stats(), TRAIN, X > 0),
+    ("complex_input", _stats(), TRAIN, X.to(torch.complex64)),
+    ("float8_input", _stats(), TRAIN, X.to(torch.float8_e4m3fn)),
+    ("stats_require_grad_train", (torch.zeros(C).requires_grad_(), torch.ones(C)), TRAIN, X),
+    ("stats_require_grad_eval", (torch.zeros(C), torch.ones(C).requires_grad_()), {}, X),
+]
+
+
+def _clone(t):
+    return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=[c[0] for c in FUNCTIONAL_CASES])
+def test_functional_errors(case):
+    _, args, kwargs, x = case
+    expected = raised(F.batch_norm, _clone(x), *map(_clone, args), **kwargs)
+    assert expected is not None, "not an error case for torch"
+    ours_args = [_clone(a) for a in args]
+    before = snapshot(ours_args)
+    assert raised(tbn.functional.batch_norm, _clone(x), *ours_args, **kwargs) == torch_words(
+        expected
+    )
+    assert_unchanged(before, ours_args, "arguments")
+
+
+_NAMES = {f32: "f32", f64: "f64", bf16: "bf16", f16: "f16", i64: "i64", None: "none"}
+_PARAM_DTYPES = [None, f32, f64, bf16, f16, i64]
+
+
+@pytest.mark.parametrize("dtype", [f32, f64, bf16, f16], ids=_NAMES.get)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dtype_rules(dtype, training):
+    """Every combination of input dtype with weight, bias and running statistics dtypes
+    (torch's "mixed type" rules, and which argument its message names first): the same
+    ones fail, with the same messages, and no argument changes when they do."""
+    x = torch.randn(4, C, 2).to(dtype)
+    for w, b, mean, var in itertools.product(_PARAM_DTYPES, repeat=4):
+        if (mean is None) != (var is None) or (mean is None and not training):
+            continue  # None statistics: their own cases above
+        dtypes = (mean, var, w, b)
+        args = [None if d is None else (torch.rand(C) + 0.5).to(d) for d in dtypes]
+        expected = raised(F.batch_norm, x, *map(_clone, args), training=training)
+        ours_args = [_clone(a) for a in args]
+        before = snapshot(ours_args)
+        actual = raised(tbn.functional.batch_norm, x, *ours_args, training=training)
+        names = "/".join(_NAMES[d] for d in dtypes)
+        assert actual == expected, f"input {_NAMES[dtype]}, mean/var/weight/bias {names}"
+        if expected is not None:
+            assert_unchanged(before, ours_args, names)
+
+
+def test_torch_module_error_inputs():
+    """The error inputs torch's own module tests use (common_modules), in training mode as
+    there."""
+    from torch.testing._internal.common_modules import module_db
+
+    for info in module_db:
+        if info.module_cls not in OUR_CLASSES:
+            continue
+        for error_input in info.module_error_inputs_func(
+            info, device="cpu", dtype=f32, requires_grad=False, training=True
+        ):
+            sample = error_input.module_error_input
+            ctor, fwd = sample.constructor_input, sample.forward_input
+            ref = info.module_cls(*ctor.args, **ctor.kwargs)
+            ours = OUR_CLASSES[info.module_cls](*ctor.args, **ctor.kwargs)
+            expected = raised(ref, *fwd.args, **fwd.kwargs)
+            assert expected is not None and expected[0] is error_input.error_type
+            before = snapshot(list(ours.buffers()))
+            assert raised(ours, *fwd.args, **fwd.kwargs) == expected
+            assert_unchanged(before, list(ours.buffers()), "buffers")
+
+
+# ---------------------------------------------------------------------------------------
+# The ops called directly: undersized or malformed statistics raise, never crash.
+
+
+def _forward_args(n_stats=C, **overrides):
+    args = {
+        "input": torch.randn(4, C, 3),
+        "weight": torch.ones(C),
+        "bias": torch.zeros(C),
+        "running_mean": torch.zeros(n_stats),
+        "running_var": torch.ones(n_stats),
+        "training": True,
+        "momentum": 0.1,
+        "eps": 1e-5,
+    }
+    args.update(overrides)
+    return args
+
+
+FORWARD_OP_CASES = [
+    (
+        "undersized_running_mean",
+        {"running_mean": torch.zeros(1)},
+        "running_mean should contain 3 elements not 1",
+    ),
+    (
+        "empty_running_var_eval",
+        {"running_var": torch.ones(0), "training": False},
+        "running_var should contain 3 elements not 0",
+    ),
+    ("undersized_weight", {"weight": torch.ones(2)}, "weight should contain 3 elements not 2"),
+    (
+        "empty_bias_eval",
+        {"bias": torch.zeros(0), "training": False},
+        "bias should contain 3 elements not 0",
+    ),
+    ("weight_2d", {"weight": torch.ones(1, C)}, "weight should be a 1D tensor, got 2D"),
+    (
+        "oversized_stats_with_empty_input",
+        {"input": torch.randn(0, C, 3), "running_mean": torch.zeros(C + 5)},
+        "running_mean should contain 3 elements not 8",
+    ),
+    (
+        "eval_without_stats",
+        {"running_mean": None, "running_var": None, "training": False},
+        "running_mean must be defined in evaluation mode",
+    ),
+    ("input_1d", {"input": torch.randn(5)}, "Dimension out of range"),
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_OP_CASES, ids=[c[0] for c in FORWARD_OP_CASES])
+def test_forward_op_rejects(case):
+    _, overrides, message = case
+    args = _forward_args(**overrides)
+    before = snapshot([args["running_mean"], args["running_var"]])
+    with pytest.raises((RuntimeError, IndexError), match=message):
+        ops.batch_norm_forward(**args)
+    assert_unchanged(before, [args["running_mean"], args["running_var"]], "running stats")
+
+
+def _backward_args(**overrides):
+    x = torch.randn(4, C, 3)
+    args = {
+        "grad_out": torch.randn_like(x),
+        "input": x,
+        "weight": torch.ones(C),
+        "running_mean": None,
+        "running_var": None,
+        "save_mean": x.mean((0, 2)),
+        "save_invstd": torch.ones(C),
+        "training": True,
+        "eps": 1e-5,
+        "output_mask": [True, True, True],
+    }
+    args.update(overrides)
+    return args
+
+
+BACKWARD_OP_CASES = [
+    ("undersized_save_mean", {"save_mean": torch.zeros(1)}, "save_mean should contain 3"),
+    ("empty_save_invstd", {"save_invstd": torch.ones(0)}, "save_invstd should contain 3"),
+    ("missing_save_invstd", {"save_invstd": None}, "must be defined in training mode"),
+    ("undersized_weight", {"weight": torch.ones(2)}, "weight should contain 3"),
+    (
+        "undersized_running_var_eval",
+        {"training": False, "running_mean": torch.zeros(C), "running_var": torch.ones(2)},
+        "running_var should contain 3",
+    ),
+    (
+        "missing_running_mean_eval",
+        {"training": False, "running_var": torch.ones(C)},
+        "must be defined in evaluation mode",
+    ),
+    ("grad_out_shape", {"grad_out": torch.randn(4, C, 2)}, "does not match input"),
+    ("grad_out_dtype", {"grad_out": torch.randn(4, C, 3, dtype=f64)}, "grad_out has dtype"),
+    ("save_mean_dtype", {"save_mean": torch.zeros(C, dtype=f64)}, "must have dtype"),
+    ("save_mean_2d", {"save_mean": torch.zeros(C, 1)}, "save_mean should be a 1D tensor"),
+    ("weight_dtype", {"weight": torch.ones(C, dtype=f64)}, "expect parameter to have scalar type"),
+    ("negative_eps", {"eps": -1.0}, "eps must be non-negative"),
+    (
+        "integer_input",
+        {"input": torch.ones(4, C, 3, dtype=i64), "grad_out": torch.ones(4, C, 3, dtype=i64)},
+        "not implemented for 'Long'",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_OP_CASES, ids=[c[0] for c in BACKWARD_OP_CASES])
+def test_backward_op_rejects(case):
+    _, overrides, message = case
+    with pytest.raises((RuntimeError, ValueError, NotImplementedError), match=message):
+        ops.batch_norm_backward(**_backward_args(**overrides))
+
+
+# ---------------------------------------------------------------------------------------
+# Deliberate differences from torch
+
+
+@pytest.mark.parametrize(
+    "x,training",
+    [
+        (torch.tensor(1.0), False),
+        (torch.randn(3), True),
+        (torch.randn(3), False),
+    ],
+    ids=["0d_eval", "1d_train", "1d_eval"],
+)
+def test_input_below_2d(x, training):
+    """torch reads input.size(1) without a bounds check here (its message reports whatever
+    lies past the sizes); ours raise the IndexError at::Tensor::size(1) raises."""
+    with pytest.raises(IndexError, match="Dimension"):
+        tbn.functional.batch_norm(x, *_stats(), training=training)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        (_stats(C + 1), TRAIN, "running_mean should contain 3 elements not 4"),
+        ((None, None), {}, "running_mean must be defined in evaluation mode"),
+        (_stats(dtype=f64), TRAIN, "expect parameter to have scalar type of Float"),
+    ],
+)
+def test_empty_input_still_validated(args, kwargs, message):
+    """torch returns early for an empty input and accepts any statistics with it; ours
+    validate them as for any other batch, so a model that is wrong fails on its first
+    batch whatever its size."""
+    x = torch.randn(0, C, 2)
+    assert F.batch_norm(x, *map(_clone, args), **kwargs).shape == x.shape
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        tbn.functional.batch_norm(x, *args, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(1, C), (C, 1)])
+def test_weight_must_be_1d(shape):
+    """torch flattens a weight or bias of any shape holding C elements; ours take the 1-D
+    tensors the modules hold, and say so otherwise."""
+    x = torch.randn(4, C)
+    F.batch_norm(x, None, None, torch.ones(shape), training=True)
+    with pytest.raises(RuntimeError, match="weight should be a 1D tensor, got 2D"):
+        tbn.functional.batch_norm(x, None, None, torch.ones(shape), training=True)
+
+
+def test_classes_cover_torch():
+    assert set(OUR_CLASSES) == set(TORCH_CLASSES.values())

@@ -1,0 +1,67 @@
+"""torch.autograd.gradcheck of the functional form in float64: gradients of input, weight
+and bias against finite differences, in training (through the batch statistics) and in
+evaluation, with and without affine parameters, contiguous and channels-last."""
+
+import pytest
+import torch
+import torch_batchnorm as tbn
+
+C = 3
+
+
+def _inputs(shape, channels_last, affine):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    params = (
+        (torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64))
+        if affine
+        else (None, None)
+    )
+    return [t.requires_grad_() if t is not None else None for t in (x, *params)]
+
+
+def _running_stats():
+    return (torch.randn(C, dtype=torch.float64) * 0.1, torch.rand(C, dtype=torch.float64) + 0.5)
+
+
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [
+        ((4, C), False),
+        ((3, C, 5), False),
+        ((2, C, 3, 4), False),
+        ((2, C, 3, 4), True),
+        ((2, C, 2, 3, 2), False),
+    ],
+    ids=["2d", "3d", "nchw", "channels_last", "5d"],
+)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("mode", ["train", "train_tracking", "eval"])
+def test_gradcheck(mode, affine, shape, channels_last):
+    x, weight, bias = _inputs(shape, channels_last, affine)
+    running_mean, running_var = _running_stats()
+
+    def fn(x, weight, bias):
+        if mode == "eval":
+            return tbn.functional.batch_norm(x, running_mean, running_var, weight, bias)
+        # Fresh copies: every evaluation would otherwise move the statistics it updates.
+        stats = (
+            (running_mean.clone(), running_var.clone())
+            if mode == "train_tracking"
+            else (None, None)
+        )
+        return tbn.functional.batch_norm(x, *stats, weight, bias, training=True, eps=1e-3)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+
+
+def test_double_backward_is_refused():
+    """The backward op has no derivative of its own (torch's has): a second derivative
+    must raise, not come back as zeros with a warning."""
+    x, weight, bias = _inputs((4, C), False, True)
+    out = tbn.functional.batch_norm(x, None, None, weight, bias, training=True)
+    (grad_x,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for torch_batchnorm::batch_norm_backward"):
+        torch.autograd.grad(grad_x.sum(), weight)

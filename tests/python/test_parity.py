@@ -1,0 +1,297 @@
+"""Parity with torch.nn.BatchNorm1d/2d/3d and torch.nn.functional.batch_norm over the
+matrix torch tests BatchNorm with: shapes (odd sizes, C=1, 1x1 spatial, N=1 with spatial
+> 1, zero batch), every dtype with same-dtype and float32 ("mixed") parameters, train and
+eval, momentum values, affine and tracking options, and memory layouts. Each case runs
+several steps and compares outputs, gradients of input, weight and bias, the running
+statistics and num_batches_tracked."""
+
+import itertools
+
+import pytest
+import torch
+import torch_batchnorm as tbn
+from conftest import (
+    BN_TAKES_BIAS,
+    FLOAT32,
+    FLOAT64,
+    LAYOUTS,
+    PRECISIONS,
+    assert_close,
+    assert_same_layout,
+    layout_applies,
+    make_input,
+    make_pair,
+    run_steps,
+    single_threaded,
+)
+
+SHAPES = [
+    # BatchNorm1d on [N, C]
+    (4, 10),
+    (3, 1),
+    (2, 1),
+    (7, 33),
+    (0, 5),
+    # BatchNorm1d on [N, C, L]
+    (4, 5, 3),
+    (1, 3, 7),
+    (3, 1, 5),
+    (5, 7, 1),
+    (0, 5, 9),
+    # BatchNorm2d
+    (2, 3, 6, 6),
+    (4, 1, 9, 9),
+    (4, 9, 1, 1),
+    (1, 4, 3, 5),
+    (3, 2, 3, 4),
+    (5, 7, 11, 13),
+    (0, 5, 2, 2),
+    # BatchNorm3d
+    (2, 3, 4, 4, 4),
+    (1, 2, 3, 5, 2),
+    (3, 5, 1, 1, 1),
+    (0, 5, 2, 2, 2),
+]
+
+# Large enough that the kernels split channels into several chunks, blocks and parallel
+# pieces, and merge partial statistics.
+LARGE_SHAPES = [
+    (20000, 3),
+    (4, 16, 2500),
+    (8, 16, 32, 32),
+    (3, 5, 50, 51),
+    (2, 8, 9, 30, 31),
+]
+
+
+def _ids(value):
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _cases(shapes, layouts):
+    return [
+        (s, layout)
+        for s, layout in itertools.product(shapes, layouts)
+        if layout_applies(layout, len(s))
+    ]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS, ids=str)
+@pytest.mark.parametrize("shape,layout", _cases(SHAPES, LAYOUTS), ids=_ids)
+def test_train_then_eval(shape, layout, precision, device):
+    ref, ours = make_pair(len(shape), shape[1], precision, device)
+    run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=3)
+    ref.eval()
+    ours.eval()
+    run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=1, seed=1)
+
+
+@pytest.mark.parametrize("precision", [FLOAT32, FLOAT64, PRECISIONS[3], PRECISIONS[4]], ids=str)
+@pytest.mark.parametrize(
+    "shape,layout", _cases(LARGE_SHAPES, ["contiguous", "channels_last", "sliced"]), ids=_ids
+)
+def test_large(shape, layout, precision, device):
+    ref, ours = make_pair(len(shape), shape[1], precision, device)
+    run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=2)
+    ref.eval()
+    ours.eval()
+    run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=1)
+
+
+AFFINE = {
+    "affine": {"affine": True},
+    "no_affine": {"affine": False},
+}
+if BN_TAKES_BIAS:
+    AFFINE["no_bias"] = {"affine": True, "bias": False}
+OPTION_CASES = [
+    ((6, 4), "contiguous"),
+    ((2, 3, 6, 6), "contiguous"),
+    ((2, 3, 6, 6), "channels_last"),
+    ((2, 3, 4, 4, 4), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("precision", [FLOAT32, PRECISIONS[2], PRECISIONS[5]], ids=str)
+@pytest.mark.parametrize("shape,layout", OPTION_CASES, ids=_ids)
+@pytest.mark.parametrize("track_running_stats", [True, False], ids=["track", "no_track"])
+@pytest.mark.parametrize("affine", list(AFFINE), ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 0.8], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_options(
+    training, momentum, affine, track_running_stats, shape, layout, precision, device
+):
+    ref, ours = make_pair(
+        len(shape),
+        shape[1],
+        precision,
+        device,
+        momentum=momentum,
+        track_running_stats=track_running_stats,
+        **AFFINE[affine],
+    )
+    ref.train(training)
+    ours.train(training)
+    run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=3)
+
+
+GRAD_LAYOUT_CASES = [
+    ((6, 5), "contiguous", "permuted"),
+    ((6, 5), "permuted", "contiguous"),
+    ((4, 3, 7), "channels_last", "contiguous"),
+    ((2, 3, 6, 5), "contiguous", "channels_last"),
+    ((2, 3, 6, 5), "channels_last", "contiguous"),
+    ((2, 3, 6, 5), "channels_last", "sliced"),
+    ((2, 3, 6, 5), "sliced", "channels_last"),
+    ((2, 3, 6, 5), "permuted", "channels_last_sliced"),
+    ((2, 3, 4, 3, 5), "channels_last", "permuted"),
+    ((2, 3, 4, 3, 5), "contiguous", "channels_last"),
+    # Dense in both layouts' eyes but with different strides: torch's own backward reads
+    # this grad_out with the input's strides (see conftest.compare_step).
+    ((1, 3, 1, 4), "contiguous", "permuted"),
+    ((1, 3, 1, 4), "permuted", "contiguous"),
+]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS[:3] + PRECISIONS[5:], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout,grad_layout", GRAD_LAYOUT_CASES, ids=_ids)
+def test_grad_out_layout(shape, layout, grad_layout, training, precision, device):
+    ref, ours = make_pair(len(shape), shape[1], precision, device)
+    ref.train(training)
+    ours.train(training)
+    run_steps(
+        ref,
+        ours,
+        shape,
+        layout=layout,
+        grad_layout=grad_layout,
+        precision=precision,
+        device=device,
+        steps=2,
+    )
+
+
+@pytest.mark.parametrize(
+    "layout,memory_format",
+    [
+        ("channels_last", torch.channels_last),
+        ("channels_last_sliced", torch.channels_last),
+        ("contiguous", torch.contiguous_format),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_output_keeps_channels_last(layout, memory_format, training, device):
+    _, ours = make_pair(4, 3, device=device)
+    ours.train(training)
+    leaf, view = make_input((2, 3, 5, 4), layout, torch.float32, device)
+    leaf.requires_grad_()
+    out = ours(view(leaf))
+    assert out.is_contiguous(memory_format=memory_format)
+    out.backward(torch.ones_like(out))
+    assert leaf.grad.is_contiguous(memory_format=memory_format)
+    x3d = make_input((2, 3, 3, 4, 2), "channels_last", torch.float32, device)[0]
+    _, ours3d = make_pair(5, 3, device=device)
+    assert ours3d(x3d).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+# ---------------------------------------------------------------------------------------
+# Functional form: momentum values a module never passes, eps, None running statistics.
+
+FUNCTIONAL_SHAPES = [(3, 1), (2, 1), (3, 2, 3, 4), (4, 5, 3), (2, 3, 2, 3, 2)]
+
+
+def _functional_args(shape, precision, device, *, stats: bool, affine: bool, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    leaf, view = make_input(shape, "contiguous", precision.dtype, device, generator=generator)
+    C = shape[1]
+    params = {}
+    if affine:
+        params["weight"] = torch.rand(C, generator=generator) + 0.5
+        params["bias"] = torch.rand(C, generator=generator) - 0.5
+    if stats:
+        params["running_mean"] = 0.1 * torch.randn(C, generator=generator)
+        params["running_var"] = torch.rand(C, generator=generator) + 0.5
+    params = {k: v.to(device=device, dtype=precision.param_dtype) for k, v in params.items()}
+    grad_out = torch.randn(shape, generator=generator).to(device=device, dtype=precision.dtype)
+    return leaf, view, params, grad_out
+
+
+def _run_functional(fn, leaf, view, params, grad_out, dtype, **kwargs):
+    """fn on copies of the arguments cast to `dtype` (parameters too, keeping float32
+    ones float32 where dtype is reduced); returns output, input grad and the parameters."""
+    x = leaf.detach().clone().to(dtype).requires_grad_()
+    p = {
+        k: v.detach()
+        .clone()
+        .to(torch.float64 if dtype == torch.float64 else v.dtype)
+        .requires_grad_(k in ("weight", "bias"))
+        for k, v in params.items()
+    }
+    out = fn(
+        view(x),
+        p.get("running_mean"),
+        p.get("running_var"),
+        p.get("weight"),
+        p.get("bias"),
+        **kwargs,
+    )
+    out.backward(grad_out.to(dtype))
+    return out, x.grad, p
+
+
+# Evaluation without running statistics is an error case (test_errors).
+@pytest.mark.parametrize(
+    "training,stats",
+    [(True, True), (True, False), (False, True)],
+    ids=["train", "train_no_stats", "eval"],
+)
+@pytest.mark.parametrize(
+    "eps,momentum", [(1e-5, 0.1), (1e-5, 0.0), (0.5, 0.5), (0.6, -1.2)], ids=str
+)
+@pytest.mark.parametrize("shape", FUNCTIONAL_SHAPES, ids=_ids)
+@pytest.mark.parametrize("precision", PRECISIONS, ids=str)
+def test_functional(precision, shape, momentum, eps, training, stats, device):
+    """Against torch.nn.functional.batch_norm in float64 (see conftest.compare_step)."""
+    for affine in (True, False):
+        args = _functional_args(
+            shape, precision, device, stats=stats, affine=affine, seed=len(shape)
+        )
+        kwargs = {"training": training, "momentum": momentum, "eps": eps}
+        with single_threaded():
+            expected, expected_grad, expected_params = _run_functional(
+                torch.nn.functional.batch_norm, *args, torch.float64, **kwargs
+            )
+        actual, actual_grad, actual_params = _run_functional(
+            tbn.functional.batch_norm, *args, precision.dtype, **kwargs
+        )
+        assert_close(actual, expected.to(actual.dtype), "output")
+        assert_same_layout(actual, expected, "output")
+        assert_close(actual_grad, expected_grad.to(actual_grad.dtype), "input grad")
+        for name, t in expected_params.items():
+            ours = actual_params[name]
+            assert_close(ours, t.detach().to(ours.dtype), name)
+            if t.grad is not None:
+                assert_close(ours.grad, t.grad.to(ours.dtype), f"{name} grad")
+
+
+def test_functional_defaults_match_torch():
+    import inspect
+
+    ours = inspect.signature(tbn.functional.batch_norm).parameters
+    theirs = inspect.signature(torch.nn.functional.batch_norm).parameters
+    assert [(p.name, p.default) for p in ours.values()] == [
+        (p.name, p.default) for p in theirs.values()
+    ]
+
+
+def test_constructor_matches_torch():
+    import inspect
+
+    for torch_cls, our_cls in [
+        (torch.nn.BatchNorm1d, tbn.BatchNorm1d),
+        (torch.nn.BatchNorm2d, tbn.BatchNorm2d),
+        (torch.nn.BatchNorm3d, tbn.BatchNorm3d),
+    ]:
+        assert inspect.signature(our_cls) == inspect.signature(torch_cls)
+        assert issubclass(our_cls, torch_cls)
