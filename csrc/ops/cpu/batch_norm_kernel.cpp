@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "ops/batch_norm_check.h"
 #include "ops/batch_norm_layout.h"
@@ -43,6 +44,15 @@ constexpr int64_t kMaxPieces = 64;
 constexpr int64_t kMinRowsPerPiece = 256;
 // Below this many elements per parallel task, starting threads costs more than it saves.
 constexpr int64_t kGrainElems = 32768;
+
+// Outputs of at least this many bytes are written with streaming stores: too large to
+// stay in cache for the next layer anyway, and a streamed line is not read from memory
+// before it is overwritten, which saves a third of an elementwise pass's traffic.
+constexpr int64_t kStreamBytes = int64_t{64} << 20;
+
+bool streams(const at::Tensor& out) {
+  return static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
+}
 
 // Per-call buffers of a few values per channel: on the stack for the channel counts of
 // small inputs, whose arithmetic costs less than a heap allocation.
@@ -183,7 +193,7 @@ Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
     Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: mean[C], m2[C]
     Buffer<int64_t> partial_count(pieces, 0);
     at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
-      Buffer<acc_t> scratch(3 * C);
+      std::vector<acc_t> scratch(3 * C);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t r0 = rows * p / pieces;
         const int64_t r1 = rows * (p + 1) / pieces;
@@ -253,7 +263,7 @@ Buffer<std::pair<double, double>> channel_grad_sums(
     const int64_t block = rows_per_block(C);
     Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: sum_dy[C], sum_dy_xmu[C]
     at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
-      Buffer<acc_t> scratch(2 * C);
+      std::vector<acc_t> scratch(2 * C);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t r0 = rows * p / pieces;
         const int64_t r1 = rows * (p + 1) / pieces;
@@ -305,6 +315,7 @@ void forward_impl(
   const int64_t count = l.per_channel();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* y_data = out.mutable_data_ptr<scalar_t>();
+  const bool stream = streams(out);
 
   // Per channel: weight, bias, and y = (x - centre) * scale + shift.
   Buffer<acc_t> buffer(5 * C);
@@ -324,14 +335,16 @@ void forward_impl(
     const acc_t* centre_or_null = training ? centre : nullptr;
     if (l.rows) {
       for_each_rows(l, [&](int64_t r0, int64_t rows) {
-        loop.rows_affine(x_data + r0 * C, y_data + r0 * C, rows, C, centre_or_null, scale, shift);
+        loop.rows_affine(
+            x_data + r0 * C, y_data + r0 * C, rows, C, centre_or_null, scale, shift, stream);
       });
       return;
     }
     for_each_runs(l, [&](int64_t r0, int64_t runs) {
       const int64_t off = r0 * l.inner;
       loop.runs_affine(
-          x_data + off, y_data + off, runs, l.inner, r0 % C, C, centre_or_null, scale, shift);
+          x_data + off, y_data + off, runs, l.inner, r0 % C, C, centre_or_null, scale, shift,
+          stream);
     });
   };
 
@@ -403,7 +416,8 @@ void forward_impl(
         finish_channel(c, channel_piece_stats(loop, x_data, l, c, 0, l.outer));
         const int64_t off = c * l.inner;
         loop.group_affine(
-            x_data + off, y_data + off, l.outer, l.inner, stride, centre[c], scale[c], shift[c]);
+            x_data + off, y_data + off, l.outer, l.inner, stride, centre[c], scale[c], shift[c],
+            stream);
       }
     });
     return;
@@ -467,6 +481,7 @@ void backward_impl(
   const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* dx_data = mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  const bool stream = mask[0] && streams(grad_input);
   param_t* gw = mask[1] ? grad_weight.mutable_data_ptr<param_t>() : nullptr;
   param_t* gb = mask[2] ? grad_bias.mutable_data_ptr<param_t>() : nullptr;
 
@@ -515,7 +530,7 @@ void backward_impl(
       const auto rows_fn = training ? loop.rows_grad_input : loop.rows_grad_input_eval;
       for_each_rows(l, [&](int64_t r0, int64_t rows) {
         const int64_t off = r0 * C;
-        rows_fn(dy_data + off, x_data + off, dx_data + off, rows, C, mean, a, b, k);
+        rows_fn(dy_data + off, x_data + off, dx_data + off, rows, C, mean, a, b, k, stream);
       });
       return;
     }
@@ -523,7 +538,8 @@ void backward_impl(
     for_each_runs(l, [&](int64_t r0, int64_t runs) {
       const int64_t off = r0 * l.inner;
       runs_fn(
-          dy_data + off, x_data + off, dx_data + off, runs, l.inner, r0 % C, C, mean, a, b, k);
+          dy_data + off, x_data + off, dx_data + off, runs, l.inner, r0 % C, C, mean, a, b, k,
+          stream);
     });
   };
 
@@ -554,7 +570,7 @@ void backward_impl(
         const int64_t off = c * l.inner;
         group_fn(
             dy_data + off, x_data + off, dx_data + off, l.outer, l.inner, stride, mean[c], a[c],
-            b[c], k[c]);
+            b[c], k[c], stream);
       }
     });
     return;

@@ -109,6 +109,62 @@ TBN_INLINE void vstore(scalar_t* p, V v) {
   }
 }
 
+// Whether vstream writes scalar_t vectors of kBytes (of acc_t) with streaming stores.
+template <typename scalar_t, int64_t kBytes>
+constexpr bool kStreams = TBN_HAVE_AVX2 && (kBytes == 32 || (TBN_HAVE_AVX512 && kBytes == 64)) &&
+    (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
+     std::is_same_v<scalar_t, c10::BFloat16>);
+
+// Stores like vstore, with a streaming (non-temporal) store: the line is written to
+// memory without being read into the cache first, and without evicting what is there.
+// `p` must be aligned to the bytes stored.
+template <typename scalar_t, typename V>
+TBN_INLINE void vstream(scalar_t* p, V v) {
+  constexpr int64_t kBytes = sizeof(V);
+  if constexpr (!kStreams<scalar_t, kBytes>) {
+    vstore(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // Convert as vstore does, then stream the half-width result.
+    alignas(64) scalar_t tmp[kBytes / 4];
+    vstore(tmp, v);
+#if TBN_HAVE_AVX2
+    if constexpr (kBytes == 64) {
+#if TBN_HAVE_AVX512
+      __m256i h;
+      std::memcpy(&h, tmp, sizeof(h));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+#endif
+    } else {
+      __m128i h;
+      std::memcpy(&h, tmp, sizeof(h));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+    }
+#endif
+  } else {
+#if TBN_HAVE_AVX2
+    if constexpr (kBytes == 64) {
+#if TBN_HAVE_AVX512
+      __m512i w;
+      std::memcpy(&w, &v, sizeof(w));
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), w);
+#endif
+    } else {
+      __m256i w;
+      std::memcpy(&w, &v, sizeof(w));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), w);
+    }
+#endif
+  }
+}
+
+// Streaming stores are weakly ordered: one fence after the last makes them visible
+// before anything the caller does next (another thread reading the output, say).
+TBN_INLINE void stream_fence() {
+#if TBN_HAVE_AVX2
+  _mm_sfence();
+#endif
+}
+
 // Sum of the lanes as a tree: the upper half of the vector added to the lower half
 // until one lane is left. A short dependency chain, and a fixed order.
 template <typename T, int64_t kBytes, typename V>
@@ -212,6 +268,34 @@ TBN_INLINE void vec_map(int64_t len, Body1 body1, Tail tail) {
   }
 }
 
+// vec_map for an output written with streaming stores: single values up to the first
+// aligned vector, aligned vectors, single values after the last.
+template <typename acc_t, int64_t kBytes, typename scalar_t, typename VecFn, typename Tail>
+TBN_INLINE void stream_map(scalar_t* q, int64_t len, VecFn vec, Tail tail) {
+  constexpr int64_t L = Vec<acc_t, kBytes>::kLanes;
+  constexpr uintptr_t kAlign = L * sizeof(scalar_t);
+  int64_t i = 0;
+  for (; i < len && reinterpret_cast<uintptr_t>(q + i) % kAlign != 0; ++i) {
+    tail(i);
+  }
+  for (; i + L <= len; i += L) {
+    vstream(q + i, vec(i));
+  }
+  for (; i < len; ++i) {
+    tail(i);
+  }
+}
+
+// The elementwise loop over one run: stream_map when `stream`, else vec_map.
+template <typename acc_t, int64_t kBytes, typename scalar_t, typename VecFn, typename Tail>
+TBN_INLINE void map_run(scalar_t* q, int64_t len, bool stream, VecFn vec, Tail tail) {
+  if (kStreams<scalar_t, kBytes> && stream) {
+    stream_map<acc_t, kBytes>(q, len, vec, tail);
+  } else {
+    vec_map<acc_t, kBytes>(len, [&](int64_t i) { vstore(q + i, vec(i)); }, tail);
+  }
+}
+
 // Row-blocked loops over channels-last data: body(r, kRows) handles rows r..r+kRows-1.
 // Short rows go four at a time, so that per-channel values loaded once serve several
 // rows; long rows (at least 2 KiB) one at a time, which streams memory in order.
@@ -305,7 +389,8 @@ math::Welford<double> group_stats(
 // y = (x - centre) * scale + shift over one run; without kCentre, y = x * scale + shift.
 template <bool kCentre, typename scalar_t, typename acc_t>
 TBN_INLINE void affine_run(
-    const scalar_t* p, scalar_t* q, int64_t len, acc_t centre, acc_t scale, acc_t shift) {
+    const scalar_t* p, scalar_t* q, int64_t len, acc_t centre, acc_t scale, acc_t shift,
+    bool stream) {
   const auto f = [&](auto v) {
     if constexpr (kCentre) {
       return (v - centre) * scale + shift;
@@ -313,9 +398,8 @@ TBN_INLINE void affine_run(
       return v * scale + shift;
     }
   };
-  vec_map<acc_t, TBN_RUN_BYTES>(
-      len,
-      [&](int64_t i) { vstore(q + i, f(vload<acc_t, TBN_RUN_BYTES>(p + i))); },
+  map_run<acc_t, TBN_RUN_BYTES>(
+      q, len, stream, [&](int64_t i) { return f(vload<acc_t, TBN_RUN_BYTES>(p + i)); },
       [&](int64_t i) { q[i] = static_cast<scalar_t>(f(static_cast<acc_t>(p[i]))); });
 }
 
@@ -323,9 +407,12 @@ TBN_INLINE void affine_run(
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void group_affine(
     const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
-    acc_t scale, acc_t shift) {
+    acc_t scale, acc_t shift, bool stream) {
   for (int64_t s = 0; s < spans; ++s) {
-    affine_run<true>(x + s * stride, y + s * stride, len, centre, scale, shift);
+    affine_run<true>(x + s * stride, y + s * stride, len, centre, scale, shift, stream);
+  }
+  if (stream) {
+    stream_fence();
   }
 }
 
@@ -334,12 +421,13 @@ void group_affine(
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void runs_affine(
     const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
-    const acc_t* centre, const acc_t* scale, const acc_t* shift) {
+    const acc_t* centre, const acc_t* scale, const acc_t* shift, bool stream) {
   const auto each_run = [&](auto centred) {
     int64_t c = c0;
     for (int64_t r = 0; r < runs; ++r) {
       affine_run<decltype(centred)::value>(
-          x + r * len, y + r * len, len, centre ? centre[c] : acc_t(0), scale[c], shift[c]);
+          x + r * len, y + r * len, len, centre ? centre[c] : acc_t(0), scale[c], shift[c],
+          stream);
       c = c + 1 == C ? 0 : c + 1;
     }
   };
@@ -347,6 +435,9 @@ void runs_affine(
     each_run(std::true_type{});
   } else {
     each_run(std::false_type{});
+  }
+  if (stream) {
+    stream_fence();
   }
 }
 
@@ -402,15 +493,15 @@ std::pair<double, double> group_grad_sums(
 template <bool kUsesInput, typename scalar_t, typename acc_t>
 TBN_INLINE void grad_input_run(
     const scalar_t* pg, const scalar_t* px, scalar_t* q, int64_t len, acc_t mean, acc_t a,
-    acc_t b, acc_t c) {
-  vec_map<acc_t, TBN_RUN_BYTES>(
-      len,
+    acc_t b, acc_t c, bool stream) {
+  map_run<acc_t, TBN_RUN_BYTES>(
+      q, len, stream,
       [&](int64_t i) {
         auto v = a * vload<acc_t, TBN_RUN_BYTES>(pg + i);
         if constexpr (kUsesInput) {
           v += b * (vload<acc_t, TBN_RUN_BYTES>(px + i) - mean) + c;
         }
-        vstore(q + i, v);
+        return v;
       },
       [&](int64_t i) {
         acc_t v = a * static_cast<acc_t>(pg[i]);
@@ -425,10 +516,13 @@ TBN_INLINE void grad_input_run(
 template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void group_grad_input(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
-    int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c) {
+    int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c, bool stream) {
   for (int64_t s = 0; s < spans; ++s) {
     const int64_t off = s * stride;
-    grad_input_run<kUsesInput>(dy + off, x + off, dx + off, len, mean, a, b, c);
+    grad_input_run<kUsesInput>(dy + off, x + off, dx + off, len, mean, a, b, c, stream);
+  }
+  if (stream) {
+    stream_fence();
   }
 }
 
@@ -436,12 +530,16 @@ void group_grad_input(
 template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void runs_grad_input(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
-    int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k) {
+    int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream) {
   int64_t c = c0;
   for (int64_t r = 0; r < runs; ++r) {
     const int64_t off = r * len;
-    grad_input_run<kUsesInput>(dy + off, x + off, dx + off, len, mean[c], a[c], b[c], k[c]);
+    grad_input_run<kUsesInput>(
+        dy + off, x + off, dx + off, len, mean[c], a[c], b[c], k[c], stream);
     c = c + 1 == C ? 0 : c + 1;
+  }
+  if (stream) {
+    stream_fence();
   }
 }
 
@@ -557,12 +655,30 @@ void rows_stats(
   }
 }
 
+// Whether rows of C values starting at y can take streaming stores: every vector of
+// channels then starts on a vector boundary.
+template <typename scalar_t>
+bool rows_stream(const scalar_t* y, int64_t C, bool stream) {
+  constexpr int64_t kAlign = Vec<float>::kLanes * static_cast<int64_t>(sizeof(scalar_t));
+  return stream && kStreams<scalar_t, TBN_VEC_BYTES> &&
+      reinterpret_cast<uintptr_t>(y) % kAlign == 0 &&
+      (C * static_cast<int64_t>(sizeof(scalar_t))) % kAlign == 0;
+}
+
 // y = (x - centre[c]) * scale[c] + shift[c]; a null `centre` means no centring.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void rows_affine(
     const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
-    const acc_t* scale, const acc_t* shift) {
+    const acc_t* scale, const acc_t* shift, bool stream) {
   using V = typename Vec<acc_t>::type;
+  const bool streams = rows_stream(y, C, stream);
+  const auto put = [&](scalar_t* q, V v) {
+    if (streams) {
+      vstream(q, v);
+    } else {
+      vstore(q, v);
+    }
+  };
   const auto all_rows = [&](auto centred) {
     constexpr bool kCentre = decltype(centred)::value;
     rows_by_four(rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
@@ -577,11 +693,11 @@ void rows_affine(
             if constexpr (kCentre) {
               const V m = aload<V>(centre + c);
               for (int64_t j = 0; j < R; ++j) {
-                vstore(o + j * C + c, (vload<acc_t>(p + j * C + c) - m) * s + b);
+                put(o + j * C + c, (vload<acc_t>(p + j * C + c) - m) * s + b);
               }
             } else {
               for (int64_t j = 0; j < R; ++j) {
-                vstore(o + j * C + c, vload<acc_t>(p + j * C + c) * s + b);
+                put(o + j * C + c, vload<acc_t>(p + j * C + c) * s + b);
               }
             }
           },
@@ -598,6 +714,9 @@ void rows_affine(
     all_rows(std::true_type{});
   } else {
     all_rows(std::false_type{});
+  }
+  if (streams) {
+    stream_fence();
   }
 }
 
@@ -651,8 +770,16 @@ void rows_grad_sums(
 template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void rows_grad_input(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
-    const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k) {
+    const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream) {
   using V = typename Vec<acc_t>::type;
+  const bool streams = rows_stream(dx, C, stream);
+  const auto put = [&](scalar_t* q, V v) {
+    if (streams) {
+      vstream(q, v);
+    } else {
+      vstore(q, v);
+    }
+  };
   rows_by_four(rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
     constexpr int64_t R = decltype(rows_const)::value;
     const scalar_t* pg = dy + r * C;
@@ -668,11 +795,11 @@ void rows_grad_input(
             const V m = aload<V>(mean + c);
             for (int64_t j = 0; j < R; ++j) {
               const int64_t i = j * C + c;
-              vstore(o + i, av * vload<acc_t>(pg + i) + (bv * (vload<acc_t>(px + i) - m) + kv));
+              put(o + i, av * vload<acc_t>(pg + i) + (bv * (vload<acc_t>(px + i) - m) + kv));
             }
           } else {
             for (int64_t j = 0; j < R; ++j) {
-              vstore(o + j * C + c, av * vload<acc_t>(pg + j * C + c));
+              put(o + j * C + c, av * vload<acc_t>(pg + j * C + c));
             }
           }
         },
@@ -687,6 +814,9 @@ void rows_grad_input(
           }
         });
   });
+  if (streams) {
+    stream_fence();
+  }
 }
 
 template <typename scalar_t>
