@@ -268,18 +268,22 @@ TBN_INLINE void vec_map(int64_t len, Body1 body1, Tail tail) {
   }
 }
 
-// vec_map for an output written with streaming stores: single values up to the first
-// aligned vector, aligned vectors, single values after the last.
+// vec_map for an output written with streaming stores: whole cache lines are streamed,
+// the partial lines at either end (shared with the neighbouring runs) written value by
+// value with ordinary stores.
 template <typename acc_t, int64_t kBytes, typename scalar_t, typename VecFn, typename Tail>
 TBN_INLINE void stream_map(scalar_t* q, int64_t len, VecFn vec, Tail tail) {
   constexpr int64_t L = Vec<acc_t, kBytes>::kLanes;
-  constexpr uintptr_t kAlign = L * sizeof(scalar_t);
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  static_assert(kLine % L == 0, "a cache line holds whole vectors");
   int64_t i = 0;
-  for (; i < len && reinterpret_cast<uintptr_t>(q + i) % kAlign != 0; ++i) {
+  for (; i < len && reinterpret_cast<uintptr_t>(q + i) % 64 != 0; ++i) {
     tail(i);
   }
-  for (; i + L <= len; i += L) {
-    vstream(q + i, vec(i));
+  for (; i + kLine <= len; i += kLine) {
+    for (int64_t j = 0; j < kLine; j += L) {
+      vstream(q + i + j, vec(i + j));
+    }
   }
   for (; i < len; ++i) {
     tail(i);
