@@ -91,6 +91,25 @@ int64_t cl_pieces(const Layout& l) {
   return std::clamp<int64_t>(std::min(l.outer / kMinRowsPerPiece, by_size), 1, kMaxPieces);
 }
 
+// Channels-last reductions with few pieces of rows also split the channels into blocks,
+// so that a short, wide input ([256, 4096], say) still gives the threads work. Each
+// channel is summed in the same order whatever the blocks, so they change nothing but the
+// work split.
+constexpr int64_t kMinTasks = 16;
+constexpr int64_t kMinBlockChannels = 64;
+
+int64_t cl_channel_blocks(const Layout& l, int64_t pieces) {
+  const int64_t wanted = (kMinTasks + pieces - 1) / pieces;
+  return std::max<int64_t>(1, std::min(wanted, l.channels / kMinBlockChannels));
+}
+
+// Channels [c0, c1) of block b of `blocks`: multiples of 16 channels (whole vectors).
+std::pair<int64_t, int64_t> channel_block(int64_t C, int64_t blocks, int64_t b) {
+  const int64_t size = ((C + blocks - 1) / blocks + 15) / 16 * 16;
+  const int64_t c0 = std::min(C, b * size);
+  return {c0, std::min(C, c0 + size)};
+}
+
 // Calls f(offset, spans, len) on the cache-sized groups of runs n0..n1-1 of channel c
 // (NCHW; runs are `inner` long, C * inner apart): several short runs per group, or
 // pieces of one long run.
@@ -195,23 +214,28 @@ Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
     const int64_t rows = l.outer;
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
+    const int64_t blocks = cl_channel_blocks(l, pieces);
     Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: mean[C], m2[C]
-    Buffer<int64_t> partial_count(pieces, 0);
-    at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
+    const int64_t task_elems = rows / pieces * (C / blocks);
+    at::parallel_for(0, pieces * blocks, grain_for(task_elems), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(3 * C);
-      for (int64_t p = begin; p < end; ++p) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t p = task / blocks;
+        const auto [c0, c1] = channel_block(C, blocks, task % blocks);
         const int64_t r0 = rows * p / pieces;
         const int64_t r1 = rows * (p + 1) / pieces;
         double* mean = partial.data() + 2 * p * C;
         loop.rows_stats(
-            x + r0 * C, r1 - r0, C, block, mean, mean + C, &partial_count[p], scratch.data());
+            x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0, mean + C + c0,
+            scratch.data());
       }
     });
     Buffer<double> total(2 * C, 0.0);
     int64_t n = 0;
     for (int64_t p = 0; p < pieces; ++p) {
       const double* mean = partial.data() + 2 * p * C;
-      merge_channel_stats(total.data(), total.data() + C, &n, mean, mean + C, partial_count[p], C);
+      const int64_t piece_rows = rows * (p + 1) / pieces - rows * p / pieces;
+      merge_channel_stats(total.data(), total.data() + C, &n, mean, mean + C, piece_rows, C);
     }
     for (int64_t c = 0; c < C; ++c) {
       result[c] = Welford<double>{total[c], total[C + c], n};
@@ -266,15 +290,20 @@ Buffer<std::pair<double, double>> channel_grad_sums(
     const int64_t rows = l.outer;
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
+    const int64_t blocks = cl_channel_blocks(l, pieces);
     Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: sum_dy[C], sum_dy_xmu[C]
-    at::parallel_for(0, pieces, grain_for(rows / pieces * C), [&](int64_t begin, int64_t end) {
+    const int64_t task_elems = rows / pieces * (C / blocks);
+    at::parallel_for(0, pieces * blocks, grain_for(task_elems), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(2 * C);
-      for (int64_t p = begin; p < end; ++p) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t p = task / blocks;
+        const auto [c0, c1] = channel_block(C, blocks, task % blocks);
         const int64_t r0 = rows * p / pieces;
         const int64_t r1 = rows * (p + 1) / pieces;
         double* sums = partial.data() + 2 * p * C;
         loop.rows_grad_sums(
-            dy + r0 * C, x + r0 * C, r1 - r0, C, block, mean, sums, sums + C, scratch.data());
+            dy + r0 * C + c0, x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0,
+            sums + c0, sums + C + c0, scratch.data());
       }
     });
     for (int64_t c = 0; c < C; ++c) {

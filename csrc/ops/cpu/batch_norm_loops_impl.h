@@ -575,38 +575,38 @@ TBN_INLINE void astore(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// Folds `rows` rows into the per-channel statistics (mean, m2) of `count` earlier rows,
-// block by block: each block of rows_per_block rows is taken in two passes while it is in
+// Statistics (mean, m2; zero on entry) of C channels over `rows` rows, row r at
+// x + r * ld, block by block: each block of rows_per_block rows is taken in two passes while it is in
 // cache (its mean as the shift, then the shifted sums), then merged (Chan et al.; every
 // channel has the same count, so the merge needs no division per channel).
 // `scratch`: 3 * C acc_t.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void rows_stats(
-    const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block, double* mean,
-    double* m2, int64_t* count, acc_t* scratch) {
+    const scalar_t* x, int64_t rows, int64_t C, int64_t ld, int64_t rows_per_block,
+    double* mean, double* m2, acc_t* scratch) {
   using V = typename Vec<acc_t>::type;
   acc_t* shift = scratch;
   acc_t* d = scratch + C;
   acc_t* q = scratch + 2 * C;
   for (int64_t r0 = 0; r0 < rows; r0 += rows_per_block) {
     const int64_t nb = std::min(rows_per_block, rows - r0);
-    const scalar_t* xb = x + r0 * C;
+    const scalar_t* xb = x + r0 * ld;
     std::fill(scratch, scratch + 3 * C, acc_t(0));
     rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
       constexpr int64_t R = decltype(rows_const)::value;
-      const scalar_t* row = xb + r * C;
+      const scalar_t* row = xb + r * ld;
       channel_loop<acc_t>(
           C,
           [&](int64_t c) {
             V s = aload<V>(shift + c);
             for (int64_t j = 0; j < R; ++j) {
-              s += vload<acc_t>(row + j * C + c);
+              s += vload<acc_t>(row + j * ld + c);
             }
             astore(shift + c, s);
           },
           [&](int64_t c) {
             for (int64_t j = 0; j < R; ++j) {
-              shift[c] += static_cast<acc_t>(row[j * C + c]);
+              shift[c] += static_cast<acc_t>(row[j * ld + c]);
             }
           });
     });
@@ -616,7 +616,7 @@ void rows_stats(
     }
     rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
       constexpr int64_t R = decltype(rows_const)::value;
-      const scalar_t* row = xb + r * C;
+      const scalar_t* row = xb + r * ld;
       channel_loop<acc_t>(
           C,
           [&](int64_t c) {
@@ -624,7 +624,7 @@ void rows_stats(
             V dv = aload<V>(d + c);
             V qv = aload<V>(q + c);
             for (int64_t j = 0; j < R; ++j) {
-              const V v = vload<acc_t>(row + j * C + c) - sh;
+              const V v = vload<acc_t>(row + j * ld + c) - sh;
               dv += v;
               qv += v * v;
             }
@@ -633,14 +633,14 @@ void rows_stats(
           },
           [&](int64_t c) {
             for (int64_t j = 0; j < R; ++j) {
-              const acc_t v = static_cast<acc_t>(row[j * C + c]) - shift[c];
+              const acc_t v = static_cast<acc_t>(row[j * ld + c]) - shift[c];
               d[c] += v;
               q[c] += v * v;
             }
           });
     });
     // Merge the block (mean_b = shift + d / nb, m2_b = q - d^2 / nb) into the total.
-    const int64_t n_a = *count;
+    const int64_t n_a = r0;
     const int64_t n = n_a + nb;
     const double frac = static_cast<double>(nb) / static_cast<double>(n);
     const double weight = static_cast<double>(n_a) * frac;
@@ -655,7 +655,6 @@ void rows_stats(
       mean[c] += delta * frac;
       m2[c] += m2_b + delta * delta * weight;
     }
-    *count = n;
   }
 }
 
@@ -724,12 +723,14 @@ void rows_affine(
   }
 }
 
-// Adds sum(dy) and sum(dy * (x - mean)) of `rows` rows to sum_dy[C] and sum_dy_xmu[C],
-// accumulating blocks of rows_per_block rows in acc_t. `scratch`: 2 * C acc_t.
+// Adds sum(dy) and sum(dy * (x - mean)) of C channels over `rows` rows (row r of dy
+// and x at + r * ld) to sum_dy[C] and sum_dy_xmu[C], accumulating blocks of rows_per_block rows
+// in acc_t. `scratch`: 2 * C acc_t.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void rows_grad_sums(
-    const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block,
-    const acc_t* mean, double* sum_dy, double* sum_dy_xmu, acc_t* scratch) {
+    const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t ld,
+    int64_t rows_per_block, const acc_t* mean, double* sum_dy, double* sum_dy_xmu,
+    acc_t* scratch) {
   using V = typename Vec<acc_t>::type;
   acc_t* g = scratch;
   acc_t* h = scratch + C;
@@ -738,8 +739,8 @@ void rows_grad_sums(
     std::fill(scratch, scratch + 2 * C, acc_t(0));
     rows_by_four(nb, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
       constexpr int64_t R = decltype(rows_const)::value;
-      const scalar_t* pg = dy + (r0 + r) * C;
-      const scalar_t* px = x + (r0 + r) * C;
+      const scalar_t* pg = dy + (r0 + r) * ld;
+      const scalar_t* px = x + (r0 + r) * ld;
       channel_loop<acc_t>(
           C,
           [&](int64_t c) {
@@ -747,18 +748,18 @@ void rows_grad_sums(
             V gv = aload<V>(g + c);
             V hv = aload<V>(h + c);
             for (int64_t j = 0; j < R; ++j) {
-              const V a = vload<acc_t>(pg + j * C + c);
+              const V a = vload<acc_t>(pg + j * ld + c);
               gv += a;
-              hv += a * (vload<acc_t>(px + j * C + c) - m);
+              hv += a * (vload<acc_t>(px + j * ld + c) - m);
             }
             astore(g + c, gv);
             astore(h + c, hv);
           },
           [&](int64_t c) {
             for (int64_t j = 0; j < R; ++j) {
-              const acc_t a = static_cast<acc_t>(pg[j * C + c]);
+              const acc_t a = static_cast<acc_t>(pg[j * ld + c]);
               g[c] += a;
-              h[c] += a * (static_cast<acc_t>(px[j * C + c]) - mean[c]);
+              h[c] += a * (static_cast<acc_t>(px[j * ld + c]) - mean[c]);
             }
           });
     });
