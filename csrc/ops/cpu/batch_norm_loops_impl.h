@@ -65,6 +65,38 @@ TBN_INLINE typename Vec<acc_t, kBytes>::type vload(const scalar_t* p) {
   return v;
 }
 
+// The bfloat16 bits of each float lane, in the low half of 32-bit lanes: round to
+// nearest even, NaN to the canonical quiet NaN, as c10::BFloat16(float) does.
+template <typename V>
+TBN_INLINE auto bf16_bits(V v) {
+  typedef uint32_t U32 __attribute__((vector_size(sizeof(V))));
+  U32 u;
+  std::memcpy(&u, &v, sizeof(U32));
+  U32 r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const U32 nan = (U32)(v != v);  // all ones in NaN lanes
+  return (r & ~nan) | (nan & 0x7FC0u);
+}
+
+// Those bits packed to 16-bit lanes, in a register of half the width.
+#if TBN_HAVE_AVX2
+template <typename U>
+TBN_INLINE auto pack_bf16(U r) {
+  if constexpr (sizeof(U) == 64) {
+#if TBN_HAVE_AVX512
+    __m512i ri;
+    std::memcpy(&ri, &r, sizeof(ri));
+    return _mm512_cvtepi32_epi16(ri);
+#endif
+  } else {
+    static_assert(sizeof(U) == 32, "256 or 512 bits");
+    __m256i ri;
+    std::memcpy(&ri, &r, sizeof(ri));
+    // Every lane is below 2^16, so the saturating pack is exact.
+    return _mm_packus_epi32(_mm256_castsi256_si128(ri), _mm256_extracti128_si256(ri, 1));
+  }
+}
+#endif
+
 // Stores acc_t lanes as scalar_t, rounding as c10's scalar conversions do.
 template <typename scalar_t, typename V>
 TBN_INLINE void vstore(scalar_t* p, V v) {
@@ -73,27 +105,11 @@ TBN_INLINE void vstore(scalar_t* p, V v) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(p, &v, sizeof(V));
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    // Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16(float).
-    typedef uint32_t U32 __attribute__((vector_size(kBytes)));
-    U32 u;
-    std::memcpy(&u, &v, sizeof(U32));
-    U32 r = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-    const U32 nan = (U32)(v != v);  // all ones in NaN lanes
-    r = (r & ~nan) | (nan & 0x7FC0u);
-    if constexpr (TBN_HAVE_AVX512 && kBytes == 64) {
-#if TBN_HAVE_AVX512
-      __m512i ri;
-      std::memcpy(&ri, &r, sizeof(ri));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(ri));
-#endif
-    } else if constexpr (TBN_HAVE_AVX2 && kBytes == 32) {
+    const auto r = bf16_bits(v);
+    if constexpr (TBN_HAVE_AVX2 && (kBytes == 32 || (TBN_HAVE_AVX512 && kBytes == 64))) {
 #if TBN_HAVE_AVX2
-      __m256i ri;
-      std::memcpy(&ri, &r, sizeof(ri));
-      // Every lane is below 2^16, so the saturating pack is exact.
-      _mm_storeu_si128(
-          reinterpret_cast<__m128i*>(p),
-          _mm_packus_epi32(_mm256_castsi256_si128(ri), _mm256_extracti128_si256(ri, 1)));
+      const auto h = pack_bf16(r);
+      std::memcpy(p, &h, sizeof(h));
 #endif
     } else {
       static_assert(kBytes == TBN_VEC_BYTES, "no bfloat16 conversion for this width");
@@ -120,38 +136,33 @@ constexpr bool kStreams = TBN_HAVE_AVX2 && (kBytes == 32 || (TBN_HAVE_AVX512 && 
 // `p` must be aligned to the bytes stored.
 template <typename scalar_t, typename V>
 TBN_INLINE void vstream(scalar_t* p, V v) {
-  constexpr int64_t kBytes = sizeof(V);
-  if constexpr (!kStreams<scalar_t, kBytes>) {
+  if constexpr (!kStreams<scalar_t, sizeof(V)>) {
     vstore(p, v);
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    // Convert as vstore does, then stream the half-width result.
-    alignas(64) scalar_t tmp[kBytes / 4];
-    vstore(tmp, v);
-#if TBN_HAVE_AVX2
-    if constexpr (kBytes == 64) {
-#if TBN_HAVE_AVX512
-      __m256i h;
-      std::memcpy(&h, tmp, sizeof(h));
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
-#endif
-    } else {
-      __m128i h;
-      std::memcpy(&h, tmp, sizeof(h));
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
-    }
-#endif
   } else {
 #if TBN_HAVE_AVX2
-    if constexpr (kBytes == 64) {
+    const auto stream = [](void* q, auto w) {
+      if constexpr (sizeof(w) == 64) {
+#if TBN_HAVE_AVX512
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(q), w);
+#endif
+      } else if constexpr (sizeof(w) == 32) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(q), w);
+      } else {
+        _mm_stream_si128(reinterpret_cast<__m128i*>(q), w);
+      }
+    };
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      stream(p, pack_bf16(bf16_bits(v)));
+    } else if constexpr (sizeof(V) == 64) {
 #if TBN_HAVE_AVX512
       __m512i w;
       std::memcpy(&w, &v, sizeof(w));
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), w);
+      stream(p, w);
 #endif
     } else {
       __m256i w;
       std::memcpy(&w, &v, sizeof(w));
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), w);
+      stream(p, w);
     }
 #endif
   }
