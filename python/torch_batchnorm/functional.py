@@ -7,6 +7,10 @@ from torch import Tensor
 
 __all__ = ["batch_norm"]
 
+# The overload itself, looked up once: on small inputs the lookups through torch.ops
+# on every call are a measurable part of the cost.
+_batch_norm_forward = torch.ops.torch_batchnorm.batch_norm_forward.default
+
 
 def batch_norm(
     input: Tensor,
@@ -24,7 +28,7 @@ def batch_norm(
     statistics are updated in place with ``momentum``. Otherwise the running statistics
     normalise it. Validation happens in the op, before anything is modified.
     """
-    out, _, _ = torch.ops.torch_batchnorm.batch_norm_forward(
+    out, _, _ = _batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
     )
     return out
