@@ -4,6 +4,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function_variadic
+
+from . import _C
 
 __all__ = ["batch_norm"]
 
@@ -28,7 +31,14 @@ def batch_norm(
     statistics are updated in place with ``momentum``. Otherwise the running statistics
     normalise it. Validation happens in the op, before anything is modified.
     """
-    out, _, _ = _batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
-    )
-    return out
+    momentum, eps = float(momentum), float(eps)
+    # Eager calls take the direct binding, which skips torch.ops' generic argument
+    # conversion; tracing, tensor subclasses and modes with __torch_function__ see the op.
+    if torch.compiler.is_compiling() or has_torch_function_variadic(
+        input, running_mean, running_var, weight, bias
+    ):
+        out, _, _ = _batch_norm_forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        return out
+    return _C.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
