@@ -168,6 +168,16 @@ TBN_INLINE void vstream(scalar_t* p, V v) {
   }
 }
 
+// vstream when `stream` (under the same alignment requirement), else vstore.
+template <typename scalar_t, typename V>
+TBN_INLINE void vput(scalar_t* p, V v, bool stream) {
+  if (stream) {
+    vstream(p, v);
+  } else {
+    vstore(p, v);
+  }
+}
+
 // Streaming stores are weakly ordered: one fence after the last makes them visible
 // before anything the caller does next (another thread reading the output, say).
 TBN_INLINE void stream_fence() {
@@ -702,13 +712,7 @@ void rows_affine(
     const acc_t* scale, const acc_t* shift, bool stream) {
   using V = typename Vec<acc_t>::type;
   const bool streams = rows_stream(y, C, stream);
-  const auto put = [&](scalar_t* q, V v) {
-    if (streams) {
-      vstream(q, v);
-    } else {
-      vstore(q, v);
-    }
-  };
+  const auto put = [&](scalar_t* q, V v) { vput(q, v, streams); };
   const auto all_rows = [&](auto centred) {
     constexpr bool kCentre = decltype(centred)::value;
     rows_by_four<kMapFourRowsBelow>(
@@ -806,13 +810,7 @@ void rows_grad_input(
     const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream) {
   using V = typename Vec<acc_t>::type;
   const bool streams = rows_stream(dx, C, stream);
-  const auto put = [&](scalar_t* q, V v) {
-    if (streams) {
-      vstream(q, v);
-    } else {
-      vstore(q, v);
-    }
-  };
+  const auto put = [&](scalar_t* q, V v) { vput(q, v, streams); };
   rows_by_four<kMapFourRowsBelow>(
       rows, C * static_cast<int64_t>(sizeof(scalar_t)), [&](int64_t r, auto rows_const) {
     constexpr int64_t R = decltype(rows_const)::value;
