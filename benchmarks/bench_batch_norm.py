@@ -2,8 +2,12 @@
 
 For every case (shape, memory layout, dtype, thread count, mode) each implementation is
 warmed up, then timed in interleaved rounds (ours, torch, textbook, ours, ...) so that
-drifting clocks and noisy neighbours hit all of them alike; the reported time is the
-median round. A round runs enough calls to last a few milliseconds.
+drifting clocks and noisy neighbours hit all of them alike. A round runs enough calls to
+last a few milliseconds; the reported time is the median round, and a ratio to ours is
+the median of the per-round ratios. On the CPU, glibc is told to reuse freed large
+blocks (as jemalloc or tcmalloc would; --system-malloc keeps its default of unmapping
+them, which adds page-fault time to every large output, ours and torch's alike). CUDA
+times come from CUDA events.
 
 Implementations:
   ours      torch_batchnorm (the functional op, or the module for the "module" cases)
@@ -34,6 +38,7 @@ Writes <out>/cpu.{json,md,png} or <out>/cuda-<gpu>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -46,10 +51,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-
 import torch_batchnorm as tbn
 
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
@@ -63,8 +67,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ResNet-50 (torchvision, stride on the 3x3 convolution): the distinct (channels,
 # resolution) pairs of its 53 BatchNorm layers, at batch 32.
 RESNET50_LAYERS = [
-    (64, 112), (64, 56), (128, 56), (256, 56), (128, 28), (256, 28), (512, 28),
-    (256, 14), (512, 14), (1024, 14), (512, 7), (2048, 7),
+    (64, 112),
+    (64, 56),
+    (128, 56),
+    (256, 56),
+    (128, 28),
+    (256, 28),
+    (512, 28),
+    (256, 14),
+    (512, 14),
+    (1024, 14),
+    (512, 7),
+    (2048, 7),
 ]
 RESNET50_QUICK = [(256, 14), (512, 7)]
 
@@ -89,7 +103,11 @@ def cpu_cases(quick: bool) -> list[Case]:
     mlp = [(256, 4096)] if quick else [(4096, 1024), (256, 4096)]
     cases += [Case("mlp", s, "2d") for s in mlp]
     # 3D ResNet-18 style video network on 16-frame 112x112 clips, batch 8.
-    video = [(8, 128, 8, 28, 28)] if quick else [(8, 64, 16, 56, 56), (8, 128, 8, 28, 28), (8, 256, 4, 14, 14)]
+    video = (
+        [(8, 256, 4, 14, 14)]
+        if quick
+        else [(8, 64, 16, 56, 56), (8, 128, 8, 28, 28), (8, 256, 4, 14, 14)]
+    )
     for s in video:
         cases += [Case("video", s, "nchw"), Case("video", s, "cl")]
     # Small inputs, where per-call overhead dominates.
@@ -107,7 +125,9 @@ def cuda_cases(quick: bool) -> list[Case]:
     for c, hw in RESNET50_QUICK if quick else RESNET50_LAYERS:
         for layout in ("nchw", "cl"):
             cases.append(Case("resnet50", (32, c, hw, hw), layout))
-    large = [(64, 256, 56, 56)] if quick else [(64, 256, 56, 56), (128, 64, 112, 112), (16384, 4096)]
+    large = (
+        [(64, 256, 56, 56)] if quick else [(64, 256, 56, 56), (128, 64, 112, 112), (16384, 4096)]
+    )
     for s in large:
         if len(s) == 2:
             cases.append(Case("large", s, "2d"))
@@ -156,7 +176,9 @@ MODULES = {
 def make_input(case: Case, dtype, device):
     x = torch.randn(case.shape, dtype=dtype, device=device)
     if case.layout == "cl":
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = x.contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
     return x
 
 
@@ -203,14 +225,9 @@ def make_fn(impl: str, case: Case, mode: str, x, g) -> Callable[[], object]:
     return fwd
 
 
-def wrap_native(fn):
-    """Runs `fn` with cuDNN disabled, so torch uses its own CUDA kernels."""
-
-    def call():
-        with torch.backends.cudnn.flags(enabled=False):
-            return fn()
-
-    return call
+def cudnn_disabled():
+    """torch with cuDNN disabled runs its own ("native") CUDA kernels."""
+    return torch.backends.cudnn.flags(enabled=False)
 
 
 # ---------------------------------------------------------------------------------
@@ -241,33 +258,52 @@ class Timer:
         return time.perf_counter() - start
 
 
-def measure(fns: dict[str, Callable], timer: Timer, rounds: int, round_s: float) -> dict[str, dict]:
+def measure(
+    fns: dict, timer: Timer, rounds: int, round_s: float, budget_s: float, contexts=None
+) -> dict:
     """Median and spread of the per-call time of every closure, timed in interleaved
-    rounds whose order rotates, after a warm-up that also sizes each round. The first
-    closure is the reference of the ratios."""
+    rounds whose order rotates, after a warm-up that also sizes each round. Short calls
+    get more rounds, up to `budget_s` per closure. The first closure is the reference of
+    the ratios. `contexts` maps a closure's name to a context manager entered around each
+    of its rounds (outside the timed region)."""
+    contexts = contexts or {}
+
+    def run(name, calls):
+        with contexts.get(name, contextlib.nullcontext)():
+            return timer(fns[name], calls)
+
     calls = {}
-    for name, fn in fns.items():
-        fn()  # first call: allocations, lazy initialisation
-        t = timer(fn, 1)
+    affordable = []
+    for name in fns:
+        run(name, 1)  # first call: allocations, lazy initialisation
+        t = run(name, 1)
         n = 1
         while t < round_s / 4 and n < 1 << 16:
             n *= 4
-            t = timer(fn, n)
-        calls[name] = max(1, int(math.ceil(n * round_s / max(t, 1e-9))))
+            t = run(name, n)
+        calls[name] = max(1, math.ceil(n * round_s / max(t, 1e-9)))
+        affordable.append(int(budget_s / max(t / n * calls[name], 1e-9)))
+    rounds = max(rounds, min(4 * rounds, *affordable))
     samples = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            samples[name].append(timer(fns[name], calls[name]) / calls[name])
+            samples[name].append(run(name, calls[name]) / calls[name])
     out = {}
     for name, s in samples.items():
         q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
         # The ratio to ours is the median of per-round ratios: rounds are adjacent in
         # time, so a burst of load from elsewhere cancels out of each ratio.
         paired = [a / b for a, b in zip(s, samples[names[0]])]
-        out[name] = {"median_s": statistics.median(s), "q1_s": q[0], "q3_s": q[2], "calls": calls[name],
-                     "rounds": len(s), "ratio": statistics.median(paired)}
+        out[name] = {
+            "median_s": statistics.median(s),
+            "q1_s": q[0],
+            "q3_s": q[2],
+            "calls": calls[name],
+            "rounds": len(s),
+            "ratio": statistics.median(paired),
+        }
     return out
 
 
@@ -278,7 +314,6 @@ def copy_bandwidth(device: str, nbytes: int, timer: Timer, rounds: int) -> float
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = [timer(lambda: dst.copy_(src), 1) for _ in range(rounds)]
-    del src, dst
     return 2 * nbytes / statistics.median(times)
 
 
@@ -293,7 +328,7 @@ class Row:
     shape: list
     layout: str
     dtype: str
-    threads: Optional[int]
+    threads: int | None
     mode: str
     bytes: int
     times_s: dict = field(default_factory=dict)  # impl -> median seconds per call
@@ -303,7 +338,9 @@ class Row:
     roofline_frac: float = 0.0
 
 
-def run_suite(args) -> tuple[list[Row], dict]:
+def run_suite(args, on_progress) -> tuple[list[Row], dict]:
+    """Runs every case; on_progress(rows, meta) is called after each one, so that a run
+    cut short still leaves its results. A case that fails is reported and skipped."""
     device = args.device
     timer = Timer(device)
     cases = cpu_cases(args.quick) if device == "cpu" else cuda_cases(args.quick)
@@ -317,56 +354,100 @@ def run_suite(args) -> tuple[list[Row], dict]:
     else:
         impls = ["ours", "torch", "native", "textbook"]
         thread_counts = [None]
-    rounds = args.rounds or (5 if args.quick else 11)
+    rounds = args.rounds or (3 if args.quick else 11)
     round_s = args.round_ms / 1e3
+    budget_s = 0.05 if args.quick else 0.5
 
     rows: list[Row] = []
-    bandwidth = {}
+    meta = {
+        "bandwidth_Bps": {},
+        "elapsed_s": 0.0,
+        "rounds": rounds,
+        "round_ms": args.round_ms,
+        "quick": args.quick,
+        "impls": impls,
+        "errors": [],
+    }
     started = time.perf_counter()
     for threads in thread_counts:
         if threads is not None:
             torch.set_num_threads(threads)
-        copy_bytes = (256 if args.quick else 512) << 20
+        copy_bytes = (2 << 30) if device == "cuda" else (128 if args.quick else 512) << 20
         bw = copy_bandwidth(device, copy_bytes, timer, 3 if args.quick else 7)
-        bandwidth[str(threads)] = bw
+        meta["bandwidth_Bps"][str(threads)] = bw
         print(f"# threads={threads}: copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
         for dtype in dtypes:
             dname = str(dtype).replace("torch.", "")
             for case in cases:
-                x = make_input(case, dtype, device)
-                g = torch.randn_like(x)
-                for mode in modes:
-                    fns = {}
-                    for impl in impls:
-                        fn = make_fn(impl, case, mode, x, g)
-                        if fn is None:
-                            continue
-                        fns[impl] = wrap_native(fn) if impl == "native" else fn
-                    res = measure(fns, timer, rounds, round_s)
-                    row = Row(
-                        case=case.name, family=case.family, shape=list(case.shape), layout=case.layout,
-                        dtype=dname, threads=threads, mode=mode,
-                        bytes=TRAFFIC[mode] * x.numel() * x.element_size(),
+                try:
+                    rows += run_case(
+                        case,
+                        dtype,
+                        dname,
+                        threads,
+                        modes,
+                        impls,
+                        timer,
+                        rounds,
+                        round_s,
+                        budget_s,
+                        bw,
+                        device,
                     )
-                    ours = res["ours"]["median_s"]
-                    for impl, r in res.items():
-                        row.times_s[impl] = r["median_s"]
-                        row.spread_s[impl] = [r["q1_s"], r["q3_s"]]
-                        row.ratio[impl] = r["ratio"]
-                    row.ours_gbps = row.bytes / ours / 1e9
-                    row.roofline_frac = row.bytes / ours / bw
-                    rows.append(row)
-                    print(format_progress(row), flush=True)
-                del x, g
-    meta = {"bandwidth_Bps": bandwidth, "elapsed_s": time.perf_counter() - started, "rounds": rounds,
-            "round_ms": args.round_ms, "quick": args.quick, "impls": impls}
+                except Exception as err:  # noqa: BLE001 - one failing case must not lose the run
+                    msg = f"{case.name} {dname} threads={threads}: {type(err).__name__}: {err}"
+                    print(f"# FAILED {msg}", file=sys.stderr, flush=True)
+                    meta["errors"].append(msg)
+                finally:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                meta["elapsed_s"] = time.perf_counter() - started
+                on_progress(rows, meta)
     return rows, meta
+
+
+def run_case(
+    case, dtype, dname, threads, modes, impls, timer, rounds, round_s, budget_s, bw, device
+):
+    x = make_input(case, dtype, device)
+    g = torch.randn_like(x)
+    rows = []
+    for mode in modes:
+        fns = {}
+        for impl in impls:
+            with cudnn_disabled() if impl == "native" else contextlib.nullcontext():
+                fn = make_fn(impl, case, mode, x, g)
+            if fn is not None:
+                fns[impl] = fn
+        res = measure(fns, timer, rounds, round_s, budget_s, {"native": cudnn_disabled})
+        row = Row(
+            case=case.name,
+            family=case.family,
+            shape=list(case.shape),
+            layout=case.layout,
+            dtype=dname,
+            threads=threads,
+            mode=mode,
+            bytes=TRAFFIC[mode] * x.numel() * x.element_size(),
+        )
+        ours = res["ours"]["median_s"]
+        for impl, r in res.items():
+            row.times_s[impl] = r["median_s"]
+            row.spread_s[impl] = [r["q1_s"], r["q3_s"]]
+            row.ratio[impl] = r["ratio"]
+        row.ours_gbps = row.bytes / ours / 1e9
+        row.roofline_frac = row.bytes / ours / bw
+        rows.append(row)
+        print(format_progress(row), flush=True)
+    return rows
 
 
 def format_progress(row: Row) -> str:
     others = "  ".join(f"{k}/ours {v:5.2f}x" for k, v in row.ratio.items() if k != "ours")
-    return (f"{row.case:34s} {row.dtype:8s} t={row.threads} {row.mode:13s} "
-            f"ours {fmt_time(row.times_s['ours']):>9s}  {others}  {row.roofline_frac:6.1%} roofline")
+    return (
+        f"{row.case:34s} {row.dtype:8s} t={row.threads} {row.mode:13s} "
+        f"ours {fmt_time(row.times_s['ours']):>9s}  {others}  {row.roofline_frac:6.1%} roofline"
+    )
 
 
 def fmt_time(s: float) -> str:
@@ -392,8 +473,15 @@ def machine_info(device: str) -> dict:
     }
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for key in ("Model name", "Core(s) per socket", "Socket(s)", "Thread(s) per core", "L2 cache", "L3 cache"):
-            m = re.search(rf"^{re.escape(key)}:\s*(.+)$", lscpu, re.M)
+        for key in (
+            "Model name",
+            "Core(s) per socket",
+            "Socket(s)",
+            "Thread(s) per core",
+            "L2 cache",
+            "L3 cache",
+        ):
+            m = re.search(rf"^{re.escape(key)}:\s*(.+)$", lscpu, re.MULTILINE)
             if m:
                 info[key.lower().replace("(s)", "s").replace(" ", "_")] = m.group(1).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -405,8 +493,13 @@ def machine_info(device: str) -> dict:
     except (OSError, AttributeError):
         pass
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
         info["git_commit"] = rev
     except (OSError, subprocess.CalledProcessError):
         pass
@@ -432,33 +525,112 @@ def summary(rows: list[Row]) -> list[dict]:
         for impl in [k for k in rs[0].ratio if k != "ours"]:
             ratios = [r.ratio[impl] for r in rs if impl in r.ratio]
             worst = min(rs, key=lambda r: r.ratio.get(impl, float("inf")))
-            out.append({"dtype": dtype, "threads": threads, "mode": mode, "vs": impl, "cases": len(ratios),
-                        "geomean": geomean(ratios), "min": min(ratios), "min_case": worst.case})
+            out.append(
+                {
+                    "dtype": dtype,
+                    "threads": threads,
+                    "mode": mode,
+                    "vs": impl,
+                    "cases": len(ratios),
+                    "geomean": geomean(ratios),
+                    "min": min(ratios),
+                    "min_case": worst.case,
+                }
+            )
     return out
+
+
+def threads_label(threads) -> str:
+    return "-" if threads is None else str(threads)
+
+
+def headline(rows: list[Row], summ: list[dict], meta: dict, info: dict) -> str:
+    """A paragraph of the main numbers, for a README."""
+    by = {(s["dtype"], s["threads"], s["mode"], s["vs"]): s for s in summ}
+    cuda = "gpu" in info
+    machine = (
+        info.get("gpu")
+        if cuda
+        else f"{info.get('model_name', 'this CPU')} ({info.get('logical_cpus')} cores)"
+    )
+    vs = "torch (cuDNN where it applies)" if cuda else "torch.nn.functional.batch_norm"
+    parts = []
+    for dtype in DTYPES:
+        for threads in sorted({r.threads for r in rows if r.dtype == dtype}, key=lambda t: t or 0):
+            fb = by.get((dtype, threads, "train_fwd_bwd", "torch"))
+            fw = by.get((dtype, threads, "train_fwd", "torch"))
+            ev = by.get((dtype, threads, "eval_fwd", "torch"))
+            if not (fb and fw and ev):
+                continue
+            where = dtype if cuda else f"{dtype}, {threads} thread{'s' if threads != 1 else ''}"
+            parts.append(
+                f"{where}: training forward+backward {fb['geomean']:.2f}x (slowest case {fb['min']:.2f}x), "
+                f"training forward {fw['geomean']:.2f}x, evaluation {ev['geomean']:.2f}x (slowest {ev['min']:.2f}x)"
+            )
+    text = (
+        f"On {machine} with torch {info.get('torch')}, torch_batchnorm is faster than {vs} by, "
+        f"as a geometric mean over {len({r.case for r in rows})} shapes (time of torch / time of ours): "
+        + "; ".join(parts)
+        + "."
+    )
+    # Memory efficiency of the forward on the largest input.
+    big = [r for r in rows if r.mode == "train_fwd" and r.dtype == "float32"]
+    if big:
+        name = max(big, key=lambda r: r.bytes).case
+        fracs = [
+            f"{r.roofline_frac:.0%}"
+            + ("" if cuda else f" ({r.threads} thread{'s' if r.threads != 1 else ''})")
+            for r in big
+            if r.case == name
+        ]
+        text += (
+            f" On the largest input ({name}, float32) the training forward moves data at "
+            f"{', '.join(fracs)} of the copy bandwidth measured in the same run."
+        )
+    return text
 
 
 def write_markdown(path: Path, rows, summ, meta, info):
     impls = [i for i in meta["impls"] if i != "ours"]
     lines = [f"# torch_batchnorm benchmark: {info.get('gpu') or info.get('model_name', 'CPU')}", ""]
+    lines += ["## Headline", "", headline(rows, summ, meta, info), ""]
+    lines += ["![speed-up over torch](" + path.with_suffix(".png").name + ")", ""]
     lines += ["## Machine", ""]
     for k, v in info.items():
         lines.append(f"- {k}: {v}")
     for t, bw in meta["bandwidth_Bps"].items():
-        lines.append(f"- copy bandwidth (threads={t}): {bw / 1e9:.1f} GB/s")
-    lines.append(f"- {meta['rounds']} interleaved rounds of >= {meta['round_ms']} ms per case; medians; "
-                 f"{meta['elapsed_s']:.0f} s in all")
+        where = "" if t == "None" else f" (threads={t})"
+        lines.append(f"- copy bandwidth{where}: {bw / 1e9:.1f} GB/s")
+    lines.append(
+        f"- at least {meta['rounds']} interleaved rounds of >= {meta['round_ms']} ms per case "
+        f"(more for short calls); times are medians, ratios the median of per-round ratios; "
+        f"{meta['elapsed_s']:.0f} s in all"
+    )
+    lines.append(
+        "- bytes moved per call, in input sizes: evaluation 2, training forward 3, training "
+        "forward+backward 8 (see the script's docstring); roofline = those bytes / time / copy bandwidth"
+    )
+    for err in meta.get("errors", []):
+        lines.append(f"- FAILED: {err}")
     lines += ["", "## Summary: speed-up of ours over each implementation (its time / ours)", ""]
     lines.append("| dtype | threads | mode | vs | cases | geomean | min | slowest case |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for s in summ:
-        lines.append(f"| {s['dtype']} | {s['threads']} | {s['mode']} | {s['vs']} | {s['cases']} | "
-                     f"{s['geomean']:.2f}x | {s['min']:.2f}x | {s['min_case']} |")
+        lines.append(
+            f"| {s['dtype']} | {threads_label(s['threads'])} | {s['mode']} | {s['vs']} | {s['cases']} | "
+            f"{s['geomean']:.2f}x | {s['min']:.2f}x | {s['min_case']} |"
+        )
     lines += ["", "## All cases", ""]
-    header = ["case", "dtype", "threads", "mode", "ours"] + impls + [f"{i}/ours" for i in impls] + ["ours GB/s", "roofline"]
+    header = (
+        ["case", "dtype", "threads", "mode", "ours"]
+        + impls
+        + [f"{i}/ours" for i in impls]
+        + ["ours GB/s", "roofline"]
+    )
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for r in rows:
-        cells = [r.case, r.dtype, str(r.threads), r.mode, fmt_time(r.times_s["ours"])]
+        cells = [r.case, r.dtype, threads_label(r.threads), r.mode, fmt_time(r.times_s["ours"])]
         cells += [fmt_time(r.times_s[i]) if i in r.times_s else "-" for i in impls]
         cells += [f"{r.ratio[i]:.2f}x" if i in r.ratio else "-" for i in impls]
         cells += [f"{r.ours_gbps:.1f}", f"{r.roofline_frac:.0%}"]
@@ -472,29 +644,56 @@ def write_chart(path: Path, rows: list[Row], title: str):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib not installed: no chart written", file=sys.stderr)
         return
-    panels = sorted({(r.dtype, r.threads) for r in rows}, key=lambda p: (p[0], p[1] or 0))
+    dtype_order = list(DTYPES)
+    panels = sorted(
+        {(r.dtype, r.threads) for r in rows},
+        key=lambda p: (dtype_order.index(p[0]) if p[0] in dtype_order else 99, p[1] or 0),
+    )
     cases = list(dict.fromkeys(r.case for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.32 * len(cases) + 1.8),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(4.8 * len(panels) + 2.5, 0.3 * len(cases) + 1.8),
+        sharey=True,
+        squeeze=False,
+    )
     colors = {"train_fwd": "#4C72B0", "train_fwd_bwd": "#DD8452", "eval_fwd": "#55A868"}
     height = 0.8 / len(MODES)
+    # Ratios on a log axis, so that 2x faster and 2x slower look alike; bars beyond the
+    # axis are clipped at its edge.
+    lo, hi = 0.25, 8.0
     for ax, (dtype, threads) in zip(axes[0], panels):
         for k, mode in enumerate(MODES):
-            ratio = {r.case: r.ratio["torch"] for r in rows
-                     if r.dtype == dtype and r.threads == threads and r.mode == mode}
+            ratio = {
+                r.case: r.ratio["torch"]
+                for r in rows
+                if r.dtype == dtype and r.threads == threads and r.mode == mode
+            }
             ys = [i + (k - 1) * height for i, c in enumerate(cases) if c in ratio]
-            ax.barh(ys, [ratio[c] for c in cases if c in ratio], height=height, color=colors[mode], label=mode)
+            vals = [min(max(ratio[c], lo * 1.01), hi * 0.99) for c in cases if c in ratio]
+            # Bars start at 1x: right of it ours is faster, left of it slower.
+            widths = [v - 1.0 for v in vals]
+            ax.barh(ys, widths, height=height, color=colors[mode], label=mode, left=1.0)
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ticks = [0.25, 0.5, 1, 2, 4, 8]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}x" for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(f"{dtype}" + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""))
+        suffix = "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
+        ax.set_title(dtype + suffix)
         ax.set_xlabel("speed-up over torch (torch time / ours)")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(range(len(cases)))
     axes[0][0].set_yticklabels(cases, fontsize=8)
     axes[0][0].invert_yaxis()
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(MODES), fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -531,17 +730,31 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="a few cases and rounds: a smoke run")
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
-    parser.add_argument("--threads", nargs="+", type=int, default=None,
-                        help="CPU thread counts (default: 1 and all)")
+    parser.add_argument(
+        "--dtype", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"]
+    )
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        default=None,
+        help="CPU thread counts (default: 1 and all)",
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--cases", default=None, help="regular expression selecting cases by name")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per case")
-    parser.add_argument("--round-ms", type=float, default=None, help="minimum duration of one round")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds per case"
+    )
+    parser.add_argument(
+        "--round-ms", type=float, default=None, help="minimum duration of one round"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="keep glibc's default of mapping large blocks afresh (CPU): every large "
-                             "output then costs page faults")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default of mapping large blocks afresh (CPU): every large "
+        "output then costs page faults",
+    )
     args = parser.parse_args(argv)
 
     if args.device == "cuda":
@@ -554,31 +767,48 @@ def main(argv=None):
         all_threads = torch.get_num_threads()
         args.threads = sorted({1, all_threads})
     if args.round_ms is None:
-        args.round_ms = 2.0 if args.quick else 5.0
+        args.round_ms = 1.0 if args.quick else 5.0
 
     torch.manual_seed(0)
     info = machine_info(args.device)
     if args.device == "cpu":
         info["large_blocks_reused"] = False if args.system_malloc else reuse_large_blocks()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(args.device)
+
+    def write_json(rows, meta):
+        payload = {
+            "machine": info,
+            "meta": meta,
+            "summary": summary(rows),
+            "rows": [asdict(r) for r in rows],
+        }
+        (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+
     threads_before = torch.get_num_threads()
     try:
-        rows, meta = run_suite(args)
+        rows, meta = run_suite(args, write_json)
     finally:
         torch.set_num_threads(threads_before)
     summ = summary(rows)
     print()
     for s in summ:
-        print(f"{s['dtype']:8s} threads={s['threads']} {s['mode']:13s} {s['vs']:>8s}/ours: "
-              f"geomean {s['geomean']:.2f}x  min {s['min']:.2f}x ({s['min_case']})")
+        print(
+            f"{s['dtype']:8s} threads={s['threads']} {s['mode']:13s} {s['vs']:>8s}/ours: "
+            f"geomean {s['geomean']:.2f}x  min {s['min']:.2f}x ({s['min_case']})"
+        )
+    print()
+    print(headline(rows, summ, meta, info))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(args.device)
-    payload = {"machine": info, "meta": meta, "summary": summ, "rows": [asdict(r) for r in rows]}
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_json(rows, meta)
     write_markdown(args.out / f"{stem}.md", rows, summ, meta, info)
-    write_chart(args.out / f"{stem}.png", rows, f"torch_batchnorm vs torch: {info.get('gpu') or info.get('model_name', '')}")
+    write_chart(
+        args.out / f"{stem}.png",
+        rows,
+        f"torch_batchnorm vs torch: {info.get('gpu') or info.get('model_name', '')}",
+    )
     print(f"wrote {args.out / stem}.{{json,md,png}}")
-    return 0
+    return 1 if meta["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,15 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function_variadic
+
+from . import _C
 
 __all__ = ["batch_norm"]
+
+# The overload itself, looked up once: on small inputs the lookups through torch.ops
+# on every call are a measurable part of the cost.
+_batch_norm_forward = torch.ops.torch_batchnorm.batch_norm_forward.default
 
 
 def batch_norm(
@@ -24,7 +31,14 @@ def batch_norm(
     statistics are updated in place with ``momentum``. Otherwise the running statistics
     normalise it. Validation happens in the op, before anything is modified.
     """
-    out, _, _ = torch.ops.torch_batchnorm.batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
-    )
-    return out
+    momentum, eps = float(momentum), float(eps)
+    # Eager calls take the direct binding, which skips torch.ops' generic argument
+    # conversion; tracing, tensor subclasses and modes with __torch_function__ see the op.
+    if torch.compiler.is_compiling() or has_torch_function_variadic(
+        input, running_mean, running_var, weight, bias
+    ):
+        out, _, _ = _batch_norm_forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        return out
+    return _C.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)

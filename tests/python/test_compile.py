@@ -90,3 +90,28 @@ def test_export_eval():
     assert "torch_batchnorm.batch_norm_forward.default" in targets
     with torch.no_grad():
         assert_close(program.module()(x), ref(x), "output")
+
+
+def test_torch_function_sees_the_op():
+    """Eager calls skip torch.ops' Python entry; __torch_function__ (modes, tensor
+    subclasses, FX proxies) must still see the op."""
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    bn = tbn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    with Record():
+        out = bn(x)
+    assert torch.ops.torch_batchnorm.batch_norm_forward.default in seen
+    assert_close(out, torch.nn.functional.batch_norm(x, None, None, training=True), "output")
+
+    traced = torch.fx.symbolic_trace(
+        lambda x: tbn.functional.batch_norm(x, None, None, training=True)
+    )
+    assert_close(traced(x), out, "traced output")
+    targets = {node.target for node in traced.graph.nodes if node.op == "call_function"}
+    assert torch.ops.torch_batchnorm.batch_norm_forward.default in targets

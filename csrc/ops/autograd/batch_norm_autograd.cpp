@@ -16,74 +16,85 @@ bool is_defined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined();
 }
 
-class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
- public:
-  static variable_list forward(
-      AutogradContext* ctx,
-      const at::Tensor& input,
-      const std::optional<at::Tensor>& weight,
-      const std::optional<at::Tensor>& bias,
-      const std::optional<at::Tensor>& running_mean,
-      const std::optional<at::Tensor>& running_var,
-      bool training,
-      double momentum,
-      double eps) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, save_mean, save_invstd] = batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, momentum, eps);
-    // Evaluation differentiates through the running statistics, which training would
-    // overwrite in place: save them only when they are constants.
-    const at::Tensor undefined;
-    ctx->save_for_backward({
-        input,
-        is_defined(weight) ? *weight : undefined,
-        training ? undefined : *running_mean,
-        training ? undefined : *running_var,
-        save_mean,
-        save_invstd,
-    });
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_bias"] = is_defined(bias);
-    ctx->mark_non_differentiable({save_mean, save_invstd});
-    return {out, save_mean, save_invstd};
+bool requires_grad(const at::Tensor& t) {
+  return t.defined() && t.requires_grad();
+}
+
+bool requires_grad(const std::optional<at::Tensor>& t) {
+  return is_defined(t) && t->requires_grad();
+}
+
+// Whether a call must record a graph node. Most calls that need none (evaluation under
+// no_grad, the backward pass itself) are small, and the node would cost more than
+// the kernel.
+template <typename... Tensors>
+bool records_graph(const Tensors&... tensors) {
+  return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+}
+
+// A new graph node. torch 2.12 moved nodes from std::shared_ptr (released through
+// deleteNode, found here by argument-dependent lookup) to c10::intrusive_ptr.
+template <typename T>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>) {
+    return c10::make_intrusive<T>();
+  } else {
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
+  }
+}
+
+// The backward node of batch_norm_forward, written as ATen's generated nodes are: plain
+// members and one differentiable output. torch::autograd::Function's generic bookkeeping
+// (a string-keyed map of saved values, gradients materialised for the statistics that
+// never get one) costs more than the kernels on small inputs.
+struct BatchNormBackward : public torch::autograd::TraceableFunction {
+  variable_list apply(variable_list&& grads) override {
+    // Edges 0-2 are input, weight and bias; an undefined weight or bias has an invalid
+    // edge, so its gradient is never asked for.
+    const std::array<bool, 3> mask{
+        task_should_compute_output(0), task_should_compute_output(1),
+        task_should_compute_output(2)};
+    variable_list result(3);
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined() || !(mask[0] || mask[1] || mask[2])) {
+      return result;
+    }
+    const auto unpack = [](const SavedVariable& saved) -> std::optional<at::Tensor> {
+      at::Tensor t = saved.unpack();
+      return t.defined() ? std::optional<at::Tensor>(std::move(t)) : std::nullopt;
+    };
+    auto grads_in = batch_norm_backward(
+        grad_out, input_.unpack(), unpack(weight_), unpack(running_mean_),
+        unpack(running_var_), unpack(save_mean_), unpack(save_invstd_), training_, eps_, mask);
+    // The op returns empty tensors for the gradients not asked for; autograd wants none.
+    if (mask[0]) result[0] = std::move(std::get<0>(grads_in));
+    if (mask[1]) result[1] = std::move(std::get<1>(grads_in));
+    if (mask[2]) result[2] = std::move(std::get<2>(grads_in));
+    return result;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& grad_out = grads[0];
-    const at::Tensor& input = saved[0];
-    const auto opt = [](const at::Tensor& t) -> std::optional<at::Tensor> {
-      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-    };
-    const bool training = ctx->saved_data["training"].toBool();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    // needs_input_grad counts only the tensors that were defined in forward: with weight
-    // None, edge 1 is bias (or a running statistic, or nothing at all).
-    const bool has_weight = saved[1].defined();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0),
-                                   has_weight && ctx->needs_input_grad(1),
-                                   has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
-    at::Tensor grad_input;
-    at::Tensor grad_weight;
-    at::Tensor grad_bias;
-    if (grad_out.defined() && (mask[0] || mask[1] || mask[2])) {
-      std::tie(grad_input, grad_weight, grad_bias) = batch_norm_backward(
-          grad_out, input, opt(saved[1]), opt(saved[2]), opt(saved[3]), opt(saved[4]),
-          opt(saved[5]), training, eps, mask);
-    }
-    const at::Tensor none;
-    return {
-        mask[0] ? grad_input : none,
-        mask[1] ? grad_weight : none,
-        mask[2] ? grad_bias : none,
-        none,
-        none,
-        none,
-        none,
-        none};
+  std::string name() const override {
+    return "BatchNormBackward";
   }
+
+  void release_variables() override {
+    for (SavedVariable* saved :
+         {&input_, &weight_, &running_mean_, &running_var_, &save_mean_, &save_invstd_}) {
+      saved->reset_data();
+    }
+  }
+
+  using SavedVariable = torch::autograd::SavedVariable;
+  SavedVariable input_;
+  SavedVariable weight_;
+  // Evaluation differentiates through the running statistics, which training would
+  // overwrite in place: they are saved only when they are constants.
+  SavedVariable running_mean_;
+  SavedVariable running_var_;
+  SavedVariable save_mean_;
+  SavedVariable save_invstd_;
+  bool training_ = false;
+  double eps_ = 0.0;
 };
 
 // batch_norm_backward has no derivative of its own. Without an autograd kernel, a
@@ -127,6 +138,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     bool training,
     double eps,
     std::array<bool, 3> output_mask) {
+  if (!records_graph(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return batch_norm_backward(
+        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
+        eps, output_mask);
+  }
   auto grads = BatchNormBackwardFunction::apply(
       grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
       output_mask);
@@ -146,15 +163,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
   // like torch refuse ones that ask for it rather than return none silently.
   torch::autograd::check_no_requires_grad(running_mean, "running_mean", "batch_norm_forward");
   torch::autograd::check_no_requires_grad(running_var, "running_var", "batch_norm_forward");
-  auto outs = BatchNormFunction::apply(
-      input, weight, bias, running_mean, running_var, training, momentum, eps);
+  decltype(make_node<BatchNormBackward>()) grad_fn;
+  if (records_graph(input, weight, bias)) {
+    grad_fn = make_node<BatchNormBackward>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+  }
+  auto outs = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, momentum, eps);
+  }();
   // The update happened below autograd; bump the versions so graphs that saved the
   // old running statistics notice, as they do with torch's batch_norm.
   if (training && is_defined(running_mean)) {
     torch::autograd::increment_version(*running_mean);
     torch::autograd::increment_version(*running_var);
   }
-  return {outs[0], outs[1], outs[2]};
+  if (grad_fn) {
+    const auto& [out, save_mean, save_invstd] = outs;
+    const auto save = [](const std::optional<at::Tensor>& t) {
+      return torch::autograd::SavedVariable(t.value_or(at::Tensor()), /*is_output=*/false);
+    };
+    grad_fn->input_ = save(input);
+    grad_fn->weight_ = save(weight);
+    if (!training) {
+      grad_fn->running_mean_ = save(running_mean);
+      grad_fn->running_var_ = save(running_var);
+    }
+    grad_fn->save_mean_ = save(save_mean);
+    grad_fn->save_invstd_ = save(save_invstd);
+    grad_fn->training_ = training;
+    grad_fn->eps_ = eps;
+    // Only the output is differentiable; the statistics stay plain tensors.
+    torch::autograd::set_history(out, grad_fn);
+  }
+  return outs;
 }
 
 }  // namespace

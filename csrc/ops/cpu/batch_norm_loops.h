@@ -38,12 +38,12 @@ struct Loops {
   // y = (x - centre) * scale + shift.
   void (*group_affine)(
       const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
-      acc_t scale, acc_t shift);
+      acc_t scale, acc_t shift, bool stream);
   // The same over `runs` consecutive runs (memory order), run r of channel (c0 + r) % C,
   // with per-channel arrays; a null centre means y = x * scale + shift.
   void (*runs_affine)(
       const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
-      const acc_t* centre, const acc_t* scale, const acc_t* shift);
+      const acc_t* centre, const acc_t* scale, const acc_t* shift, bool stream);
   // {sum(dy), sum(dy * (x - mean))}.
   std::pair<double, double> (*group_grad_sums)(
       const scalar_t* dy, const scalar_t* x, int64_t spans, int64_t len, int64_t stride,
@@ -51,40 +51,45 @@ struct Loops {
   // dx = a * dy + b * (x - mean) + c; the _eval form computes a * dy and reads no x.
   void (*group_grad_input)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
-      int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c);
+      int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c, bool stream);
   void (*group_grad_input_eval)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
-      int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c);
+      int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c, bool stream);
   // The same over consecutive runs, as runs_affine.
   void (*runs_grad_input)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
-      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream);
   void (*runs_grad_input_eval)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
-      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream);
 
-  // Rows of C channels (channels-last, 2D), with per-channel arrays of C values.
-  // Folds the rows into mean/m2 of *count earlier rows; scratch: 3 * C values.
+  // Rows of C channels (channels-last, 2D), with per-channel arrays of C values; the
+  // reductions take C channels of rows `ld` apart (a block of the channels).
+  // Statistics of the rows into mean/m2 (zero on entry); scratch: 3 * C values.
   void (*rows_stats)(
-      const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block, double* mean,
-      double* m2, int64_t* count, acc_t* scratch);
+      const scalar_t* x, int64_t rows, int64_t C, int64_t ld, int64_t rows_per_block,
+      double* mean, double* m2, acc_t* scratch);
   // y = (x - centre) * scale + shift; a null centre means y = x * scale + shift.
   void (*rows_affine)(
       const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
-      const acc_t* scale, const acc_t* shift);
+      const acc_t* scale, const acc_t* shift, bool stream);
   // Adds sum(dy) and sum(dy * (x - mean)) to sum_dy/sum_dy_xmu; scratch: 2 * C values.
   void (*rows_grad_sums)(
-      const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t rows_per_block,
-      const acc_t* mean, double* sum_dy, double* sum_dy_xmu, acc_t* scratch);
+      const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t ld,
+      int64_t rows_per_block, const acc_t* mean, double* sum_dy, double* sum_dy_xmu,
+      acc_t* scratch);
   // dx = a * dy + b * (x - mean) + k; the _eval form computes a * dy and reads no x.
   void (*rows_grad_input)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
-      const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+      const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream);
   void (*rows_grad_input_eval)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
-      const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k);
+      const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream);
 };
 
+// The elementwise loops take `stream`: write the output with streaming stores, for
+// outputs too large to stay in cache (same results, less memory traffic).
+//
 // The loops for this machine (float, double, c10::BFloat16, c10::Half).
 template <typename scalar_t>
 const Loops<scalar_t>& loops();
