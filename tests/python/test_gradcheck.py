@@ -2,6 +2,8 @@
 and bias against finite differences, in training (through the batch statistics) and in
 evaluation, with and without affine parameters, contiguous and channels-last."""
 
+import threading
+
 import pytest
 import torch
 import torch_batchnorm as tbn
@@ -65,3 +67,37 @@ def test_double_backward_is_refused():
     (grad_x,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="derivative for torch_batchnorm::batch_norm_backward"):
         torch.autograd.grad(grad_x.sum(), weight)
+
+
+def test_forward_mode_ad_is_refused():
+    """No forward derivative: dual inputs raise rather than lose their tangents."""
+    x, weight, bias = _inputs((4, C), False, True)
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torch.func.jvp(
+            lambda t: tbn.functional.batch_norm(t, None, None, weight, bias, training=True),
+            (x.detach(),),
+            (torch.ones_like(x),),
+        )
+
+
+def test_backward_from_threads_sharing_a_graph():
+    """Threads may call backward on losses that share the node: its saved tensors must not
+    be freed under another thread's feet (one succeeds, the others raise cleanly)."""
+    for _ in range(100):
+        x = torch.randn(2, 4, 2, requires_grad=True)
+        out = tbn.functional.batch_norm(x * 1, None, None, training=True)
+        losses = [out.sum() * (i + 1) for i in range(4)]
+        errors = []
+
+        def backward(loss):
+            try:
+                loss.backward()
+            except RuntimeError as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=backward, args=(loss,)) for loss in losses]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all("a second time" in e for e in errors), errors

@@ -32,6 +32,16 @@ bool records_graph(const Tensors&... tensors) {
   return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
 }
 
+// Neither op has a forward-mode derivative: refuse dual tensors (forward AD, jvp) rather
+// than drop their tangents.
+template <typename... Tensors>
+void check_no_forward_grad(const char* op, const Tensors&... tensors) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(torch::autograd::isFwGradDefined(tensors) || ...), "Trying to use forward AD with "
+      "torch_batchnorm::", op, " that does not support it because it has not been "
+      "implemented yet.");
+}
+
 // A new graph node. torch 2.12 moved nodes from std::shared_ptr (released through
 // deleteNode, found here by argument-dependent lookup) to c10::intrusive_ptr.
 template <typename T>
@@ -49,6 +59,8 @@ auto make_node() {
 // never get one) costs more than the kernels on small inputs.
 struct BatchNormBackward : public torch::autograd::TraceableFunction {
   variable_list apply(variable_list&& grads) override {
+    // Threads may run backward through a shared graph; release_variables may run beside.
+    std::lock_guard<std::mutex> lock(mutex_);
     // Edges 0-2 are input, weight and bias; an undefined weight or bias has an invalid
     // edge, so its gradient is never asked for.
     const std::array<bool, 3> mask{
@@ -78,6 +90,7 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
   }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* saved :
          {&input_, &weight_, &running_mean_, &running_var_, &save_mean_, &save_invstd_}) {
       saved->reset_data();
@@ -138,6 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     bool training,
     double eps,
     std::array<bool, 3> output_mask) {
+  check_no_forward_grad(
+      "batch_norm_backward", grad_out, input, weight, running_mean, running_var, save_mean,
+      save_invstd);
   if (!records_graph(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return batch_norm_backward(
@@ -163,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
   // like torch refuse ones that ask for it rather than return none silently.
   torch::autograd::check_no_requires_grad(running_mean, "running_mean", "batch_norm_forward");
   torch::autograd::check_no_requires_grad(running_var, "running_var", "batch_norm_forward");
+  check_no_forward_grad("batch_norm_forward", input, weight, bias, running_mean, running_var);
   decltype(make_node<BatchNormBackward>()) grad_fn;
   if (records_graph(input, weight, bias)) {
     grad_fn = make_node<BatchNormBackward>();
