@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "ops/batch_norm_check.h"
@@ -153,6 +154,23 @@ void for_each_rows(const Layout& l, F f) {
   });
 }
 
+// Runs f(p, r0, r1, c0, c1, scratch) in parallel over the tasks of a channels-last
+// reduction: piece p of `pieces` (rows [r0, r1)) times channel block [c0, c1) of
+// `blocks`, with `scratch_size` acc_t of scratch per thread.
+template <typename acc_t, typename F>
+void for_each_cl_task(const Layout& l, int64_t pieces, int64_t blocks, int64_t scratch_size, F f) {
+  const int64_t rows = l.outer;
+  const int64_t task_elems = rows / pieces * (l.channels / blocks);
+  at::parallel_for(0, pieces * blocks, grain_for(task_elems), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(scratch_size);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / blocks;
+      const auto [c0, c1] = channel_block(l.channels, blocks, task % blocks);
+      f(p, rows * p / pieces, rows * (p + 1) / pieces, c0, c1, scratch.data());
+    }
+  });
+}
+
 // Merges per-channel statistics of `n_b` more values into those of `*n_a` values, for
 // every channel at once (every channel has the same count).
 void merge_channel_stats(
@@ -222,20 +240,13 @@ Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
     const int64_t block = rows_per_block(C);
     const int64_t blocks = cl_channel_blocks(l, pieces);
     Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: mean[C], m2[C]
-    const int64_t task_elems = rows / pieces * (C / blocks);
-    at::parallel_for(0, pieces * blocks, grain_for(task_elems), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(3 * C);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t p = task / blocks;
-        const auto [c0, c1] = channel_block(C, blocks, task % blocks);
-        const int64_t r0 = rows * p / pieces;
-        const int64_t r1 = rows * (p + 1) / pieces;
-        double* mean = partial.data() + 2 * p * C;
-        loop.rows_stats(
-            x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0, mean + C + c0,
-            scratch.data());
-      }
-    });
+    for_each_cl_task<acc_t>(
+        l, pieces, blocks, 3 * C,
+        [&](int64_t p, int64_t r0, int64_t r1, int64_t c0, int64_t c1, acc_t* scratch) {
+          double* mean = partial.data() + 2 * p * C;
+          loop.rows_stats(
+              x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0, mean + C + c0, scratch);
+        });
     Buffer<double> total(2 * C, 0.0);
     int64_t n = 0;
     for (int64_t p = 0; p < pieces; ++p) {
@@ -293,25 +304,18 @@ Buffer<std::pair<double, double>> channel_grad_sums(
     return result;
   }
   if (l.rows) {
-    const int64_t rows = l.outer;
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
     const int64_t blocks = cl_channel_blocks(l, pieces);
     Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: sum_dy[C], sum_dy_xmu[C]
-    const int64_t task_elems = rows / pieces * (C / blocks);
-    at::parallel_for(0, pieces * blocks, grain_for(task_elems), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(2 * C);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t p = task / blocks;
-        const auto [c0, c1] = channel_block(C, blocks, task % blocks);
-        const int64_t r0 = rows * p / pieces;
-        const int64_t r1 = rows * (p + 1) / pieces;
-        double* sums = partial.data() + 2 * p * C;
-        loop.rows_grad_sums(
-            dy + r0 * C + c0, x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0,
-            sums + c0, sums + C + c0, scratch.data());
-      }
-    });
+    for_each_cl_task<acc_t>(
+        l, pieces, blocks, 2 * C,
+        [&](int64_t p, int64_t r0, int64_t r1, int64_t c0, int64_t c1, acc_t* scratch) {
+          double* sums = partial.data() + 2 * p * C;
+          loop.rows_grad_sums(
+              dy + r0 * C + c0, x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0,
+              sums + c0, sums + C + c0, scratch);
+        });
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t p = 0; p < pieces; ++p) {
         result[c].first += partial[2 * p * C + c];
@@ -341,6 +345,18 @@ Buffer<std::pair<double, double>> channel_grad_sums(
 
 // ---------------------------------------------------------------------------------
 // Ops
+
+// Calls f(std::type_identity<param_t>) with the parameters' type: float for a reduced
+// precision input with float parameters (`mixed`), else the input's own type.
+template <typename scalar_t, typename F>
+void with_param_type(bool mixed, F f) {
+  if (mixed) {
+    f(std::type_identity<float>{});
+  } else {
+    f(std::type_identity<scalar_t>{});
+  }
+}
+
 
 template <typename scalar_t, typename param_t>
 void forward_impl(
@@ -490,15 +506,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   const bool mixed = is_mixed_type(input, {&weight, &bias, &running_mean, &running_var});
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_forward_cpu", [&] {
-    if (mixed) {
-      forward_impl<scalar_t, float>(
+    with_param_type<scalar_t>(mixed, [&](auto param) {
+      forward_impl<scalar_t, typename decltype(param)::type>(
           x, l, out, save_mean, save_invstd, weight, bias, running_mean, running_var, training,
           momentum, eps);
-    } else {
-      forward_impl<scalar_t, scalar_t>(
-          x, l, out, save_mean, save_invstd, weight, bias, running_mean, running_var, training,
-          momentum, eps);
-    }
+    });
   });
   return {out, save_mean, save_invstd};
 }
@@ -648,15 +660,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   at::Tensor grad_bias = at::empty({mask[2] ? C : 0}, input.options().dtype(pdtype));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_cpu", [&] {
-    if (mixed) {
-      backward_impl<scalar_t, float>(
+    with_param_type<scalar_t>(mixed, [&](auto param) {
+      backward_impl<scalar_t, typename decltype(param)::type>(
           dy, x, l, grad_input, grad_weight, grad_bias, weight, running_mean, running_var,
           save_mean, save_invstd, training, eps, mask);
-    } else {
-      backward_impl<scalar_t, scalar_t>(
-          dy, x, l, grad_input, grad_weight, grad_bias, weight, running_mean, running_var,
-          save_mean, save_invstd, training, eps, mask);
-    }
+    });
   });
   return {grad_input, grad_weight, grad_bias};
 }
@@ -718,15 +726,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_with_stats_cpu
     for (int64_t c = 0; c < l.channels; ++c) {
       given[c] = Welford<double>{means[c], m2s[c], count};
     }
-    if (mixed) {
-      forward_impl<scalar_t, float>(
+    with_param_type<scalar_t>(mixed, [&](auto param) {
+      forward_impl<scalar_t, typename decltype(param)::type>(
           x, l, out, save_mean, save_invstd, weight, bias, running_mean, running_var,
           /*training=*/true, momentum, eps, given.data());
-    } else {
-      forward_impl<scalar_t, scalar_t>(
-          x, l, out, save_mean, save_invstd, weight, bias, running_mean, running_var,
-          /*training=*/true, momentum, eps, given.data());
-    }
+    });
   });
   return {out, save_mean, save_invstd};
 }
@@ -783,15 +787,11 @@ at::Tensor batch_norm_backward_elemt_cpu(
       sums[c] = {s[c], sx[c]};
     }
     const std::array<bool, 3> mask{true, false, false};
-    if (mixed) {
-      backward_impl<scalar_t, float>(
+    with_param_type<scalar_t>(mixed, [&](auto param) {
+      backward_impl<scalar_t, typename decltype(param)::type>(
           dy, x, l, grad_input, unused, unused, weight, std::nullopt, std::nullopt, mean, invstd,
           /*training=*/true, /*eps=*/0.0, mask, sums.data(), count);
-    } else {
-      backward_impl<scalar_t, scalar_t>(
-          dy, x, l, grad_input, unused, unused, weight, std::nullopt, std::nullopt, mean, invstd,
-          /*training=*/true, /*eps=*/0.0, mask, sums.data(), count);
-    }
+    });
   });
   return grad_input;
 }
