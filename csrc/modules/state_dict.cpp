@@ -14,6 +14,7 @@
 #include <iterator>
 #include <set>
 #include <sstream>
+#include <string_view>
 #include <vector>
 
 namespace torch_batchnorm {
@@ -39,6 +40,16 @@ std::string quoted_list(const std::vector<std::string>& keys) {
     ss << (i ? ", " : "") << '"' << keys[i] << '"';
   }
   return ss.str();
+}
+
+// Python's normalisation modules load a state without num_batches_tracked (one saved
+// before the buffer existed, or any plain dict, which carries no version) and keep their
+// own count (_NormBase._load_from_state_dict): such a key is never missing.
+bool may_be_absent(const std::string& name) {
+  constexpr std::string_view kCount = "num_batches_tracked";
+  return name.size() >= kCount.size() &&
+      std::string_view(name).substr(name.size() - kCount.size()) == kCount &&
+      (name.size() == kCount.size() || name[name.size() - kCount.size() - 1] == '.');
 }
 
 c10::impl::GenericDict read_dict(const std::string& path) {
@@ -84,7 +95,9 @@ void load_state_dict(torch::nn::Module& module, const std::string& path, bool st
     names.insert(name);
     const auto it = saved.find(name);
     if (it == saved.end()) {
-      missing.push_back(name);
+      if (!may_be_absent(name)) {
+        missing.push_back(name);
+      }
       continue;
     }
     if (!it->value().isTensor()) {

@@ -59,6 +59,7 @@ LARGE_SHAPES = [
     (20000, 3),
     (4, 16, 2500),
     (8, 16, 32, 32),
+    (4, 37, 5, 3),  # NCHW channels fused in blocks of three, the last block one channel
     (3, 5, 50, 51),
     (2, 8, 9, 30, 31),
 ]

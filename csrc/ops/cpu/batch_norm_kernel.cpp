@@ -146,6 +146,29 @@ void for_each_runs(const Layout& l, F f) {
   });
 }
 
+// Runs f(c0, c1) over blocks of channels in parallel (NCHW), for the passes that reduce a
+// block and then write its elementwise output. A block holds up to kFusedBlockBytes of the
+// tensors the reduction reads (`value_bytes` per value of a channel), which stay in cache
+// for the elementwise pass; that pass then writes the block's runs of each batch entry as
+// one stretch of memory. (Channel by channel, each short run written is a cache miss of
+// its own, which the hardware prefetcher does not see coming.) At least kMinTasks blocks
+// where there are channels enough, to keep the threads busy.
+constexpr int64_t kFusedBlockBytes = int64_t{256} << 10;
+
+template <typename F>
+void for_each_channel_block(const Layout& l, int64_t value_bytes, F f) {
+  const int64_t C = l.channels;
+  const int64_t per_channel = std::max<int64_t>(1, l.per_channel() * value_bytes);
+  const int64_t size =
+      std::clamp<int64_t>(kFusedBlockBytes / per_channel, 1, (C + kMinTasks - 1) / kMinTasks);
+  const int64_t blocks = (C + size - 1) / size;
+  at::parallel_for(0, blocks, grain_for(l.per_channel() * size), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      f(b * size, std::min(C, (b + 1) * size));
+    }
+  });
+}
+
 // Runs f(row0, rows) over all rows, in parallel (channels-last).
 template <typename F>
 void for_each_rows(const Layout& l, F f) {
@@ -399,8 +422,8 @@ void forward_impl(
     for_each_runs(l, [&](int64_t r0, int64_t runs) {
       const int64_t off = r0 * l.inner;
       loop.runs_affine(
-          x_data + off, y_data + off, runs, l.inner, r0 % C, C, centre_or_null, scale, shift,
-          stream);
+          x_data + off, y_data + off, /*spans=*/1, /*stride=*/0, runs, l.inner, r0 % C, C,
+          centre_or_null, scale, shift, stream);
     });
   };
 
@@ -463,18 +486,17 @@ void forward_impl(
     return;
   }
 
-  const int64_t stride = C * l.inner;
   if (!l.rows && nchw_pieces(l) == 1) {
-    // Each channel normalised right after its statistics, while it is still in cache
-    // (L2, or L3 for large channels): memory is read once, not twice.
-    at::parallel_for(0, C, grain_for(count), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
+    // Each block of channels normalised right after its statistics, while it is still in
+    // cache (L2): memory is read once, not twice.
+    for_each_channel_block(l, x.element_size(), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
         finish_channel(c, channel_piece_stats(loop, x_data, l, c, 0, l.outer));
-        const int64_t off = c * l.inner;
-        loop.group_affine(
-            x_data + off, y_data + off, l.outer, l.inner, stride, centre[c], scale[c], shift[c],
-            stream);
       }
+      const int64_t off = c0 * l.inner;
+      loop.runs_affine(
+          x_data + off, y_data + off, l.outer, C * l.inner, c1 - c0, l.inner, c0, C, centre,
+          scale, shift, stream);
     });
     return;
   }
@@ -591,8 +613,8 @@ void backward_impl(
     for_each_runs(l, [&](int64_t r0, int64_t runs) {
       const int64_t off = r0 * l.inner;
       runs_fn(
-          dy_data + off, x_data + off, dx_data + off, runs, l.inner, r0 % C, C, mean, a, b, k,
-          stream);
+          dy_data + off, x_data + off, dx_data + off, /*spans=*/1, /*stride=*/0, runs, l.inner,
+          r0 % C, C, mean, a, b, k, stream);
     });
   };
 
@@ -612,19 +634,18 @@ void backward_impl(
   }
 
   if (!l.rows && nchw_pieces(l) == 1 && dx_data != nullptr) {
-    // Each channel's dx written right after its sums, while its dy and x are still in
-    // cache.
-    const int64_t stride = C * l.inner;
-    const auto group_fn = training ? loop.group_grad_input : loop.group_grad_input_eval;
-    at::parallel_for(0, C, grain_for(count), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
+    // Each block of channels' dx written right after its sums, while its dy and x are
+    // still in cache.
+    const auto runs_fn = training ? loop.runs_grad_input : loop.runs_grad_input_eval;
+    for_each_channel_block(l, 2 * x.element_size(), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
         const auto s = channel_piece_grad_sums(loop, dy_data, x_data, l, c, 0, l.outer, mean[c]);
         finish_channel(c, s.first, s.second);
-        const int64_t off = c * l.inner;
-        group_fn(
-            dy_data + off, x_data + off, dx_data + off, l.outer, l.inner, stride, mean[c], a[c],
-            b[c], k[c], stream);
       }
+      const int64_t off = c0 * l.inner;
+      runs_fn(
+          dy_data + off, x_data + off, dx_data + off, l.outer, C * l.inner, c1 - c0, l.inner, c0,
+          C, mean, a, b, k, stream);
     });
     return;
   }

@@ -35,33 +35,27 @@ struct Loops {
   // Runs of one channel: `spans` runs of `len` values, run s at x + s * stride.
   // Mean and M2 of the runs.
   math::Welford<double> (*group_stats)(const scalar_t* x, int64_t spans, int64_t len, int64_t stride);
-  // y = (x - centre) * scale + shift.
-  void (*group_affine)(
-      const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
-      acc_t scale, acc_t shift, bool stream);
-  // The same over `runs` consecutive runs (memory order), run r of channel (c0 + r) % C,
-  // with per-channel arrays; a null centre means y = x * scale + shift.
+  // y = (x - centre) * scale + shift over `spans` spans of `runs` consecutive runs, span s
+  // at offset s * stride, run r of channel (c0 + r) % C, with per-channel arrays; a null
+  // centre means y = x * scale + shift.
   void (*runs_affine)(
-      const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
-      const acc_t* centre, const acc_t* scale, const acc_t* shift, bool stream);
+      const scalar_t* x, scalar_t* y, int64_t spans, int64_t stride, int64_t runs, int64_t len,
+      int64_t c0, int64_t C, const acc_t* centre, const acc_t* scale, const acc_t* shift,
+      bool stream);
   // {sum(dy), sum(dy * (x - mean))}.
   std::pair<double, double> (*group_grad_sums)(
       const scalar_t* dy, const scalar_t* x, int64_t spans, int64_t len, int64_t stride,
       acc_t mean);
-  // dx = a * dy + b * (x - mean) + c; the _eval form computes a * dy and reads no x.
-  void (*group_grad_input)(
-      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
-      int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c, bool stream);
-  void (*group_grad_input_eval)(
-      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
-      int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c, bool stream);
-  // The same over consecutive runs, as runs_affine.
+  // dx = a * dy + b * (x - mean) + k over spans of consecutive runs, as runs_affine; the
+  // _eval form computes a * dy and reads no x.
   void (*runs_grad_input)(
-      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
-      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream);
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t stride,
+      int64_t runs, int64_t len, int64_t c0, int64_t C, const acc_t* mean, const acc_t* a,
+      const acc_t* b, const acc_t* k, bool stream);
   void (*runs_grad_input_eval)(
-      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
-      int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream);
+      const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t stride,
+      int64_t runs, int64_t len, int64_t c0, int64_t C, const acc_t* mean, const acc_t* a,
+      const acc_t* b, const acc_t* k, bool stream);
 
   // Rows of C channels (channels-last, 2D), with per-channel arrays of C values; the
   // reductions take C channels of rows `ld` apart (a block of the channels).

@@ -437,32 +437,26 @@ TBN_INLINE void affine_run(
       [&](int64_t i) { q[i] = static_cast<scalar_t>(f(static_cast<acc_t>(p[i]))); });
 }
 
-// affine_run over runs of one channel.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void group_affine(
-    const scalar_t* x, scalar_t* y, int64_t spans, int64_t len, int64_t stride, acc_t centre,
-    acc_t scale, acc_t shift, bool stream) {
-  for (int64_t s = 0; s < spans; ++s) {
-    affine_run<true>(x + s * stride, y + s * stride, len, centre, scale, shift, stream);
-  }
-  if (stream) {
-    stream_fence();
-  }
-}
-
-// affine_run over `runs` consecutive runs, run r of channel (c0 + r) % C: memory order.
+// affine_run over `spans` spans of `runs` consecutive runs, span s at offset s * stride,
+// run r of channel (c0 + r) % C. One span in memory order serves the elementwise pass
+// alone; a block of channels of every batch entry serves the fused NCHW passes.
 // A null `centre` means no centring (evaluation folds the mean into the shift).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void runs_affine(
-    const scalar_t* x, scalar_t* y, int64_t runs, int64_t len, int64_t c0, int64_t C,
-    const acc_t* centre, const acc_t* scale, const acc_t* shift, bool stream) {
+    const scalar_t* x, scalar_t* y, int64_t spans, int64_t stride, int64_t runs, int64_t len,
+    int64_t c0, int64_t C, const acc_t* centre, const acc_t* scale, const acc_t* shift,
+    bool stream) {
   const auto each_run = [&](auto centred) {
-    int64_t c = c0;
-    for (int64_t r = 0; r < runs; ++r) {
-      affine_run<decltype(centred)::value>(
-          x + r * len, y + r * len, len, centre ? centre[c] : acc_t(0), scale[c], shift[c],
-          stream);
-      c = c + 1 == C ? 0 : c + 1;
+    for (int64_t s = 0; s < spans; ++s) {
+      const scalar_t* xs = x + s * stride;
+      scalar_t* ys = y + s * stride;
+      int64_t c = c0;
+      for (int64_t r = 0; r < runs; ++r) {
+        affine_run<decltype(centred)::value>(
+            xs + r * len, ys + r * len, len, centre ? centre[c] : acc_t(0), scale[c], shift[c],
+            stream);
+        c = c + 1 == C ? 0 : c + 1;
+      }
     }
   };
   if (centre != nullptr) {
@@ -547,31 +541,20 @@ TBN_INLINE void grad_input_run(
       });
 }
 
-// grad_input_run over runs of one channel.
-template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void group_grad_input(
-    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t len,
-    int64_t stride, acc_t mean, acc_t a, acc_t b, acc_t c, bool stream) {
-  for (int64_t s = 0; s < spans; ++s) {
-    const int64_t off = s * stride;
-    grad_input_run<kUsesInput>(dy + off, x + off, dx + off, len, mean, a, b, c, stream);
-  }
-  if (stream) {
-    stream_fence();
-  }
-}
-
-// grad_input_run over `runs` consecutive runs, run r of channel (c0 + r) % C.
+// grad_input_run over spans of consecutive runs, as runs_affine.
 template <bool kUsesInput, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void runs_grad_input(
-    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t runs, int64_t len, int64_t c0,
-    int64_t C, const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream) {
-  int64_t c = c0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const int64_t off = r * len;
-    grad_input_run<kUsesInput>(
-        dy + off, x + off, dx + off, len, mean[c], a[c], b[c], k[c], stream);
-    c = c + 1 == C ? 0 : c + 1;
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t stride,
+    int64_t runs, int64_t len, int64_t c0, int64_t C, const acc_t* mean, const acc_t* a,
+    const acc_t* b, const acc_t* k, bool stream) {
+  for (int64_t s = 0; s < spans; ++s) {
+    int64_t c = c0;
+    for (int64_t r = 0; r < runs; ++r) {
+      const int64_t off = s * stride + r * len;
+      grad_input_run<kUsesInput>(
+          dy + off, x + off, dx + off, len, mean[c], a[c], b[c], k[c], stream);
+      c = c + 1 == C ? 0 : c + 1;
+    }
   }
   if (stream) {
     stream_fence();
@@ -855,11 +838,8 @@ template <typename scalar_t>
 Loops<scalar_t> make_loops() {
   Loops<scalar_t> l;
   l.group_stats = &group_stats<scalar_t>;
-  l.group_affine = &group_affine<scalar_t>;
   l.runs_affine = &runs_affine<scalar_t>;
   l.group_grad_sums = &group_grad_sums<scalar_t>;
-  l.group_grad_input = &group_grad_input<true, scalar_t>;
-  l.group_grad_input_eval = &group_grad_input<false, scalar_t>;
   l.runs_grad_input = &runs_grad_input<true, scalar_t>;
   l.runs_grad_input_eval = &runs_grad_input<false, scalar_t>;
   l.rows_stats = &rows_stats<scalar_t>;
