@@ -391,6 +391,9 @@ void forward_impl(
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
+  if (C == 0) {
+    return;  // every output is empty (and the work splitting divides by C)
+  }
   const int64_t count = l.per_channel();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* y_data = out.mutable_data_ptr<scalar_t>();
@@ -548,6 +551,9 @@ void backward_impl(
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
+  if (C == 0) {
+    return;  // every output is empty (and the work splitting divides by C)
+  }
   const int64_t count = l.per_channel();
   // `given_sums`: sums over `given_count` values per channel gathered elsewhere
   // (batch_norm_backward_elemt); this input holds only some of them.
