@@ -494,6 +494,29 @@ def test_empty_input_still_validated(args, kwargs, message):
         tbn.functional.batch_norm(x, *args, **kwargs)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_zero_channels(training, layout):
+    """An input without channels gives an empty output and empty gradients, with or without
+    weight and bias. torch agrees without them; with them, its path for empty inputs scales
+    by weight[0] and raises IndexError."""
+    x = torch.randn(4, 0, 3, 3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.ones(0), torch.zeros(0)
+    with pytest.raises(IndexError, match="index 0 out of range"):
+        F.batch_norm(x, *_stats(0), w, b, training=training)
+    expected = F.batch_norm(x, *_stats(0), training=training)
+    for params in [(), (w, b)]:
+        xi = _clone(x).requires_grad_()
+        pi = [_clone(p).requires_grad_() for p in params]
+        y = tbn.functional.batch_norm(xi, *_stats(0), *pi, training=training)
+        assert y.shape == expected.shape
+        y.sum().backward()
+        assert xi.grad.shape == x.shape
+        assert all(p.grad.shape == (0,) for p in pi)
+
+
 @pytest.mark.parametrize("shape", [(1, C), (C, 1)])
 def test_weight_must_be_1d(shape):
     """torch flattens a weight or bias of any shape holding C elements; ours take the 1-D

@@ -151,16 +151,18 @@ void for_each_runs(const Layout& l, F f) {
 // tensors the reduction reads (`value_bytes` per value of a channel), which stay in cache
 // for the elementwise pass; that pass then writes the block's runs of each batch entry as
 // one stretch of memory. (Channel by channel, each short run written is a cache miss of
-// its own, which the hardware prefetcher does not see coming.) At least kMinTasks blocks
-// where there are channels enough, to keep the threads busy.
+// its own, which the hardware prefetcher does not see coming.) At least kMinTasks blocks,
+// and four per thread, where there are channels enough. (Blocks change the order of the
+// work, never that of a sum: every channel is reduced alone.)
 constexpr int64_t kFusedBlockBytes = int64_t{256} << 10;
 
 template <typename F>
 void for_each_channel_block(const Layout& l, int64_t value_bytes, F f) {
   const int64_t C = l.channels;
   const int64_t per_channel = std::max<int64_t>(1, l.per_channel() * value_bytes);
+  const int64_t min_blocks = std::max<int64_t>(kMinTasks, 4 * at::get_num_threads());
   const int64_t size =
-      std::clamp<int64_t>(kFusedBlockBytes / per_channel, 1, (C + kMinTasks - 1) / kMinTasks);
+      std::clamp<int64_t>(kFusedBlockBytes / per_channel, 1, (C + min_blocks - 1) / min_blocks);
   const int64_t blocks = (C + size - 1) / size;
   at::parallel_for(0, blocks, grain_for(l.per_channel() * size), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -391,6 +393,9 @@ void forward_impl(
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
+  if (C == 0) {
+    return;  // every output is empty (and the work splitting divides by C)
+  }
   const int64_t count = l.per_channel();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* y_data = out.mutable_data_ptr<scalar_t>();
@@ -548,6 +553,9 @@ void backward_impl(
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
+  if (C == 0) {
+    return;  // every output is empty (and the work splitting divides by C)
+  }
   const int64_t count = l.per_channel();
   // `given_sums`: sums over `given_count` values per channel gathered elsewhere
   // (batch_norm_backward_elemt); this input holds only some of them.
