@@ -382,7 +382,6 @@ void with_param_type(bool mixed, F f) {
   }
 }
 
-
 template <typename scalar_t, typename param_t>
 void forward_impl(
     const at::Tensor& x, const Layout& l, at::Tensor& out, at::Tensor& save_mean,

@@ -3,7 +3,8 @@
 // batch_norm_loops.cpp includes this file several times, each time inside a namespace of
 // its own compiled for one instruction set (AVX-512, AVX2+FMA, baseline x86-64), with
 // TBN_VEC_BYTES set to that set's vector width, TBN_RUN_BYTES to the width of the
-// memory accesses of elementwise loops over NCHW runs, and TBN_HAVE_AVX512 / TBN_HAVE_AVX2 to 0 or 1.
+// memory accesses of elementwise loops over NCHW runs, and TBN_HAVE_AVX512 /
+// TBN_HAVE_AVX2 to 0 or 1.
 // Hence no include guard, and no includes:
 // the includer brings in every header first (<immintrin.h> too, for the few conversions
 // written with intrinsics), so that no inline function of a shared header is ever
@@ -448,13 +449,11 @@ void runs_affine(
     bool stream) {
   const auto each_run = [&](auto centred) {
     for (int64_t s = 0; s < spans; ++s) {
-      const scalar_t* xs = x + s * stride;
-      scalar_t* ys = y + s * stride;
       int64_t c = c0;
       for (int64_t r = 0; r < runs; ++r) {
+        const int64_t off = s * stride + r * len;
         affine_run<decltype(centred)::value>(
-            xs + r * len, ys + r * len, len, centre ? centre[c] : acc_t(0), scale[c], shift[c],
-            stream);
+            x + off, y + off, len, centre ? centre[c] : acc_t(0), scale[c], shift[c], stream);
         c = c + 1 == C ? 0 : c + 1;
       }
     }
