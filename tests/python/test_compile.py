@@ -1,7 +1,8 @@
 """torch.compile(fullgraph=True) and torch.export trace the ops through their fake kernels
 and the C++ autograd kernel: a compiled training step (forward, backward, running
 statistics, momentum=None included) and a compiled evaluation match torch's BatchNorm
-run eagerly. Few cases, since every compilation takes seconds."""
+run eagerly, and compiled autograd records the backward of an eager forward. Few cases,
+since every compilation takes seconds."""
 
 import copy
 
@@ -90,6 +91,33 @@ def test_export_eval():
     assert "torch_batchnorm.batch_norm_forward.default" in targets
     with torch.no_grad():
         assert_close(program.module()(x), ref(x), "output")
+
+
+# Our backward node speaks compiled autograd's interface as of torch 2.13.
+COMPILED_AUTOGRAD = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+@pytest.mark.skipif(not COMPILED_AUTOGRAD, reason="compiled autograd support needs torch >= 2.13")
+@pytest.mark.parametrize("training", [True, False])
+def test_compiled_autograd(training):
+    """The forward runs eagerly and records our backward node; compiled autograd turns the
+    whole backward into one graph, with the node as a call in it."""
+    ref, ours = _trained_pair_in_eval()
+    graphs = []
+
+    def compiler(gm):
+        graphs.append(gm.code)
+        return torch.compile(gm, backend="aot_eager", fullgraph=True)
+
+    for model in (ref, ours):
+        model.train(training)
+    for step in range(2):
+        x = torch.randn(6, 3, 5, 5) * 2 + 1
+        expected = _train_step(ref, x)
+        with torch._dynamo.compiled_autograd._enable(compiler):
+            assert_close(_train_step(ours, x), expected, f"step {step} output")
+        _assert_same(ours, ref)
+    assert graphs and all("BatchNormBackward" in code for code in graphs)
 
 
 def test_torch_function_sees_the_op():

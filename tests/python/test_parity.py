@@ -57,6 +57,8 @@ SHAPES = [
 # pieces, and merge partial statistics.
 LARGE_SHAPES = [
     (20000, 3),
+    (3001, 7),  # channels-last rows narrower than a vector, taken flat: periods of 112 values
+    (4, 24, 30, 31),  # channels-last rows of a vector and a half: the last vector overlaps
     (4, 16, 2500),
     (8, 16, 32, 32),
     (4, 37, 5, 3),  # NCHW channels fused in blocks of three, the last block one channel

@@ -3,8 +3,17 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "torch_batchnorm/ops.h"
+
+// Compiled autograd's interface for nodes defined outside torch (functions bound to its
+// Python side, state packed as IValues), as in the releases this is built against.
+#define TBN_COMPILED_AUTOGRAD \
+  (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13))
+#if TBN_COMPILED_AUTOGRAD
+#include <torch/csrc/dynamo/compiled_autograd.h>
+#endif
 
 namespace torch_batchnorm {
 namespace {
@@ -61,29 +70,58 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
   variable_list apply(variable_list&& grads) override {
     // Threads may run backward through a shared graph; release_variables may run beside.
     std::lock_guard<std::mutex> lock(mutex_);
-    // Edges 0-2 are input, weight and bias; an undefined weight or bias has an invalid
-    // edge, so its gradient is never asked for.
-    const std::array<bool, 3> mask{
-        task_should_compute_output(0), task_should_compute_output(1),
-        task_should_compute_output(2)};
-    variable_list result(3);
-    const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined() || !(mask[0] || mask[1] || mask[2])) {
-      return result;
+    return backward(
+        grads, input_.unpack(), unpack(weight_), unpack(running_mean_), unpack(running_var_),
+        unpack(save_mean_), unpack(save_invstd_), training_, eps_, output_mask());
+  }
+
+#if TBN_COMPILED_AUTOGRAD
+  // Compiled autograd (torch._dynamo.compiled_autograd) records the backward of a graph
+  // whose forward ran eagerly. It asks the node for its state, then records a call of
+  // apply_functional on that state: batch_norm_backward has a fake kernel, so the call
+  // traces like any op.
+  void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* saved : saved_variables()) {
+      args.collect(*saved, /*is_output=*/false);
     }
-    const auto unpack = [](const SavedVariable& saved) -> std::optional<at::Tensor> {
-      at::Tensor t = saved.unpack();
-      return t.defined() ? std::optional<at::Tensor>(std::move(t)) : std::nullopt;
-    };
-    auto grads_in = batch_norm_backward(
-        grad_out, input_.unpack(), unpack(weight_), unpack(running_mean_),
-        unpack(running_var_), unpack(save_mean_), unpack(save_invstd_), training_, eps_, mask);
-    // The op returns empty tensors for the gradients not asked for; autograd wants none.
-    if (mask[0]) result[0] = std::move(std::get<0>(grads_in));
-    if (mask[1]) result[1] = std::move(std::get<1>(grads_in));
-    if (mask[2]) result[2] = std::move(std::get<2>(grads_in));
+    args.collect(training_);
+    args.collect(eps_);
+  }
+
+  variable_list apply_with_saved(
+      const variable_list& grads, torch::autograd::SwapSavedVariables& swap) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    using torch::dynamo::autograd::IValuePacker;
+    for (SavedVariable* saved : saved_variables()) {
+      swap.before(*saved);
+    }
+    torch::autograd::PackedArgs packed;
+    for (SavedVariable* saved : saved_variables()) {
+      packed.pack(unpack(*saved));
+    }
+    packed.pack(training_);
+    packed.pack(eps_);
+    packed.pack(output_mask());
+    const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
+    // The Python side keeps one namespace of bound functions per process.
+    static const std::string bound = [&] {
+      std::vector<at::TypePtr> schema(
+          saved_variables().size(), IValuePacker<std::optional<at::Tensor>>::packed_type());
+      schema.push_back(IValuePacker<bool>::packed_type());
+      schema.push_back(IValuePacker<double>::packed_type());
+      schema.push_back(IValuePacker<Mask>::packed_type());
+      return compiler->bind_function(swap.get_py_compiler(), name(), &apply_functional, schema);
+    }();
+    auto result = compiler->call_function(
+        swap.get_py_compiler(), "apply_functional", bound, grads, packed.vec(),
+        IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            torch::dynamo::autograd::get_input_metadata(next_edges())));
+    for (SavedVariable* saved : saved_variables()) {
+      swap.after(*saved);
+    }
     return result;
   }
+#endif
 
   std::string name() const override {
     return "BatchNormBackward";
@@ -91,13 +129,72 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* saved :
-         {&input_, &weight_, &running_mean_, &running_var_, &save_mean_, &save_invstd_}) {
+    for (SavedVariable* saved : saved_variables()) {
       saved->reset_data();
     }
   }
 
   using SavedVariable = torch::autograd::SavedVariable;
+  using Mask = std::array<bool, 3>;
+
+  // Edges 0-2 are input, weight and bias; an undefined weight or bias has an invalid
+  // edge, so its gradient is never asked for.
+  Mask output_mask() const {
+    return {task_should_compute_output(0), task_should_compute_output(1),
+            task_should_compute_output(2)};
+  }
+
+  static std::optional<at::Tensor> unpack(const SavedVariable& saved) {
+    at::Tensor t = saved.unpack();
+    return t.defined() ? std::optional<at::Tensor>(std::move(t)) : std::nullopt;
+  }
+
+  static variable_list backward(
+      const variable_list& grads, const at::Tensor& input,
+      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
+      const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& save_mean,
+      const std::optional<at::Tensor>& save_invstd, bool training, double eps, Mask mask) {
+    variable_list result(3);
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined() || !(mask[0] || mask[1] || mask[2])) {
+      return result;
+    }
+    auto grads_in = batch_norm_backward(
+        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+        mask);
+    // The op returns empty tensors for the gradients not asked for; autograd wants none.
+    if (mask[0]) result[0] = std::move(std::get<0>(grads_in));
+    if (mask[1]) result[1] = std::move(std::get<1>(grads_in));
+    if (mask[2]) result[2] = std::move(std::get<2>(grads_in));
+    return result;
+  }
+
+#if TBN_COMPILED_AUTOGRAD
+  // The backward as a function of the state apply_with_saved packs, in its order.
+  static variable_list apply_functional(
+      const variable_list& grads, const std::vector<c10::IValue>& state) {
+    torch::autograd::PackedArgs packed(state);
+    std::array<std::optional<at::Tensor>, 6> saved;
+    for (auto& t : saved) {
+      t = packed.unpack<std::optional<at::Tensor>>();
+    }
+    const bool training = packed.unpack<bool>();
+    const double eps = packed.unpack<double>();
+    const Mask mask = packed.unpack<Mask>();
+    return backward(
+        grads, saved[0].value(), saved[1], saved[2], saved[3], saved[4], saved[5], training, eps,
+        mask);
+  }
+#endif
+
+  std::array<SavedVariable*, 6> saved_variables() {
+    return {&input_, &weight_, &running_mean_, &running_var_, &save_mean_, &save_invstd_};
+  }
+  std::array<const SavedVariable*, 6> saved_variables() const {
+    return {&input_, &weight_, &running_mean_, &running_var_, &save_mean_, &save_invstd_};
+  }
+
+  // In the order of batch_norm_backward's arguments.
   SavedVariable input_;
   SavedVariable weight_;
   // Evaluation differentiates through the running statistics, which training would
