@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch_batchnorm as tbn
-from conftest import make_input
+from conftest import assert_close, make_input, single_threaded
 
 ops = torch.ops.torch_batchnorm
 
@@ -153,3 +153,49 @@ def test_thread_count_independent(name, shape, layout, dtype, training):
     for other in results[1:]:
         for label, a, b in zip(names, results[0], other):
             assert torch.equal(a, b), f"{label} depends on the thread count"
+
+
+# Every CPU reduction path: NCHW runs, channels-last rows narrower than a vector (3, 7)
+# and rows whose last vector overlaps the one before it (24 and 33 channels).
+NONFINITE_CASES = [
+    ("nchw", (6, 24, 5, 7), "contiguous"),
+    ("channels_last_narrow", (6, 7, 5, 7), "channels_last"),
+    ("channels_last_overlap", (6, 24, 5, 7), "channels_last"),
+    ("2d_narrow", (300, 3), "contiguous"),
+    ("2d_overlap", (300, 33), "contiguous"),
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,shape,layout", NONFINITE_CASES, ids=[c[0] for c in NONFINITE_CASES])
+def test_nonfinite_stays_in_its_channel(name, shape, layout, training):
+    """A NaN or an infinity in the input spoils exactly the outputs and gradients that
+    torch's spoils: every path keeps a channel's values in that channel's sums, the lanes
+    of masked, overlapping and flat narrow-row vectors included, and the finite results
+    match torch's."""
+    generator = torch.Generator().manual_seed(0)
+    leaf, view = make_input(shape, layout, torch.float32, "cpu", generator=generator)
+    x = view(leaf).detach()
+    C = shape[1]
+    # Channels inside a masked range (C - 15 with 16 float lanes), in the middle, and the
+    # last two.
+    for c in {max(C - 15, 0), C // 2, C - 2}:
+        x[(c % 2,) + (c,) + (0,) * (x.dim() - 2)] = float("nan")
+    x[(1, C - 1) + (0,) * (x.dim() - 2)] = float("inf")
+    grad_out = torch.randn(shape, generator=generator)
+    stats = [torch.randn(C, generator=generator), torch.rand(C, generator=generator) + 0.5]
+
+    def run(fn):
+        xi = x.clone().requires_grad_()
+        weight = torch.linspace(0.5, 1.5, C).requires_grad_()
+        bias = torch.linspace(-1.0, 1.0, C).requires_grad_()
+        out = fn(xi, *[s.clone() for s in stats], weight, bias, training=training)
+        return [out, *torch.autograd.grad(out, (xi, weight, bias), grad_out)]
+
+    with single_threaded():
+        expected = run(torch.nn.functional.batch_norm)
+    actual = run(tbn.functional.batch_norm)
+    for label, a, e in zip(["output", "input grad", "weight grad", "bias grad"], actual, expected):
+        finite = e.isfinite()
+        assert torch.equal(a.isfinite(), finite), f"{label}: non-finite elsewhere than torch's"
+        assert_close(a[finite], e[finite], label)
