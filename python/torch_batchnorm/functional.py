@@ -1,5 +1,6 @@
 """Functional form, with the contract of ``torch.nn.functional.batch_norm``."""
 
+import sys
 from typing import Optional
 
 import torch
@@ -13,6 +14,63 @@ __all__ = ["batch_norm"]
 # The overload itself, looked up once: on small inputs the lookups through torch.ops
 # on every call are a measurable part of the cost.
 _batch_norm_forward = torch.ops.torch_batchnorm.batch_norm_forward.default
+
+# torch.batch_norm's parameters as torch's argument parser checks them, in its order: the
+# parser, not torch.nn.functional.batch_norm's, numbers the positions in its messages.
+_TORCH_PARAMETERS = (
+    ("input", "Tensor"),
+    ("weight", "Tensor?"),
+    ("bias", "Tensor?"),
+    ("running_mean", "Tensor?"),
+    ("running_var", "Tensor?"),
+    ("training", "bool"),
+    ("momentum", "float"),
+    ("eps", "float"),
+)
+
+
+def _parser_accepts(kind: str, value) -> bool:
+    if kind == "bool":
+        return type(value) is bool
+    if kind == "float":
+        # Python numbers, NumPy scalars (booleans, numbers and time deltas) and 0-dim
+        # tensors that need no gradient.
+        if isinstance(value, Tensor):
+            return value.dim() == 0 and not value.requires_grad
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and isinstance(value, numpy.generic):
+            return value.dtype.kind in "biufcm"
+        return isinstance(value, (int, float))
+    return isinstance(value, Tensor) or (kind == "Tensor?" and value is None)
+
+
+def _type_name(value) -> str:
+    """The name torch's messages give a value's type: the C type's tp_name, which for
+    extension types (numpy.ndarray, decimal.Decimal) includes the module."""
+    t = type(value)
+    heap_type = t.__flags__ & (1 << 9)  # Py_TPFLAGS_HEAPTYPE: a class made by Python code
+    if heap_type or t.__module__ == "builtins":
+        return t.__name__
+    return f"{t.__module__}.{t.__name__}"
+
+
+def _check_argument_types(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """Raises what torch.nn.functional.batch_norm raises for an argument of a type its
+    argument parser rejects: first the errors of its own Python code, which takes
+    input.size() in training and compares eps with zero, then the parser's TypeError for
+    the first such argument. Returns if every type is accepted."""
+    args = locals()
+    if training:
+        input.size()  # its batch size check: an AttributeError for a non-tensor
+    # Its eps check: a TypeError for what does not compare with a float.
+    bool(eps <= 0.0 if training else eps < 0.0)
+    for position, (name, kind) in enumerate(_TORCH_PARAMETERS, start=1):
+        value = args[name]
+        if not _parser_accepts(kind, value):
+            raise TypeError(
+                f"batch_norm(): argument '{name}' (position {position}) must be "
+                f"{kind.rstrip('?')}, not {_type_name(value)}"
+            )
 
 
 def batch_norm(
@@ -31,14 +89,30 @@ def batch_norm(
     statistics are updated in place with ``momentum``. Otherwise the running statistics
     normalise it. Validation happens in the op, before anything is modified.
     """
-    momentum, eps = float(momentum), float(eps)
     # Eager calls take the direct binding, which skips torch.ops' generic argument
     # conversion; tracing, tensor subclasses and modes with __torch_function__ see the op.
     if torch.compiler.is_compiling() or has_torch_function_variadic(
         input, running_mean, running_var, weight, bias
     ):
         out, _, _ = _batch_norm_forward(
-            input, weight, bias, running_mean, running_var, training, momentum, eps
+            input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
         )
         return out
-    return _C.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    # The binding would take any object as a bool and anything with __float__ as a float,
+    # and words its TypeError its own way: training, momentum and eps of other types than
+    # bool and float are checked as torch checks them, and a tensor argument the binding
+    # rejects is reported in torch's words.
+    if type(training) is not bool or type(momentum) is not float or type(eps) is not float:
+        _check_argument_types(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+        momentum, eps = float(momentum), float(eps)
+    try:
+        return _C.batch_norm(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+    except TypeError:
+        _check_argument_types(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+        raise

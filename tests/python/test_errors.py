@@ -6,7 +6,10 @@ The few deliberate differences (where torch reads out of bounds, or accepts argu
 cannot use) are pinned down at the end of the file, each with its reason."""
 
 import itertools
+from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch_batchnorm as tbn
@@ -37,13 +40,14 @@ def torch_words(error):
 
 
 def snapshot(tensors):
-    return [None if t is None else t.detach().clone() for t in tensors]
+    """Copies of the tensors among the arguments (others are kept as they are)."""
+    return [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
 def assert_unchanged(before, after, what):
     for i, (b, a) in enumerate(zip(before, after)):
-        assert (b is None) == (a is None), f"{what}[{i}]"
-        if b is not None:
+        assert isinstance(b, torch.Tensor) == isinstance(a, torch.Tensor), f"{what}[{i}]"
+        if isinstance(b, torch.Tensor):
             assert a.dtype == b.dtype and torch.equal(a, b), f"{what}[{i}] changed on error"
 
 
@@ -273,6 +277,36 @@ FUNCTIONAL_CASES = [
     ("float8_input", _stats(), TRAIN, X.to(torch.float8_e4m3fn)),
     ("stats_require_grad_train", (torch.zeros(C).requires_grad_(), torch.ones(C)), TRAIN, X),
     ("stats_require_grad_eval", (torch.zeros(C), torch.ones(C).requires_grad_()), {}, X),
+    # Arguments of a type torch's argument parser (or the Python code before it) rejects.
+    ("input_list_train", _stats(), TRAIN, [[1.0, 2.0, 3.0]] * 4),
+    ("input_list_eval", _stats(), {}, [[1.0, 2.0, 3.0]] * 4),
+    ("input_numpy_train", _stats(), TRAIN, np.float64(1.0)),
+    ("input_none_eval", _stats(), {}, None),
+    ("running_mean_list", ([0.0] * C, torch.ones(C)), TRAIN, X),
+    ("running_var_number_eval", (torch.zeros(C), 1.0), {}, X),
+    ("weight_string", _stats() + ("weight",), TRAIN, X),
+    ("bias_numpy", _stats() + (W, np.zeros(C, dtype=np.float32)), TRAIN, X),
+    ("training_none", _stats(), {"training": None}, X),
+    ("training_int", _stats(), {"training": 1}, X),
+    ("training_numpy_bool", _stats(), {"training": np.bool_(True)}, X),
+    ("training_tensor", _stats(), {"training": torch.tensor(True)}, X),
+    ("training_tensor_of_3", _stats(), {"training": torch.ones(3)}, X),
+    ("momentum_none", _stats(), {"training": True, "momentum": None}, X),
+    ("momentum_string", _stats(), {"training": True, "momentum": "0.1"}, X),
+    ("momentum_1d_tensor", _stats(), {"training": True, "momentum": torch.tensor([0.1])}, X),
+    (
+        "momentum_tensor_requiring_grad",
+        _stats(),
+        {"training": True, "momentum": torch.tensor(0.1, requires_grad=True)},
+        X,
+    ),
+    ("momentum_fraction", _stats(), {"training": True, "momentum": Fraction(1, 10)}, X),
+    ("momentum_numpy_array", _stats(), {"training": True, "momentum": np.array(0.1)}, X),
+    ("eps_string", _stats(), {"training": True, "eps": "1e-5"}, X),
+    ("eps_none_eval", _stats(), {"eps": None}, X),
+    ("eps_tensor_of_2", _stats(), {"training": True, "eps": torch.ones(2)}, X),
+    ("eps_decimal_eval", _stats(), {"eps": Decimal("1e-5")}, X),
+    ("weight_string_and_momentum_none", _stats() + ("weight",), {"momentum": None}, X),
 ]
 
 
@@ -291,6 +325,36 @@ def test_functional_errors(case):
         expected
     )
     assert_unchanged(before, ours_args, "arguments")
+
+
+# Numbers torch's argument parser takes for momentum and eps besides Python floats.
+ACCEPTED_NUMBERS = [
+    ("int", 1),
+    ("bool", True),
+    ("float_subclass", np.float64(0.25)),
+    ("numpy_float32", np.float32(0.25)),
+    ("numpy_int", np.int64(1)),
+    ("numpy_bool", np.bool_(True)),
+    ("tensor_0d", torch.tensor(0.25)),
+    ("tensor_0d_int", torch.tensor(1)),
+]
+
+
+@pytest.mark.parametrize("name", ["momentum", "eps"])
+@pytest.mark.parametrize("number", ACCEPTED_NUMBERS, ids=[n[0] for n in ACCEPTED_NUMBERS])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_takes_numbers_torch_takes(name, number, training):
+    """torch takes these; ours too, as the float they convert to."""
+    value = number[1]
+    assert raised(F.batch_norm, X, *_stats(), training=training, **{name: value}) is None
+    stats, expected_stats = _stats(), _stats()
+    expected = tbn.functional.batch_norm(
+        X, *expected_stats, training=training, **{name: float(value)}
+    )
+    actual = tbn.functional.batch_norm(X, *stats, training=training, **{name: value})
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    for a, e in zip(stats, expected_stats):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 _NAMES = {f32: "f32", f64: "f64", bf16: "bf16", f16: "f16", i64: "i64", None: "none"}
