@@ -16,9 +16,9 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 class _BatchNormForward:
     """The forward shared by the three classes: torch's _BatchNorm.forward, except that
-    num_batches_tracked is only advanced once the op has succeeded, so a call that
-    raises leaves every buffer as it was, and that momentum=None traces under
-    torch.compile(fullgraph=True)."""
+    num_batches_tracked is only advanced once the op has updated the running statistics,
+    so a call that raises in validation leaves every buffer as it was, and that
+    momentum=None traces under torch.compile(fullgraph=True)."""
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -52,17 +52,37 @@ class _BatchNormForward:
             # why eager mode passes the exact momentum instead.)
             running_mean, running_var = running_mean.clone(), running_var.clone()
             momentum = 1.0
-        out = F.batch_norm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            bn_training,
-            momentum,
-            self.eps,
-        )
-        if track and self.num_batches_tracked is not None:
+        count = track and self.num_batches_tracked is not None
+        # The op validates everything, then updates the running statistics in place, which
+        # bumps their version. A call that raises after the update counts the batch, as
+        # torch's does: activation checkpointing runs this forward again in the backward,
+        # and its non-reentrant form stops that run with an exception as soon as the op
+        # has saved its tensors. (Inference tensors have no version, and nothing runs again
+        # in inference mode; compiled graphs recompute without exceptions.)
+        version = None
+        if (
+            count
+            and running_mean is not None
+            and not torch.compiler.is_compiling()
+            and not running_mean.is_inference()
+        ):
+            version = running_mean._version
+        try:
+            out = F.batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                bn_training,
+                momentum,
+                self.eps,
+            )
+        except Exception:
+            if version is not None and running_mean._version != version:
+                self.num_batches_tracked.add_(1)
+            raise
+        if count:
             self.num_batches_tracked.add_(1)
         if traced:
             _cumulative_update(self.running_mean, running_mean, self.num_batches_tracked)

@@ -18,6 +18,7 @@ from conftest import (
     PRECISIONS,
     assert_close,
     assert_same_layout,
+    assert_same_state,
     layout_applies,
     make_input,
     make_pair,
@@ -276,6 +277,44 @@ def test_functional(precision, shape, momentum, eps, training, stats, device):
             assert_close(ours, t.detach().to(ours.dtype), name)
             if t.grad is not None:
                 assert_close(ours.grad, t.grad.to(ours.dtype), f"{name} grad")
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=str)
+def test_activation_checkpointing(momentum, use_reentrant, device):
+    """torch.utils.checkpoint runs the forward again in the backward, so the running
+    statistics and num_batches_tracked advance twice a step, torch's as ours; the
+    non-reentrant form stops that second run as soon as the op has saved its tensors."""
+    from torch.utils.checkpoint import checkpoint
+
+    ref, ours = make_pair(4, 3, FLOAT64, device, momentum=momentum)
+    ours.float()
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.randn(4, 3, 5, 6, generator=generator, dtype=torch.float64).to(device)
+        grad_out = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device)
+        grads = []
+        for module, dtype in [(ref, torch.float64), (ours, torch.float32)]:
+            leaf = x.to(dtype, copy=True).requires_grad_()
+            out = checkpoint(module, leaf, use_reentrant=use_reentrant)
+            out.backward(grad_out.to(dtype))
+            grads.append(leaf.grad)
+        assert_close(grads[1], grads[0].float(), f"step {step}: input grad")
+        assert_same_state(ours, ref.float(), f"step {step}: ")
+        ref.double()
+
+
+def test_statistics_made_in_inference_mode(device):
+    """Running statistics created under torch.inference_mode (inference tensors, which
+    have no version counter) are updated outside it, as torch updates them."""
+    x = torch.randn(4, 3, 5, device=device)
+    results = []
+    for batch_norm in (torch.nn.functional.batch_norm, tbn.functional.batch_norm):
+        with torch.inference_mode():
+            stats = torch.zeros(3, device=device), torch.ones(3, device=device)
+        results.append((batch_norm(x, *stats, training=True), *stats))
+    for name, expected, actual in zip(["output", "running_mean", "running_var"], *results):
+        assert_close(actual, expected, name)
 
 
 def test_functional_defaults_match_torch():

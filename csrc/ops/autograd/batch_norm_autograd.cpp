@@ -287,11 +287,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     return batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, momentum, eps);
   }();
-  // The update happened below autograd; bump the versions so graphs that saved the
-  // old running statistics notice, as they do with torch's batch_norm.
-  if (training && is_defined(running_mean)) {
-    torch::autograd::increment_version(*running_mean);
-    torch::autograd::increment_version(*running_var);
+  // The update happened below autograd; bump the versions so that a graph that saved
+  // the old running statistics for its backward notices. Inference tensors have no
+  // version, and torch updates them outside inference mode as well.
+  if (training) {
+    for (const auto* stat : {&running_mean, &running_var}) {
+      if (is_defined(*stat) && !(*stat)->is_inference()) {
+        torch::autograd::increment_version(**stat);
+      }
+    }
   }
   if (grad_fn) {
     const auto& [out, save_mean, save_invstd] = outs;
