@@ -6,6 +6,8 @@ repr, and passes isinstance checks that code written for torch's modules makes. 
 forward differs: it runs the torch_batchnorm ops.
 """
 
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 
@@ -52,23 +54,10 @@ class _BatchNormForward:
             # why eager mode passes the exact momentum instead.)
             running_mean, running_var = running_mean.clone(), running_var.clone()
             momentum = 1.0
-        count = track and self.num_batches_tracked is not None
-        # The op validates everything, then updates the running statistics in place, which
-        # bumps their version. A call that raises after the update counts the batch, as
-        # torch's does: activation checkpointing runs this forward again in the backward,
-        # and its non-reentrant form stops that run with an exception as soon as the op
-        # has saved its tensors. (Inference tensors have no version, and nothing runs again
-        # in inference mode; compiled graphs recompute without exceptions.)
-        version = None
-        if (
-            count
-            and running_mean is not None
-            and not torch.compiler.is_compiling()
-            and not running_mean.is_inference()
-        ):
-            version = running_mean._version
-        try:
-            out = F.batch_norm(
+        out = _count_batch(
+            self.num_batches_tracked if track else None,
+            running_mean,
+            lambda: F.batch_norm(
                 input,
                 running_mean,
                 running_var,
@@ -77,17 +66,43 @@ class _BatchNormForward:
                 bn_training,
                 momentum,
                 self.eps,
-            )
-        except Exception:
-            if version is not None and running_mean._version != version:
-                self.num_batches_tracked.add_(1)
-            raise
-        if count:
-            self.num_batches_tracked.add_(1)
+            ),
+        )
         if traced:
             _cumulative_update(self.running_mean, running_mean, self.num_batches_tracked)
             _cumulative_update(self.running_var, running_var, self.num_batches_tracked)
         return out
+
+
+def _count_batch(
+    num_batches_tracked: Optional[Tensor], running_mean: Optional[Tensor], op: Callable[[], Tensor]
+) -> Tensor:
+    """op(), a forward that validates everything, then updates running_mean in place
+    (which bumps its version); then num_batches_tracked += 1 where given.
+
+    A call that raises after the update also counts the batch, as torch's forward (which
+    counts before it calls the op) does: activation checkpointing runs the forward again
+    in the backward, and its non-reentrant form stops that run with an exception as soon
+    as the op has saved its tensors. A call that raises in validation changes nothing.
+    (Inference tensors have no version, and nothing runs again in inference mode; compiled
+    graphs recompute without exceptions.)"""
+    version = None
+    if (
+        num_batches_tracked is not None
+        and running_mean is not None
+        and not torch.compiler.is_compiling()
+        and not running_mean.is_inference()
+    ):
+        version = running_mean._version
+    try:
+        out = op()
+    except Exception:
+        if version is not None and running_mean._version != version:
+            num_batches_tracked.add_(1)
+        raise
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return out
 
 
 def _cumulative_update(running: Tensor, batch: Tensor, count: Tensor) -> None:

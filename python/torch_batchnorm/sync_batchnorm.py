@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
+from .modules import _count_batch
 
 __all__ = ["SyncBatchNorm"]
 
@@ -59,6 +60,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             input, weight, bias, running_mean, running_var, mean64.to(mean.dtype),
             m264.to(mean.dtype), count, momentum, eps,
         )
+        # The op wrote the running statistics below autograd, with no autograd kernel to
+        # bump their versions as batch_norm_forward's does (_count_batch reads them).
+        for stat in (running_mean, running_var):
+            if stat is not None:
+                torch.autograd.graph.increment_version(stat)
         ctx.save_for_backward(input, weight, save_mean, save_invstd)
         ctx.group = group
         ctx.count = count
@@ -133,18 +139,18 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             and dist.get_world_size(group) > 1
         )
         if not synchronise:
-            out = F.batch_norm(
-                input, running_mean, running_var, self.weight, self.bias, bn_training,
-                momentum, self.eps,
-            )
+            def op():
+                return F.batch_norm(
+                    input, running_mean, running_var, self.weight, self.bias, bn_training,
+                    momentum, self.eps,
+                )
         else:
-            out = _SyncBatchNormFunction.apply(
-                input, self.weight, self.bias, running_mean, running_var, momentum, self.eps,
-                group,
-            )
-        if track and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        return out
+            def op():
+                return _SyncBatchNormFunction.apply(
+                    input, self.weight, self.bias, running_mean, running_var, momentum,
+                    self.eps, group,
+                )
+        return _count_batch(self.num_batches_tracked if track else None, running_mean, op)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.checkpoint import checkpoint
 
 import torch_batchnorm as tbn
 
@@ -45,7 +46,11 @@ def _run_steps(module, xs, grads, case):
     for step in range(case["steps"]):
         module.train()
         x = _layout(xs.clone(), case).requires_grad_()
-        out = module(x)
+        if case.get("checkpoint"):
+            # Runs the forward again in the backward: the running statistics advance twice.
+            out = checkpoint(module, x, use_reentrant=False)
+        else:
+            out = module(x)
         out.backward(_layout(grads, case))
         record.append(
             {
@@ -142,6 +147,7 @@ CASES = {
     "momentum_none": dict(sizes=[5, 3], channels=3, spatial=(2, 3), momentum=None),
     "subgroup": dict(sizes=[3, 2, 4], channels=3, spatial=(2, 2), group=[0, 2]),
     "float32": dict(sizes=[5, 3], channels=8, spatial=(6, 6), dtype=torch.float32),
+    "checkpointed": dict(sizes=[5, 3], channels=3, spatial=(2, 3), momentum=None, checkpoint=True),
 }
 
 
