@@ -28,22 +28,8 @@ def _running_stats():
     return (torch.randn(C, dtype=torch.float64) * 0.1, torch.rand(C, dtype=torch.float64) + 0.5)
 
 
-@pytest.mark.parametrize(
-    "shape,channels_last",
-    [
-        ((4, C), False),
-        ((3, C, 5), False),
-        ((2, C, 3, 4), False),
-        ((2, C, 3, 4), True),
-        ((2, C, 2, 3, 2), False),
-    ],
-    ids=["2d", "3d", "nchw", "channels_last", "5d"],
-)
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-@pytest.mark.parametrize("mode", ["train", "train_tracking", "eval"])
-def test_gradcheck(mode, affine, shape, channels_last):
-    x, weight, bias = _inputs(shape, channels_last, affine)
-    running_mean, running_var = _running_stats()
+def _functional(mode, running_mean, running_var):
+    """batch_norm of (x, weight, bias) in `mode`, as gradcheck calls it."""
 
     def fn(x, weight, bias):
         if mode == "eval":
@@ -56,17 +42,73 @@ def test_gradcheck(mode, affine, shape, channels_last):
         )
         return tbn.functional.batch_norm(x, *stats, weight, bias, training=True, eps=1e-3)
 
+    return fn
+
+
+SHAPES = pytest.mark.parametrize(
+    "shape,channels_last",
+    [
+        ((4, C), False),
+        ((3, C, 5), False),
+        ((2, C, 3, 4), False),
+        ((2, C, 3, 4), True),
+        ((2, C, 2, 3, 2), False),
+    ],
+    ids=["2d", "3d", "nchw", "channels_last", "5d"],
+)
+AFFINE = pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+MODES = pytest.mark.parametrize("mode", ["train", "train_tracking", "eval"])
+
+
+@SHAPES
+@AFFINE
+@MODES
+def test_gradcheck(mode, affine, shape, channels_last):
+    x, weight, bias = _inputs(shape, channels_last, affine)
+    fn = _functional(mode, *_running_stats())
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
 
 
-def test_double_backward_is_refused():
-    """The backward op has no derivative of its own (torch's has): a second derivative
-    must raise, not come back as zeros with a warning."""
-    x, weight, bias = _inputs((4, C), False, True)
-    out = tbn.functional.batch_norm(x, None, None, weight, bias, training=True)
-    (grad_x,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="derivative for torch_batchnorm::batch_norm_backward"):
-        torch.autograd.grad(grad_x.sum(), weight)
+@SHAPES
+@AFFINE
+@MODES
+def test_gradgradcheck(mode, affine, shape, channels_last):
+    """Second derivatives (create_graph=True, then backward again), through the input's
+    own statistics in training, against finite differences of the first."""
+    x, weight, bias = _inputs(shape, channels_last, affine)
+    fn = _functional(mode, *_running_stats())
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+@pytest.mark.parametrize("mode", ["train", "train_tracking", "eval"])
+def test_derivatives_up_to_the_third(mode):
+    """First, second and third derivatives against autograd through BatchNorm written
+    with tensor ops: the double backward stays connected to the graph of the first, and
+    in training follows the input's statistics. (torch's own third derivative does not:
+    its double backward takes the saved statistics as constants.)"""
+    x, weight, _ = _inputs((3, C, 2), False, True)
+    running_mean, running_var = _running_stats()
+    ours = _functional(mode, running_mean, running_var)
+
+    def textbook(x, weight, bias):
+        if mode == "eval":
+            mean, var, eps = running_mean, running_var, 1e-5
+        else:
+            mean, var, eps = x.mean((0, 2)), x.var((0, 2), unbiased=False), 1e-3
+        return (x - mean[:, None]) / torch.sqrt(var[:, None] + eps) * weight[:, None]
+
+    def derivatives(fn):
+        (g,) = torch.autograd.grad((fn(x, weight, None) ** 3).sum(), x, create_graph=True)
+        gg_x, gg_weight = torch.autograd.grad((g**2).sum(), (x, weight), create_graph=True)
+        (ggg,) = torch.autograd.grad(gg_weight.sum(), x)
+        return g, gg_x, gg_weight, ggg
+
+    for name, actual, expected in zip(
+        ["first", "second (x)", "second (weight)", "third"],
+        derivatives(ours),
+        derivatives(textbook),
+    ):
+        torch.testing.assert_close(actual, expected, msg=name)
 
 
 def test_forward_mode_ad_is_refused():

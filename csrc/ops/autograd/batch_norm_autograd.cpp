@@ -1,5 +1,7 @@
 // Autograd kernel of batch_norm_forward, in C++ so LibTorch programs train with it too.
 
+#include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
@@ -207,10 +209,60 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
   double eps_ = 0.0;
 };
 
-// batch_norm_backward has no derivative of its own. Without an autograd kernel, a
-// second differentiation through batch_norm (create_graph=True, then backward again)
-// would only warn and return zeros; like an ATen op without a derivative formula, its
-// outputs get a node that raises when the backward reaches it.
+// batch_norm_backward written with differentiable ATen ops, in float32 at least: what
+// its derivative is taken of. In training the statistics are the input's own, recomputed
+// here because they depend on it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training,
+    double eps) {
+  const int64_t channels = input.size(1);
+  std::vector<int64_t> dims;  // every dim but the channels
+  std::vector<int64_t> shape(input.dim(), 1);  // per-channel values, broadcast
+  for (int64_t d = 0; d < input.dim(); ++d) {
+    if (d != 1) {
+      dims.push_back(d);
+    }
+  }
+  shape[1] = channels;
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const at::Tensor x = input.to(acc);
+  const at::Tensor dy = grad_out.to(acc);
+  at::Tensor mean;
+  at::Tensor invstd;
+  if (training) {
+    mean = x.mean(dims, /*keepdim=*/true);
+    invstd = ((x - mean).square().mean(dims, /*keepdim=*/true) + eps).rsqrt();
+  } else {
+    mean = running_mean->to(acc).view(shape);
+    invstd = (running_var->to(acc) + eps).rsqrt().view(shape);
+  }
+  const at::Tensor scale = is_defined(weight) ? invstd * weight->to(acc).view(shape) : invstd;
+  const at::Tensor x_hat = (x - mean) * invstd;
+  at::Tensor grad_bias = dy.sum(dims);
+  at::Tensor grad_weight = (dy * x_hat).sum(dims);
+  at::Tensor grad_input;
+  if (training) {
+    const int64_t count = channels == 0 ? 0 : input.numel() / channels;
+    const double inv_count = count == 0 ? 0.0 : 1.0 / static_cast<double>(count);
+    const at::Tensor mean_dy = grad_bias.view(shape) * inv_count;
+    const at::Tensor mean_dy_x_hat = grad_weight.view(shape) * inv_count;
+    grad_input = scale * (dy - mean_dy - x_hat * mean_dy_x_hat);
+  } else {
+    grad_input = dy * scale;
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+// The node of batch_norm_backward, which a second differentiation through batch_norm
+// reaches (create_graph=True, then backward again: gradient penalties, MAML, Hessian-
+// vector products). Its backward differentiates batch_norm_backward_composite with
+// autograd: slower than a kernel of its own would be, but exact to any order and on
+// every device, and only higher-order gradients pay for it.
 class BatchNormBackwardFunction : public torch::autograd::Function<BatchNormBackwardFunction> {
  public:
   static variable_list forward(
@@ -225,15 +277,72 @@ class BatchNormBackwardFunction : public torch::autograd::Function<BatchNormBack
       bool training,
       double eps,
       std::array<bool, 3> output_mask) {
+    ctx->save_for_backward({grad_out, input, weight.value_or(at::Tensor()),
+                            running_mean.value_or(at::Tensor()),
+                            running_var.value_or(at::Tensor())});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    // Gradients that never arrive stay undefined rather than become zeros, and the
+    // empty tensors returned for the outputs not asked for take none.
+    ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_input, grad_weight, grad_bias] = batch_norm_backward(
         grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
         eps, output_mask);
-    return {grad_input, grad_weight, grad_bias};
+    variable_list outputs = {grad_input, grad_weight, grad_bias};
+    for (size_t k = 0; k < outputs.size(); ++k) {
+      if (!output_mask[k]) {
+        ctx->mark_non_differentiable({outputs[k]});
+      }
+    }
+    return outputs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(false, "derivative for torch_batchnorm::batch_norm_backward is not implemented");
+    const variable_list saved = ctx->get_saved_variables();
+    const auto optional = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    // grad_out, input and weight (arguments 0-2, and edges 0-2 while weight is defined)
+    // are the differentiable ones. The composite sees a fresh alias of each, so that
+    // autograd::grad returns its partial derivatives (grad_out may itself depend on
+    // input), while the aliases keep the result connected to the originals for
+    // derivatives of higher order.
+    std::array<at::Tensor, 3> args = {saved[0], saved[1], saved[2]};
+    variable_list wrt;
+    std::vector<size_t> wrt_index;
+    const bool create_graph = at::GradMode::is_enabled();
+    at::AutoGradMode enable_grad(true);
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (ctx->needs_input_grad(i) && args[i].defined()) {
+        args[i] = args[i].view_as(args[i]);
+        wrt.push_back(args[i]);
+        wrt_index.push_back(i);
+      }
+    }
+    auto [grad_input, grad_weight, grad_bias] = batch_norm_backward_composite(
+        args[0], args[1], optional(args[2]), optional(saved[3]), optional(saved[4]),
+        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble());
+    variable_list outputs;
+    variable_list grad_outputs;
+    const std::array<at::Tensor*, 3> composite = {&grad_input, &grad_weight, &grad_bias};
+    for (size_t k = 0; k < composite.size(); ++k) {
+      if (grads[k].defined()) {
+        outputs.push_back(composite[k]->to(grads[k].scalar_type()));
+        grad_outputs.push_back(grads[k]);
+      }
+    }
+    variable_list result(10);  // one per argument of forward
+    if (wrt.empty() || outputs.empty()) {
+      return result;
+    }
+    const variable_list partials = torch::autograd::grad(
+        outputs, wrt, grad_outputs, /*retain_graph=*/create_graph, create_graph,
+        /*allow_unused=*/true);
+    for (size_t j = 0; j < wrt.size(); ++j) {
+      result[wrt_index[j]] = partials[j];
+    }
+    return result;
   }
 };
 

@@ -281,6 +281,28 @@ TEST_P(FunctionalParity, PartialGradientsAndVersionCounters) {
   }
 }
 
+// Second derivatives (a graph of the backward, differentiated again) as at::batch_norm's:
+// in training through the batch statistics, in evaluation through the running ones.
+TEST_P(FunctionalParity, SecondDerivatives) {
+  at::manual_seed(6);
+  const Args args =
+      make_args({{4, 3, 5}, false}, {at::kDouble, at::kDouble}, true, true, device());
+  for (const bool training : {true, false}) {
+    SCOPED_TRACE(training);
+    const auto second = [&](const Args& a, const at::Tensor& out) {
+      const at::Tensor grad_input = torch::autograd::grad(
+          {out.pow(3).sum()}, {a.input}, {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+      return torch::autograd::grad({grad_input.pow(2).sum()}, {a.input, a.weight});
+    };
+    const Args ours = clone_args(args);
+    const Args ref = clone_args(args);
+    const auto actual = second(ours, run_ours(ours, ours.input, training, 0.1, 1e-5));
+    const auto expected = second(ref, run_torch(ref, ref.input, training, 0.1, 1e-5));
+    EXPECT_TRUE(all_close(actual[0], expected[0])) << "input";
+    EXPECT_TRUE(all_close(actual[1], expected[1])) << "weight";
+  }
+}
+
 // Under NoGradGuard and InferenceMode the call skips autograd and gives the same values.
 TEST_P(FunctionalParity, NoGradAndInferenceMode) {
   at::manual_seed(4);
