@@ -67,6 +67,11 @@ void check_batch_norm_backward_elemt(
 // the kernels then read and write the parameters and statistics as float.
 bool is_mixed_type(const at::Tensor& input, std::initializer_list<const std::optional<at::Tensor>*> params);
 
+// The dtype of the parameters' gradients and of the statistics the kernels keep.
+inline at::ScalarType param_dtype(const at::Tensor& input, bool mixed) {
+  return mixed ? at::kFloat : input.scalar_type();
+}
+
 // Input viewed as [N, C, inner]: number of channels and of elements per channel.
 inline int64_t num_channels(const at::Tensor& input) {
   return input.size(1);

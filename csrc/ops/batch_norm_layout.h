@@ -56,6 +56,16 @@ inline at::Tensor kernel_layout(const at::Tensor& input, Layout& layout) {
   return x;
 }
 
+// `t`, of the input's shape, in the layout kernel_layout gives the input's result. Only
+// out-of-place ops (movedim, contiguous): they also work on functorch's batched tensors,
+// where a clone into a memory format does not.
+inline at::Tensor in_result_layout(const at::Tensor& t, const at::Tensor& input) {
+  const bool channels_last = !input.is_contiguous() &&
+      (keeps_channels_last(input) ||
+       input.suggest_memory_format() != at::MemoryFormat::Contiguous);
+  return channels_last ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
+}
+
 // Brings a second tensor of the input's shape (grad_out) into the walked layout of the
 // input, copying only when its strides differ.
 inline at::Tensor same_layout(const at::Tensor& t, const Layout& layout) {

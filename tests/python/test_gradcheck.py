@@ -1,6 +1,8 @@
-"""torch.autograd.gradcheck of the functional form in float64: gradients of input, weight
-and bias against finite differences, in training (through the batch statistics) and in
-evaluation, with and without affine parameters, contiguous and channels-last."""
+"""torch.autograd.gradcheck and gradgradcheck of the functional form in float64: first
+derivatives (reverse and forward mode) and second derivatives of input, weight and bias
+against finite differences, in training (through the batch statistics) and in evaluation,
+with and without affine parameters, contiguous and channels-last; third derivatives
+against autograd through BatchNorm written with tensor ops."""
 
 import threading
 
@@ -64,20 +66,22 @@ MODES = pytest.mark.parametrize("mode", ["train", "train_tracking", "eval"])
 @AFFINE
 @MODES
 def test_gradcheck(mode, affine, shape, channels_last):
+    """Reverse- and forward-mode derivatives (jvp) against finite differences."""
     x, weight, bias = _inputs(shape, channels_last, affine)
     fn = _functional(mode, *_running_stats())
-    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), check_forward_ad=True)
 
 
 @SHAPES
 @AFFINE
 @MODES
 def test_gradgradcheck(mode, affine, shape, channels_last):
-    """Second derivatives (create_graph=True, then backward again), through the input's
-    own statistics in training, against finite differences of the first."""
+    """Second derivatives (create_graph=True, then backward again; and forward mode over
+    the backward), through the input's own statistics in training, against finite
+    differences of the first."""
     x, weight, bias = _inputs(shape, channels_last, affine)
     fn = _functional(mode, *_running_stats())
-    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias), check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("mode", ["train", "train_tracking", "eval"])
@@ -109,17 +113,6 @@ def test_derivatives_up_to_the_third(mode):
         derivatives(textbook),
     ):
         torch.testing.assert_close(actual, expected, msg=name)
-
-
-def test_forward_mode_ad_is_refused():
-    """No forward derivative: dual inputs raise rather than lose their tangents."""
-    x, weight, bias = _inputs((4, C), False, True)
-    with pytest.raises(NotImplementedError, match="forward AD"):
-        torch.func.jvp(
-            lambda t: tbn.functional.batch_norm(t, None, None, weight, bias, training=True),
-            (x.detach(),),
-            (torch.ones_like(x),),
-        )
 
 
 def test_backward_from_threads_sharing_a_graph():

@@ -7,6 +7,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "ops/batch_norm_check.h"
+#include "ops/batch_norm_layout.h"
 #include "torch_batchnorm/ops.h"
 
 // Compiled autograd's interface for nodes defined outside torch (functions bound to its
@@ -43,14 +45,15 @@ bool records_graph(const Tensors&... tensors) {
   return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
 }
 
-// Neither op has a forward-mode derivative: refuse dual tensors (forward AD, jvp) rather
-// than drop their tangents.
 template <typename... Tensors>
-void check_no_forward_grad(const char* op, const Tensors&... tensors) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !(torch::autograd::isFwGradDefined(tensors) || ...), "Trying to use forward AD with "
-      "torch_batchnorm::", op, " that does not support it because it has not been "
-      "implemented yet.");
+bool has_forward_grad(const Tensors&... tensors) {
+  return (torch::autograd::isFwGradDefined(tensors) || ...);
+}
+
+// The tangent of a tensor (undefined when it has none), as ATen's generated kernels read
+// it: level 0 stands for the current forward-AD level.
+at::Tensor tangent_of(const std::optional<at::Tensor>& t) {
+  return is_defined(t) ? t->_fw_grad(/*level=*/0) : at::Tensor();
 }
 
 // A new graph node. torch 2.12 moved nodes from std::shared_ptr (released through
@@ -209,142 +212,114 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
   double eps_ = 0.0;
 };
 
-// batch_norm_backward written with differentiable ATen ops, in float32 at least: what
-// its derivative is taken of. In training the statistics are the input's own, recomputed
-// here because they depend on it.
+// Derivatives of the backward, and forward-mode derivatives, come from ATen ops: both are
+// taken only by higher-order or forward-mode differentiation (gradient penalties, MAML,
+// Hessians, jvp, torch.func transforms), where the ops' own autograd formulas make them
+// exact to any order and on every device. The kernels keep the first-order paths.
+
+// Per-channel values viewed for broadcasting against a tensor of `dim` dims.
+std::vector<int64_t> channel_shape(const at::Tensor& input) {
+  std::vector<int64_t> shape(input.dim(), 1);
+  shape[1] = input.size(1);
+  return shape;
+}
+
+// Every dim but the channels'.
+std::vector<int64_t> reduced_dims(const at::Tensor& input) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < input.dim(); ++d) {
+    if (d != 1) {
+      dims.push_back(d);
+    }
+  }
+  return dims;
+}
+
+// The mean of a per-element tensor over each channel, broadcastable against it.
+at::Tensor channel_mean(const at::Tensor& t) {
+  return t.mean(reduced_dims(t), /*keepdim=*/true);
+}
+
+// batch_norm_backward in differentiable ATen ops, in float32 at least. In training the
+// statistics are the input's own, recomputed, since they depend on it: the saved ones
+// would be constants to autograd. Same validation, dtypes and layouts as the kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
     const at::Tensor& grad_out,
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& save_mean,
+    const std::optional<at::Tensor>& save_invstd,
     bool training,
-    double eps) {
-  const int64_t channels = input.size(1);
-  std::vector<int64_t> dims;  // every dim but the channels
-  std::vector<int64_t> shape(input.dim(), 1);  // per-channel values, broadcast
-  for (int64_t d = 0; d < input.dim(); ++d) {
-    if (d != 1) {
-      dims.push_back(d);
-    }
-  }
-  shape[1] = channels;
+    double eps,
+    std::array<bool, 3> mask) {
+  check_batch_norm_backward(
+      grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   const auto acc = at::toOpMathType(input.scalar_type());
+  const auto shape = channel_shape(input);
   const at::Tensor x = input.to(acc);
   const at::Tensor dy = grad_out.to(acc);
-  at::Tensor mean;
+  at::Tensor centred;
   at::Tensor invstd;
   if (training) {
-    mean = x.mean(dims, /*keepdim=*/true);
-    invstd = ((x - mean).square().mean(dims, /*keepdim=*/true) + eps).rsqrt();
+    centred = x - channel_mean(x);
+    invstd = (channel_mean(centred.square()) + eps).rsqrt();
   } else {
-    mean = running_mean->to(acc).view(shape);
+    centred = x - running_mean->to(acc).view(shape);
     invstd = (running_var->to(acc) + eps).rsqrt().view(shape);
   }
+  const at::Tensor x_hat = centred * invstd;
   const at::Tensor scale = is_defined(weight) ? invstd * weight->to(acc).view(shape) : invstd;
-  const at::Tensor x_hat = (x - mean) * invstd;
-  at::Tensor grad_bias = dy.sum(dims);
-  at::Tensor grad_weight = (dy * x_hat).sum(dims);
-  at::Tensor grad_input;
+  at::Tensor grad_input = dy;
   if (training) {
-    const int64_t count = channels == 0 ? 0 : input.numel() / channels;
-    const double inv_count = count == 0 ? 0.0 : 1.0 / static_cast<double>(count);
-    const at::Tensor mean_dy = grad_bias.view(shape) * inv_count;
-    const at::Tensor mean_dy_x_hat = grad_weight.view(shape) * inv_count;
-    grad_input = scale * (dy - mean_dy - x_hat * mean_dy_x_hat);
-  } else {
-    grad_input = dy * scale;
+    grad_input = dy - channel_mean(dy) - x_hat * channel_mean(dy * x_hat);
   }
-  return {grad_input, grad_weight, grad_bias};
+  const auto dims = reduced_dims(input);
+  const auto pdtype =
+      param_dtype(input, is_mixed_type(input, {&weight, &running_mean, &running_var}));
+  return {mask[0] ? in_result_layout((grad_input * scale).to(input.scalar_type()), input)
+                  : at::empty({0}, input.options()),
+          mask[1] ? (dy * x_hat).sum(dims).to(pdtype) : at::empty({0}, input.options().dtype(pdtype)),
+          mask[2] ? dy.sum(dims).to(pdtype) : at::empty({0}, input.options().dtype(pdtype))};
 }
 
-// The node of batch_norm_backward, which a second differentiation through batch_norm
-// reaches (create_graph=True, then backward again: gradient penalties, MAML, Hessian-
-// vector products). Its backward differentiates batch_norm_backward_composite with
-// autograd: slower than a kernel of its own would be, but exact to any order and on
-// every device, and only higher-order gradients pay for it.
-class BatchNormBackwardFunction : public torch::autograd::Function<BatchNormBackwardFunction> {
- public:
-  static variable_list forward(
-      AutogradContext* ctx,
-      const at::Tensor& grad_out,
-      const at::Tensor& input,
-      const std::optional<at::Tensor>& weight,
-      const std::optional<at::Tensor>& running_mean,
-      const std::optional<at::Tensor>& running_var,
-      const std::optional<at::Tensor>& save_mean,
-      const std::optional<at::Tensor>& save_invstd,
-      bool training,
-      double eps,
-      std::array<bool, 3> output_mask) {
-    ctx->save_for_backward({grad_out, input, weight.value_or(at::Tensor()),
-                            running_mean.value_or(at::Tensor()),
-                            running_var.value_or(at::Tensor())});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    // Gradients that never arrive stay undefined rather than become zeros, and the
-    // empty tensors returned for the outputs not asked for take none.
-    ctx->set_materialize_grads(false);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [grad_input, grad_weight, grad_bias] = batch_norm_backward(
-        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
-        eps, output_mask);
-    variable_list outputs = {grad_input, grad_weight, grad_bias};
-    for (size_t k = 0; k < outputs.size(); ++k) {
-      if (!output_mask[k]) {
-        ctx->mark_non_differentiable({outputs[k]});
-      }
+// The tangent of batch_norm_forward's output, from the tangents of input, weight and bias
+// (forward-mode AD; the running statistics' tangents are ignored, as torch ignores them).
+// `mean` and `invstd` are the statistics the output was normalised with.
+at::Tensor batch_norm_forward_tangent(
+    const at::Tensor& input,
+    const at::Tensor& input_t,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& weight_t,
+    const at::Tensor& bias_t,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    bool training,
+    const at::Tensor& out) {
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const auto shape = channel_shape(input);
+  const at::Tensor x_hat = (input.to(acc) - mean.to(acc).view(shape)) * invstd.to(acc).view(shape);
+  at::Tensor tangent = at::zeros_like(x_hat);
+  if (input_t.defined()) {
+    at::Tensor dx = input_t.to(acc);
+    if (training) {
+      // d x_hat = invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)).
+      dx = dx - channel_mean(dx) - x_hat * channel_mean(x_hat * dx);
     }
-    return outputs;
+    tangent = dx * invstd.to(acc).view(shape);
+    if (is_defined(weight)) {
+      tangent = tangent * weight->to(acc).view(shape);
+    }
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const auto optional = [](const at::Tensor& t) {
-      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-    };
-    // grad_out, input and weight (arguments 0-2, and edges 0-2 while weight is defined)
-    // are the differentiable ones. The composite sees a fresh alias of each, so that
-    // autograd::grad returns its partial derivatives (grad_out may itself depend on
-    // input), while the aliases keep the result connected to the originals for
-    // derivatives of higher order.
-    std::array<at::Tensor, 3> args = {saved[0], saved[1], saved[2]};
-    variable_list wrt;
-    std::vector<size_t> wrt_index;
-    const bool create_graph = at::GradMode::is_enabled();
-    at::AutoGradMode enable_grad(true);
-    for (size_t i = 0; i < args.size(); ++i) {
-      if (ctx->needs_input_grad(i) && args[i].defined()) {
-        args[i] = args[i].view_as(args[i]);
-        wrt.push_back(args[i]);
-        wrt_index.push_back(i);
-      }
-    }
-    auto [grad_input, grad_weight, grad_bias] = batch_norm_backward_composite(
-        args[0], args[1], optional(args[2]), optional(saved[3]), optional(saved[4]),
-        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble());
-    variable_list outputs;
-    variable_list grad_outputs;
-    const std::array<at::Tensor*, 3> composite = {&grad_input, &grad_weight, &grad_bias};
-    for (size_t k = 0; k < composite.size(); ++k) {
-      if (grads[k].defined()) {
-        outputs.push_back(composite[k]->to(grads[k].scalar_type()));
-        grad_outputs.push_back(grads[k]);
-      }
-    }
-    variable_list result(10);  // one per argument of forward
-    if (wrt.empty() || outputs.empty()) {
-      return result;
-    }
-    const variable_list partials = torch::autograd::grad(
-        outputs, wrt, grad_outputs, /*retain_graph=*/create_graph, create_graph,
-        /*allow_unused=*/true);
-    for (size_t j = 0; j < wrt.size(); ++j) {
-      result[wrt_index[j]] = partials[j];
-    }
-    return result;
+  if (weight_t.defined()) {
+    tangent = tangent + x_hat * weight_t.to(acc).view(shape);
   }
-};
+  if (bias_t.defined()) {
+    tangent = tangent + bias_t.to(acc).view(shape);
+  }
+  return tangent.to(out.scalar_type());
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     const at::Tensor& grad_out,
@@ -357,19 +332,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     bool training,
     double eps,
     std::array<bool, 3> output_mask) {
-  check_no_forward_grad(
-      "batch_norm_backward", grad_out, input, weight, running_mean, running_var, save_mean,
-      save_invstd);
-  if (!records_graph(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return batch_norm_backward(
+  if (records_graph(grad_out, input, weight, running_mean, running_var) ||
+      has_forward_grad(grad_out, input, weight, running_mean, running_var)) {
+    return batch_norm_backward_composite(
         grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
         eps, output_mask);
   }
-  auto grads = BatchNormBackwardFunction::apply(
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return batch_norm_backward(
       grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
       output_mask);
-  return {grads[0], grads[1], grads[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
@@ -385,7 +357,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
   // like torch refuse ones that ask for it rather than return none silently.
   torch::autograd::check_no_requires_grad(running_mean, "running_mean", "batch_norm_forward");
   torch::autograd::check_no_requires_grad(running_var, "running_var", "batch_norm_forward");
-  check_no_forward_grad("batch_norm_forward", input, weight, bias, running_mean, running_var);
   decltype(make_node<BatchNormBackward>()) grad_fn;
   if (records_graph(input, weight, bias)) {
     grad_fn = make_node<BatchNormBackward>();
@@ -423,6 +394,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     grad_fn->eps_ = eps;
     // Only the output is differentiable; the statistics stay plain tensors.
     torch::autograd::set_history(out, grad_fn);
+  }
+  if (has_forward_grad(input, weight, bias)) {
+    // The tangent is computed from primal values only: a tangent must not carry one of
+    // its own at the same level.
+    const auto primal = [](const std::optional<at::Tensor>& t) {
+      return is_defined(t) ? std::optional<at::Tensor>(t->_fw_primal(/*level=*/0)) : std::nullopt;
+    };
+    auto& [out, save_mean, save_invstd] = outs;
+    at::Tensor mean = save_mean;
+    at::Tensor invstd = save_invstd;
+    if (!training) {
+      const auto acc = at::toOpMathType(input.scalar_type());
+      mean = *primal(running_mean);
+      invstd = (primal(running_var)->to(acc) + eps).rsqrt();
+    }
+    out._set_fw_grad(
+        batch_norm_forward_tangent(
+            input._fw_primal(/*level=*/0), input._fw_grad(/*level=*/0), primal(weight),
+            tangent_of(weight), tangent_of(bias), mean, invstd, training, out),
+        /*level=*/0, /*is_inplace_op=*/false);
   }
   return outs;
 }

@@ -230,10 +230,6 @@ void load_channels(const std::optional<at::Tensor>& t, int64_t C, acc_t fallback
   }
 }
 
-at::ScalarType param_dtype(const at::Tensor& input, bool mixed) {
-  return mixed ? at::kFloat : input.scalar_type();
-}
-
 // ---------------------------------------------------------------------------------
 // Reductions
 

@@ -1209,7 +1209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   const at::Tensor x = kernel_layout(input, l);
   const at::Tensor dy = same_layout(grad_out, l);
   const bool mixed = is_mixed_type(input, {&weight, &running_mean, &running_var});
-  const auto param_type = mixed ? at::kFloat : input.scalar_type();
+  const auto param_type = param_dtype(input, mixed);
   const int64_t C = l.channels;
   at::Tensor grad_input = mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor grad_weight = at::empty({mask[1] ? C : 0}, x.options().dtype(param_type));
