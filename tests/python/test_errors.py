@@ -357,6 +357,27 @@ def test_functional_takes_numbers_torch_takes(name, number, training):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("input_tangent", [True, False], ids=["input_tangent", "no_input_tangent"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_running_stats_with_tangents(training, input_tangent):
+    """Running statistics that carry a forward-mode tangent (torch.autograd.forward_ad):
+    refused in evaluation when the output gets a tangent, else ignored."""
+    import torch.autograd.forward_ad as fwAD
+
+    for impl in (F.batch_norm, tbn.functional.batch_norm):
+        mean, var = _stats()
+        with fwAD.dual_level():
+            x = fwAD.make_dual(X, torch.ones_like(X)) if input_tangent else X
+            dual_mean = fwAD.make_dual(mean, torch.ones(C))
+            result = raised(impl, x, dual_mean, var, training=training)
+        if impl is F.batch_norm:
+            expected = result
+        else:
+            assert result == expected
+            if expected is not None:
+                assert_unchanged(_stats(), [mean, var], "running statistics")
+
+
 _NAMES = {f32: "f32", f64: "f64", bf16: "bf16", f16: "f16", i64: "i64", None: "none"}
 _PARAM_DTYPES = [None, f32, f64, bf16, f16, i64]
 

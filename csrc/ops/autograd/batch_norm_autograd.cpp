@@ -217,7 +217,7 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
 // Hessians, jvp, torch.func transforms), where the ops' own autograd formulas make them
 // exact to any order and on every device. The kernels keep the first-order paths.
 
-// Per-channel values viewed for broadcasting against a tensor of `dim` dims.
+// The shape that broadcasts per-channel values against the input.
 std::vector<int64_t> channel_shape(const at::Tensor& input) {
   std::vector<int64_t> shape(input.dim(), 1);
   shape[1] = input.size(1);
@@ -238,6 +238,13 @@ std::vector<int64_t> reduced_dims(const at::Tensor& input) {
 // The mean of a per-element tensor over each channel, broadcastable against it.
 at::Tensor channel_mean(const at::Tensor& t) {
   return t.mean(reduced_dims(t), /*keepdim=*/true);
+}
+
+// In training, x_hat = (x - mean) * invstd with the batch's own statistics, which absorb
+// a change of x along the constant and along x_hat itself: a change dx moves x_hat by
+// invstd * batch_free(dx), and a gradient g of x_hat reaches x as invstd * batch_free(g).
+at::Tensor batch_free(const at::Tensor& v, const at::Tensor& x_hat) {
+  return v - channel_mean(v) - x_hat * channel_mean(v * x_hat);
 }
 
 // batch_norm_backward in differentiable ATen ops, in float32 at least. In training the
@@ -271,22 +278,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
   }
   const at::Tensor x_hat = centred * invstd;
   const at::Tensor scale = is_defined(weight) ? invstd * weight->to(acc).view(shape) : invstd;
-  at::Tensor grad_input = dy;
-  if (training) {
-    grad_input = dy - channel_mean(dy) - x_hat * channel_mean(dy * x_hat);
-  }
+  const at::Tensor grad_input = (training ? batch_free(dy, x_hat) : dy) * scale;
   const auto dims = reduced_dims(input);
-  const auto pdtype =
-      param_dtype(input, is_mixed_type(input, {&weight, &running_mean, &running_var}));
-  return {mask[0] ? in_result_layout((grad_input * scale).to(input.scalar_type()), input)
+  const auto params = input.options().dtype(
+      param_dtype(input, is_mixed_type(input, {&weight, &running_mean, &running_var})));
+  return {mask[0] ? in_result_layout(grad_input.to(input.scalar_type()), input)
                   : at::empty({0}, input.options()),
-          mask[1] ? (dy * x_hat).sum(dims).to(pdtype) : at::empty({0}, input.options().dtype(pdtype)),
-          mask[2] ? dy.sum(dims).to(pdtype) : at::empty({0}, input.options().dtype(pdtype))};
+          mask[1] ? (dy * x_hat).sum(dims).to(params) : at::empty({0}, params),
+          mask[2] ? dy.sum(dims).to(params) : at::empty({0}, params)};
 }
 
 // The tangent of batch_norm_forward's output, from the tangents of input, weight and bias
-// (forward-mode AD; the running statistics' tangents are ignored, as torch ignores them).
-// `mean` and `invstd` are the statistics the output was normalised with.
+// (forward-mode AD). `mean` and `invstd` are the statistics the output was normalised with.
 at::Tensor batch_norm_forward_tangent(
     const at::Tensor& input,
     const at::Tensor& input_t,
@@ -299,15 +302,12 @@ at::Tensor batch_norm_forward_tangent(
     const at::Tensor& out) {
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto shape = channel_shape(input);
-  const at::Tensor x_hat = (input.to(acc) - mean.to(acc).view(shape)) * invstd.to(acc).view(shape);
+  const at::Tensor scale = invstd.to(acc).view(shape);
+  const at::Tensor x_hat = (input.to(acc) - mean.to(acc).view(shape)) * scale;
   at::Tensor tangent = at::zeros_like(x_hat);
   if (input_t.defined()) {
-    at::Tensor dx = input_t.to(acc);
-    if (training) {
-      // d x_hat = invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)).
-      dx = dx - channel_mean(dx) - x_hat * channel_mean(x_hat * dx);
-    }
-    tangent = dx * invstd.to(acc).view(shape);
+    const at::Tensor dx = input_t.to(acc);
+    tangent = (training ? batch_free(dx, x_hat) : dx) * scale;
     if (is_defined(weight)) {
       tangent = tangent * weight->to(acc).view(shape);
     }
@@ -357,6 +357,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
   // like torch refuse ones that ask for it rather than return none silently.
   torch::autograd::check_no_requires_grad(running_mean, "running_mean", "batch_norm_forward");
   torch::autograd::check_no_requires_grad(running_var, "running_var", "batch_norm_forward");
+  // A tangent of the output would need the running statistics' in evaluation, where the
+  // output depends on them; torch refuses those rather than ignore them.
+  const bool forward_ad = has_forward_grad(input, weight, bias);
+  TORCH_CHECK(training || !forward_ad || !has_forward_grad(running_mean, running_var),
+              "batch_norm is not differentiable wrt running_mean and running_var, they cannot "
+              "have forward grad defined");
   decltype(make_node<BatchNormBackward>()) grad_fn;
   if (records_graph(input, weight, bias)) {
     grad_fn = make_node<BatchNormBackward>();
@@ -395,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     // Only the output is differentiable; the statistics stay plain tensors.
     torch::autograd::set_history(out, grad_fn);
   }
-  if (has_forward_grad(input, weight, bias)) {
+  if (forward_ad) {
     // The tangent is computed from primal values only: a tangent must not carry one of
     // its own at the same level.
     const auto primal = [](const std::optional<at::Tensor>& t) {
