@@ -19,6 +19,7 @@ except ImportError as _err:  # pragma: no cover - only reached on a broken insta
     ) from _err
 
 from . import _fake  # noqa: E402,F401  (fake kernels for torch.compile / export)
+from . import _vmap  # noqa: E402,F401  (batching rules for torch.vmap)
 from . import functional  # noqa: E402
 from .convert import convert_batchnorm  # noqa: E402
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d  # noqa: E402
