@@ -33,6 +33,12 @@ inline bool keeps_channels_last(const at::Tensor& t) {
                                 t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
 }
 
+// The memory format of the result by that rule (a channels_last / channels_last_3d input
+// suggests its own format).
+inline at::MemoryFormat result_format(const at::Tensor& input) {
+  return input.is_contiguous() ? at::MemoryFormat::Contiguous : input.suggest_memory_format();
+}
+
 // Returns `input` in the layout of the result, copying only where the rule above asks
 // for another one, and sets how the kernels walk it. The result is allocated like the
 // returned tensor (empty_like), so both share its strides.
@@ -42,8 +48,7 @@ inline bool keeps_channels_last(const at::Tensor& t) {
 inline at::Tensor kernel_layout(const at::Tensor& input, Layout& layout) {
   at::Tensor x = input;
   if (!x.is_contiguous() && !keeps_channels_last(x)) {
-    // Contiguous, or channels_last(_3d) where that is what torch suggests.
-    x = x.contiguous(x.suggest_memory_format());
+    x = x.contiguous(result_format(x));
   }
   int64_t spatial = 1;
   for (int64_t d = 2; d < x.dim(); ++d) {
@@ -60,10 +65,9 @@ inline at::Tensor kernel_layout(const at::Tensor& input, Layout& layout) {
 // out-of-place ops (movedim, contiguous): they also work on functorch's batched tensors,
 // where a clone into a memory format does not.
 inline at::Tensor in_result_layout(const at::Tensor& t, const at::Tensor& input) {
-  const bool channels_last = !input.is_contiguous() &&
-      (keeps_channels_last(input) ||
-       input.suggest_memory_format() != at::MemoryFormat::Contiguous);
-  return channels_last ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
+  return result_format(input) == at::MemoryFormat::Contiguous
+      ? t.contiguous()
+      : t.movedim(1, -1).contiguous().movedim(-1, 1);
 }
 
 // Brings a second tensor of the input's shape (grad_out) into the walked layout of the

@@ -24,9 +24,9 @@ def _unfold(t, size):
 
 
 def _fold_channels(t, bdim, size):
-    """[C] (batched at `bdim`, or shared) as [size * C]. None, and the empty statistics of
-    evaluation, stay as they are."""
-    if t is None or t.numel() == 0:
+    """[C] (batched at `bdim`, or shared) as [size * C]. None, and the empty statistics
+    evaluation returns (unbatched), stay as they are."""
+    if t is None or (bdim is None and t.numel() == 0):
         return t
     return t.movedim(bdim, 0).flatten() if bdim is not None else t.repeat(size)
 

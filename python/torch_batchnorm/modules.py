@@ -84,8 +84,10 @@ def _count_batch(
     counts before it calls the op) does: activation checkpointing runs the forward again
     in the backward, and its non-reentrant form stops that run with an exception as soon
     as the op has saved its tensors. A call that raises in validation changes nothing.
-    (Inference tensors have no version, and nothing runs again in inference mode; compiled
-    graphs recompute without exceptions.)"""
+    This relies on the op bumping the version with the update (batch_norm_forward's
+    autograd kernel does, under no_grad too; torch's own op does not). (Inference tensors
+    have no version, and nothing runs again in inference mode; compiled graphs recompute
+    without exceptions.)"""
     version = None
     if (
         num_batches_tracked is not None

@@ -47,6 +47,20 @@ def _functional(mode, running_mean, running_var):
     return fn
 
 
+def _textbook(mode, running_mean, running_var):
+    """_functional's batch_norm of a [N, C, L] input with a weight, written with tensor
+    ops: the reference of derivatives that finite differences cannot check."""
+
+    def fn(x, weight, bias):
+        if mode == "eval":
+            mean, var, eps = running_mean, running_var, 1e-5
+        else:
+            mean, var, eps = x.mean((0, 2)), x.var((0, 2), unbiased=False), 1e-3
+        return (x - mean[:, None]) / torch.sqrt(var[:, None] + eps) * weight[:, None]
+
+    return fn
+
+
 SHAPES = pytest.mark.parametrize(
     "shape,channels_last",
     [
@@ -93,13 +107,7 @@ def test_derivatives_up_to_the_third(mode):
     x, weight, _ = _inputs((3, C, 2), False, True)
     running_mean, running_var = _running_stats()
     ours = _functional(mode, running_mean, running_var)
-
-    def textbook(x, weight, bias):
-        if mode == "eval":
-            mean, var, eps = running_mean, running_var, 1e-5
-        else:
-            mean, var, eps = x.mean((0, 2)), x.var((0, 2), unbiased=False), 1e-3
-        return (x - mean[:, None]) / torch.sqrt(var[:, None] + eps) * weight[:, None]
+    textbook = _textbook(mode, running_mean, running_var)
 
     def derivatives(fn):
         (g,) = torch.autograd.grad((fn(x, weight, None) ** 3).sum(), x, create_graph=True)
@@ -113,6 +121,29 @@ def test_derivatives_up_to_the_third(mode):
         derivatives(textbook),
     ):
         torch.testing.assert_close(actual, expected, msg=name)
+
+
+@pytest.mark.parametrize("outer", ["jacrev", "jacfwd"])
+@pytest.mark.parametrize("inner", ["jacrev", "jacfwd"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_hessian_in_every_mode(mode, inner, outer):
+    """The Hessian by each combination of forward and reverse mode, against the same
+    combination through BatchNorm written with tensor ops: a forward-mode tangent is
+    differentiable again, through the batch statistics in training. (torch's own, with
+    forward mode inside, treats them as constants.)"""
+    x, weight, _ = _inputs((3, C, 2), False, True)
+    running_mean, running_var = _running_stats()
+    ours = _functional(mode, running_mean, running_var)
+    textbook = _textbook(mode, running_mean, running_var)
+    transforms = {"jacrev": torch.func.jacrev, "jacfwd": torch.func.jacfwd}
+
+    def hessian(fn):
+        def loss(x):
+            return (fn(x, weight.detach(), None) ** 3).sum()
+
+        return transforms[outer](transforms[inner](loss))(x.detach())
+
+    torch.testing.assert_close(hessian(ours), hessian(textbook))
 
 
 def test_backward_from_threads_sharing_a_graph():

@@ -212,10 +212,11 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
   double eps_ = 0.0;
 };
 
-// Derivatives of the backward, and forward-mode derivatives, come from ATen ops: both are
-// taken only by higher-order or forward-mode differentiation (gradient penalties, MAML,
-// Hessians, jvp, torch.func transforms), where the ops' own autograd formulas make them
-// exact to any order and on every device. The kernels keep the first-order paths.
+// Derivatives of the backward, and forward-mode derivatives, come from ATen ops, whose own
+// autograd formulas make them exact to any order and on every device. They are taken by
+// higher-order or forward-mode differentiation (gradient penalties, MAML, Hessians, jvp),
+// and by every reverse-mode torch.func transform, which records the backward for another
+// pass whether one follows or not. Plain backward and compiled graphs run the kernels.
 
 // The shape that broadcasts per-channel values against the input.
 std::vector<int64_t> channel_shape(const at::Tensor& input) {
@@ -240,6 +241,25 @@ at::Tensor channel_mean(const at::Tensor& t) {
   return t.mean(reduced_dims(t), /*keepdim=*/true);
 }
 
+// x (in float32 at least) centred and its invstd, broadcastable against it, as
+// differentiable functions of x: in training x's own batch statistics, recomputed (the
+// saved ones would be constants to autograd), in evaluation the running statistics.
+std::pair<at::Tensor, at::Tensor> normalise(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training,
+    double eps) {
+  if (training) {
+    at::Tensor centred = x - channel_mean(x);
+    at::Tensor invstd = (channel_mean(centred.square()) + eps).rsqrt();
+    return {std::move(centred), std::move(invstd)};
+  }
+  const auto shape = channel_shape(x);
+  return {x - running_mean->to(x.scalar_type()).view(shape),
+          (running_var->to(x.scalar_type()) + eps).rsqrt().view(shape)};
+}
+
 // In training, x_hat = (x - mean) * invstd with the batch's own statistics, which absorb
 // a change of x along the constant and along x_hat itself: a change dx moves x_hat by
 // invstd * batch_free(dx), and a gradient g of x_hat reaches x as invstd * batch_free(g).
@@ -247,9 +267,9 @@ at::Tensor batch_free(const at::Tensor& v, const at::Tensor& x_hat) {
   return v - channel_mean(v) - x_hat * channel_mean(v * x_hat);
 }
 
-// batch_norm_backward in differentiable ATen ops, in float32 at least. In training the
-// statistics are the input's own, recomputed, since they depend on it: the saved ones
-// would be constants to autograd. Same validation, dtypes and layouts as the kernels.
+// batch_norm_backward in differentiable ATen ops, in float32 at least, with the same
+// validation, dtypes and layouts as the kernels. save_mean and save_invstd are the
+// input's own statistics (batch_norm_forward's), recomputed here.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
     const at::Tensor& grad_out,
     const at::Tensor& input,
@@ -267,15 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
   const auto shape = channel_shape(input);
   const at::Tensor x = input.to(acc);
   const at::Tensor dy = grad_out.to(acc);
-  at::Tensor centred;
-  at::Tensor invstd;
-  if (training) {
-    centred = x - channel_mean(x);
-    invstd = (channel_mean(centred.square()) + eps).rsqrt();
-  } else {
-    centred = x - running_mean->to(acc).view(shape);
-    invstd = (running_var->to(acc) + eps).rsqrt().view(shape);
-  }
+  const auto [centred, invstd] = normalise(x, running_mean, running_var, training, eps);
   const at::Tensor x_hat = centred * invstd;
   const at::Tensor scale = is_defined(weight) ? invstd * weight->to(acc).view(shape) : invstd;
   const at::Tensor grad_input = (training ? batch_free(dy, x_hat) : dy) * scale;
@@ -288,26 +300,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
           mask[2] ? dy.sum(dims).to(params) : at::empty({0}, params)};
 }
 
-// The tangent of batch_norm_forward's output, from the tangents of input, weight and bias
-// (forward-mode AD). `mean` and `invstd` are the statistics the output was normalised with.
+// The tangent of batch_norm_forward's output, from the primal values and the tangents of
+// input, weight and bias (forward-mode AD). Differentiable itself, for derivatives of
+// higher order taken around it (jacrev or jacfwd of jacfwd).
 at::Tensor batch_norm_forward_tangent(
     const at::Tensor& input,
     const at::Tensor& input_t,
     const std::optional<at::Tensor>& weight,
     const at::Tensor& weight_t,
     const at::Tensor& bias_t,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
     bool training,
-    const at::Tensor& out) {
+    double eps,
+    at::ScalarType dtype) {
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto shape = channel_shape(input);
-  const at::Tensor scale = invstd.to(acc).view(shape);
-  const at::Tensor x_hat = (input.to(acc) - mean.to(acc).view(shape)) * scale;
+  const auto [centred, invstd] = normalise(input.to(acc), running_mean, running_var, training, eps);
+  const at::Tensor x_hat = centred * invstd;
   at::Tensor tangent = at::zeros_like(x_hat);
   if (input_t.defined()) {
     const at::Tensor dx = input_t.to(acc);
-    tangent = (training ? batch_free(dx, x_hat) : dx) * scale;
+    tangent = (training ? batch_free(dx, x_hat) : dx) * invstd;
     if (is_defined(weight)) {
       tangent = tangent * weight->to(acc).view(shape);
     }
@@ -318,7 +332,7 @@ at::Tensor batch_norm_forward_tangent(
   if (bias_t.defined()) {
     tangent = tangent + bias_t.to(acc).view(shape);
   }
-  return tangent.to(out.scalar_type());
+  return tangent.to(dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
@@ -332,6 +346,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     bool training,
     double eps,
     std::array<bool, 3> output_mask) {
+  // The statistics are batch_norm_forward's outputs, which take no gradient.
+  torch::autograd::check_no_requires_grad(save_mean, "save_mean", "batch_norm_backward");
+  torch::autograd::check_no_requires_grad(save_invstd, "save_invstd", "batch_norm_backward");
   if (records_graph(grad_out, input, weight, running_mean, running_var) ||
       has_forward_grad(grad_out, input, weight, running_mean, running_var)) {
     return batch_norm_backward_composite(
@@ -407,18 +424,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     const auto primal = [](const std::optional<at::Tensor>& t) {
       return is_defined(t) ? std::optional<at::Tensor>(t->_fw_primal(/*level=*/0)) : std::nullopt;
     };
-    auto& [out, save_mean, save_invstd] = outs;
-    at::Tensor mean = save_mean;
-    at::Tensor invstd = save_invstd;
-    if (!training) {
-      const auto acc = at::toOpMathType(input.scalar_type());
-      mean = *primal(running_mean);
-      invstd = (primal(running_var)->to(acc) + eps).rsqrt();
-    }
+    at::Tensor& out = std::get<0>(outs);
     out._set_fw_grad(
         batch_norm_forward_tangent(
             input._fw_primal(/*level=*/0), input._fw_grad(/*level=*/0), primal(weight),
-            tangent_of(weight), tangent_of(bias), mean, invstd, training, out),
+            tangent_of(weight), tangent_of(bias), primal(running_mean), primal(running_var),
+            training, eps, out.scalar_type()),
         /*level=*/0, /*is_inplace_op=*/false);
   }
   return outs;
