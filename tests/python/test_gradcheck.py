@@ -123,6 +123,22 @@ def test_derivatives_up_to_the_third(mode):
         torch.testing.assert_close(actual, expected, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_recorded_backward_has_the_kernels_values(mode):
+    """A backward recorded for another pass (create_graph=True, as torch.func.grad always
+    does) computes its values with the kernels: bit for bit those of a plain backward."""
+    x, weight, bias = _inputs((4, C, 5), False, True)
+    fn = _functional(mode, *_running_stats())
+    grad_out = torch.randn(x.shape, dtype=x.dtype)
+    plain = torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), grad_out)
+    recorded = torch.autograd.grad(
+        fn(x, weight, bias), (x, weight, bias), grad_out, create_graph=True
+    )
+    assert all(g.grad_fn.name() == "BatchNormBackwardBackward" for g in recorded)
+    for a, b in zip(recorded, plain):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("outer", ["jacrev", "jacfwd"])
 @pytest.mark.parametrize("inner", ["jacrev", "jacfwd"])
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -212,11 +212,10 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
   double eps_ = 0.0;
 };
 
-// Derivatives of the backward, and forward-mode derivatives, come from ATen ops, whose own
-// autograd formulas make them exact to any order and on every device. They are taken by
-// higher-order or forward-mode differentiation (gradient penalties, MAML, Hessians, jvp),
-// and by every reverse-mode torch.func transform, which records the backward for another
-// pass whether one follows or not. Plain backward and compiled graphs run the kernels.
+// Derivatives of the backward, and forward-mode derivatives, are written in ATen ops,
+// whose own derivatives make them exact to any order and on every device. Only higher-
+// order or forward-mode differentiation (gradient penalties, MAML, Hessians, jvp) runs
+// them; the values of the forward and of the first backward always come from the kernels.
 
 // The shape that broadcasts per-channel values against the input.
 std::vector<int64_t> channel_shape(const at::Tensor& input) {
@@ -268,8 +267,9 @@ at::Tensor batch_free(const at::Tensor& v, const at::Tensor& x_hat) {
 }
 
 // batch_norm_backward in differentiable ATen ops, in float32 at least, with the same
-// validation, dtypes and layouts as the kernels. save_mean and save_invstd are the
-// input's own statistics (batch_norm_forward's), recomputed here.
+// validation, dtypes and layouts as the kernels: what runs when tangents flow into it
+// (forward mode over reverse). save_mean and save_invstd are the input's own statistics
+// (batch_norm_forward's), recomputed here.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
     const at::Tensor& grad_out,
     const at::Tensor& input,
@@ -335,6 +335,100 @@ at::Tensor batch_norm_forward_tangent(
   return tangent.to(dtype);
 }
 
+// The derivatives of batch_norm_backward's outputs (grad_input, grad_weight, grad_bias)
+// with respect to its inputs grad_out, input and weight, given the gradients `grads` of
+// those outputs (the second derivatives of batch_norm), in differentiable ATen ops. With
+// P(v) = batch_free(v, x_hat), r = invstd, g = grad_out, and the outputs' gradients
+// (a, alpha, beta), training gives
+//   grad_out: w r P(a) + alpha x_hat + beta
+//   weight:   r sum(a P(g))
+//   input:    r (alpha P(g) - w r (mean(a P(g)) x_hat + mean(g x_hat) P(a) + mean(a x_hat) P(g)))
+// and evaluation the same with P the identity and no input term but r alpha g.
+variable_list batch_norm_double_backward(
+    const variable_list& grads,
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training,
+    double eps,
+    std::array<bool, 3> mask) {
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const auto shape = channel_shape(input);
+  const auto per_channel = [&](const at::Tensor& t) { return t.to(acc).view(shape); };
+  const at::Tensor g = grad_out.to(acc);
+  const auto [centred, invstd] = normalise(input.to(acc), running_mean, running_var, training, eps);
+  const at::Tensor x_hat = centred * invstd;
+  const auto P = [&](const at::Tensor& v) { return training ? batch_free(v, x_hat) : v; };
+  const at::Tensor w = is_defined(weight) ? per_channel(*weight) : at::ones_like(invstd);
+  at::Tensor d_grad_out = at::zeros_like(g);
+  at::Tensor d_input = at::zeros_like(g);
+  at::Tensor d_weight = at::zeros_like(invstd);
+  const at::Tensor P_g = P(g);
+  if (grads[0].defined()) {
+    const at::Tensor a = grads[0].to(acc);
+    const at::Tensor P_a = P(a);
+    d_grad_out = d_grad_out + w * invstd * P_a;
+    d_weight = d_weight + invstd * (a * P_g).sum(reduced_dims(input), /*keepdim=*/true);
+    if (training) {
+      d_input = d_input - w * invstd.square() *
+              (channel_mean(a * P_g) * x_hat + channel_mean(g * x_hat) * P_a +
+               channel_mean(a * x_hat) * P_g);
+    }
+  }
+  if (grads[1].defined()) {
+    const at::Tensor alpha = per_channel(grads[1]);
+    d_grad_out = d_grad_out + alpha * x_hat;
+    d_input = d_input + alpha * invstd * P_g;
+  }
+  if (grads[2].defined()) {
+    d_grad_out = d_grad_out + per_channel(grads[2]);
+  }
+  variable_list result(3);
+  if (mask[0]) result[0] = d_grad_out.to(grad_out.scalar_type());
+  if (mask[1]) result[1] = d_input.to(input.scalar_type());
+  if (mask[2] && is_defined(weight)) result[2] = d_weight.view(-1).to(weight->scalar_type());
+  return result;
+}
+
+// The node of batch_norm_backward, whose outputs a second differentiation through
+// batch_norm reaches (create_graph=True, then backward again; torch.func's reverse mode
+// records it every time). Edges 0-2 are grad_out, input and weight.
+struct BatchNormDoubleBackward : public torch::autograd::TraceableFunction {
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return batch_norm_double_backward(
+        grads, grad_out_.unpack(), input_.unpack(), unpack(weight_), unpack(running_mean_),
+        unpack(running_var_), training_, eps_,
+        {task_should_compute_output(0), task_should_compute_output(1),
+         task_should_compute_output(2)});
+  }
+
+  std::string name() const override {
+    return "BatchNormBackwardBackward";
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto* saved : {&grad_out_, &input_, &weight_, &running_mean_, &running_var_}) {
+      saved->reset_data();
+    }
+  }
+
+  static std::optional<at::Tensor> unpack(const torch::autograd::SavedVariable& saved) {
+    return BatchNormBackward::unpack(saved);
+  }
+
+  torch::autograd::SavedVariable grad_out_;
+  torch::autograd::SavedVariable input_;
+  torch::autograd::SavedVariable weight_;
+  torch::autograd::SavedVariable running_mean_;
+  torch::autograd::SavedVariable running_var_;
+  bool training_ = false;
+  double eps_ = 0.0;
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     const at::Tensor& grad_out,
     const at::Tensor& input,
@@ -346,19 +440,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     bool training,
     double eps,
     std::array<bool, 3> output_mask) {
-  // The statistics are batch_norm_forward's outputs, which take no gradient.
+  // The statistics are batch_norm_forward's outputs and its running statistics, which
+  // take no gradient.
+  torch::autograd::check_no_requires_grad(running_mean, "running_mean", "batch_norm_backward");
+  torch::autograd::check_no_requires_grad(running_var, "running_var", "batch_norm_backward");
   torch::autograd::check_no_requires_grad(save_mean, "save_mean", "batch_norm_backward");
   torch::autograd::check_no_requires_grad(save_invstd, "save_invstd", "batch_norm_backward");
-  if (records_graph(grad_out, input, weight, running_mean, running_var) ||
-      has_forward_grad(grad_out, input, weight, running_mean, running_var)) {
+  if (has_forward_grad(grad_out, input, weight, running_mean, running_var)) {
     return batch_norm_backward_composite(
         grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
         eps, output_mask);
   }
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return batch_norm_backward(
-      grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
-      output_mask);
+  decltype(make_node<BatchNormDoubleBackward>()) grad_fn;
+  if (records_graph(grad_out, input, weight)) {
+    grad_fn = make_node<BatchNormDoubleBackward>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(grad_out, input, weight));
+    const auto save = [](const std::optional<at::Tensor>& t) {
+      return torch::autograd::SavedVariable(t.value_or(at::Tensor()), /*is_output=*/false);
+    };
+    grad_fn->grad_out_ = save(grad_out);
+    grad_fn->input_ = save(input);
+    grad_fn->weight_ = save(weight);
+    grad_fn->running_mean_ = save(running_mean);
+    grad_fn->running_var_ = save(running_var);
+    grad_fn->training_ = training;
+    grad_fn->eps_ = eps;
+  }
+  auto grads = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return batch_norm_backward(
+        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
+        eps, output_mask);
+  }();
+  if (grad_fn) {
+    // Only the gradients asked for are differentiable; the empty ones stay plain.
+    const auto& [grad_input, grad_weight, grad_bias] = grads;
+    variable_list outputs = {output_mask[0] ? grad_input : at::Tensor(),
+                             output_mask[1] ? grad_weight : at::Tensor(),
+                             output_mask[2] ? grad_bias : at::Tensor()};
+    torch::autograd::set_history(outputs, grad_fn);
+  }
+  return grads;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
