@@ -23,27 +23,36 @@ class _BatchNormForward:
     momentum=None traces under torch.compile(fullgraph=True)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+        # torch.fx.symbolic_trace records this forward (it keeps torch's own modules whole,
+        # as leaves): the input's rank is unknown then, and the buffers become nodes of the
+        # graph, so that the graph updates them each time it runs.
+        symbolic = isinstance(input, torch.fx.Proxy)
+        if symbolic:
+            buffers = [_graph_buffer(self, name, input) for name in _BUFFERS]
+        else:
+            self._check_input_dim(input)
+            buffers = [getattr(self, name) for name in _BUFFERS]
+        running_mean_buffer, running_var_buffer, num_batches_tracked = buffers
 
         track = self.training and self.track_running_stats
         # Batch statistics in training, and in eval when there are no buffers.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        bn_training = self.training or (running_mean_buffer is None and running_var_buffer is None)
         # Buffers are passed only where they are updated (training with tracking) or
         # read (evaluation).
         use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
+        running_mean = running_mean_buffer if use_buffers else None
+        running_var = running_var_buffer if use_buffers else None
         momentum = 0.0 if self.momentum is None else self.momentum
         cumulative = (
             track
             and self.momentum is None
-            and self.num_batches_tracked is not None
+            and num_batches_tracked is not None
             and running_mean is not None
         )
-        traced = cumulative and torch.compiler.is_compiling()
+        traced = cumulative and (symbolic or torch.compiler.is_compiling())
         if cumulative and not traced:
             # Cumulative moving average over the batches seen, this one included.
-            momentum = 1.0 / float(self.num_batches_tracked + 1)
+            momentum = 1.0 / float(num_batches_tracked + 1)
         elif traced:
             # The op takes its momentum as a Python float, and 1 / num_batches_tracked as
             # one is data-dependent (a graph break under torch.compile). So the op writes
@@ -55,7 +64,7 @@ class _BatchNormForward:
             running_mean, running_var = running_mean.clone(), running_var.clone()
             momentum = 1.0
         out = _count_batch(
-            self.num_batches_tracked if track else None,
+            num_batches_tracked if track else None,
             running_mean,
             lambda: F.batch_norm(
                 input,
@@ -69,9 +78,24 @@ class _BatchNormForward:
             ),
         )
         if traced:
-            _cumulative_update(self.running_mean, running_mean, self.num_batches_tracked)
-            _cumulative_update(self.running_var, running_var, self.num_batches_tracked)
+            acc = torch.promote_types(self.running_mean.dtype, torch.float32)
+            _cumulative_update(running_mean_buffer, running_mean, num_batches_tracked, acc)
+            _cumulative_update(running_var_buffer, running_var, num_batches_tracked, acc)
         return out
+
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _graph_buffer(module: torch.nn.Module, name: str, input: torch.fx.Proxy):
+    """The buffer `name` of `module` as a node of the graph torch.fx is recording `input`
+    into (None stays None)."""
+    buffer = getattr(module, name)
+    if buffer is None or isinstance(buffer, torch.fx.Proxy):
+        return buffer
+    tracer = input.tracer
+    path = tracer.path_of_module(module)
+    return tracer.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
 
 
 def _count_batch(
@@ -86,13 +110,14 @@ def _count_batch(
     as the op has saved its tensors. A call that raises in validation changes nothing.
     This relies on the op bumping the version with the update (batch_norm_forward's
     autograd kernel does, under no_grad too; torch's own op does not). (Inference tensors
-    have no version, and nothing runs again in inference mode; compiled graphs recompute
-    without exceptions.)"""
+    have no version, and nothing runs again in inference mode; compiled and symbolically
+    traced graphs recompute without exceptions.)"""
     version = None
     if (
         num_batches_tracked is not None
         and running_mean is not None
         and not torch.compiler.is_compiling()
+        and not isinstance(running_mean, torch.fx.Proxy)
         and not running_mean.is_inference()
     ):
         version = running_mean._version
@@ -107,10 +132,9 @@ def _count_batch(
     return out
 
 
-def _cumulative_update(running: Tensor, batch: Tensor, count: Tensor) -> None:
-    """running += (batch - running) / count, in float32 at least (as the kernels update
-    float16/bfloat16 statistics), rounded once."""
-    acc = torch.promote_types(running.dtype, torch.float32)
+def _cumulative_update(running: Tensor, batch: Tensor, count: Tensor, acc: torch.dtype) -> None:
+    """running += (batch - running) / count, in `acc` (float32 at least, as the kernels
+    update float16/bfloat16 statistics), rounded once."""
     old = running.to(acc)
     running.copy_(old + (batch.to(acc) - old) / count.to(acc))
 

@@ -1,8 +1,9 @@
 """torch.compile(fullgraph=True) and torch.export trace the ops through their fake kernels
 and the C++ autograd kernel: a compiled training step (forward, backward, running
 statistics, momentum=None included) and a compiled evaluation match torch's BatchNorm
-run eagerly, and compiled autograd records the backward of an eager forward. Few cases,
-since every compilation takes seconds."""
+run eagerly, compiled autograd records the backward of an eager forward, and
+torch.fx.symbolic_trace records the modules. Few cases, since every compilation takes
+seconds."""
 
 import copy
 
@@ -91,6 +92,23 @@ def test_export_eval():
     assert "torch_batchnorm.batch_norm_forward.default" in targets
     with torch.no_grad():
         assert_close(program.module()(x), ref(x), "output")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace(training):
+    """torch.fx.symbolic_trace (as torchvision's feature extraction and FX passes use it)
+    records our modules' forward, buffers as graph nodes: tracing changes no buffer, and
+    the graph then trains (running statistics, momentum=None included) as the module."""
+    ref, ours = _pair()
+    ref.train(training)
+    ours.train(training)
+    state = copy.deepcopy(ours.state_dict())
+    graph = torch.fx.symbolic_trace(ours)
+    assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
+    for step in range(3):
+        x = torch.randn(6, 3, 5, 5) * 2 + 1
+        assert_close(_train_step(graph, x), _train_step(ref, x), f"step {step} output")
+        _assert_same(graph, ref)
 
 
 # Our backward node speaks compiled autograd's interface as of torch 2.13.
