@@ -31,7 +31,12 @@ class _BatchNormForward:
             buffers = [_graph_buffer(self, name, input) for name in _BUFFERS]
         else:
             self._check_input_dim(input)
-            buffers = [getattr(self, name) for name in _BUFFERS]
+            # Registered buffers straight from their dict: Module.__getattr__ costs more
+            # than the kernels on small inputs.
+            registered = self._buffers
+            buffers = [
+                registered[name] if name in registered else getattr(self, name) for name in _BUFFERS
+            ]
         running_mean_buffer, running_var_buffer, num_batches_tracked = buffers
 
         track = self.training and self.track_running_stats
