@@ -138,6 +138,33 @@ def test_compiled_autograd(training):
     assert graphs and all("BatchNormBackward" in code for code in graphs)
 
 
+@pytest.mark.skipif(not COMPILED_AUTOGRAD, reason="compiled autograd support needs torch >= 2.13")
+@pytest.mark.parametrize("training", [True, False])
+def test_compiled_autograd_second_derivative(training):
+    """A gradient penalty (backward of a gradient taken with create_graph=True) under
+    compiled autograd: the graph of the first backward is compiled with the derivatives
+    of its batch_norm_backward, and the second runs through it."""
+    ref, ours = _trained_pair_in_eval()
+
+    def compiler(gm):
+        return torch.compile(gm, backend="aot_eager", fullgraph=True)
+
+    def penalty_step(model, x):
+        model.zero_grad()
+        x = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad((model(x) ** 2).sum(), x, create_graph=True)
+        (grad_x**2).sum().backward()
+        return x.grad
+
+    for model in (ref, ours):
+        model.train(training)
+    x = torch.randn(6, 3, 5, 5) * 2 + 1
+    expected = penalty_step(ref, x)
+    with torch._dynamo.compiled_autograd._enable(compiler):
+        assert_close(penalty_step(ours, x), expected, "input grad")
+    _assert_same(ours, ref)
+
+
 def test_torch_function_sees_the_op():
     """Eager calls skip torch.ops' Python entry; __torch_function__ (modes, tensor
     subclasses, FX proxies) must still see the op."""

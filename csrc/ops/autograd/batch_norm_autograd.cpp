@@ -67,27 +67,37 @@ auto make_node() {
   }
 }
 
-// The backward node of batch_norm_forward, written as ATen's generated nodes are: plain
-// members and one differentiable output. torch::autograd::Function's generic bookkeeping
-// (a string-keyed map of saved values, gradients materialised for the statistics that
-// never get one) costs more than the kernels on small inputs.
-struct BatchNormBackward : public torch::autograd::TraceableFunction {
+// A graph node written as ATen's generated nodes are: saved tensors and scalars as plain
+// members, three outputs. torch::autograd::Function's generic bookkeeping (a string-keyed
+// map of saved values, gradients materialised for outputs that never get one) costs more
+// than the kernels on small inputs. `Derived` names itself and computes its gradients
+// from its kSaved saved tensors with
+//   static variable_list backward(const variable_list& grads, const Saved& saved,
+//                                 bool training, double eps, Mask mask);
+template <typename Derived, size_t kSaved>
+struct BatchNormNode : public torch::autograd::TraceableFunction {
+  using SavedVariable = torch::autograd::SavedVariable;
+  using Saved = std::array<std::optional<at::Tensor>, kSaved>;
+  using Mask = std::array<bool, 3>;
+
   variable_list apply(variable_list&& grads) override {
     // Threads may run backward through a shared graph; release_variables may run beside.
     std::lock_guard<std::mutex> lock(mutex_);
-    return backward(
-        grads, input_.unpack(), unpack(weight_), unpack(running_mean_), unpack(running_var_),
-        unpack(save_mean_), unpack(save_invstd_), training_, eps_, output_mask());
+    Saved saved;
+    for (size_t i = 0; i < kSaved; ++i) {
+      saved[i] = unpack(saved_[i]);
+    }
+    return Derived::backward(grads, saved, training_, eps_, output_mask());
   }
 
 #if TBN_COMPILED_AUTOGRAD
   // Compiled autograd (torch._dynamo.compiled_autograd) records the backward of a graph
   // whose forward ran eagerly. It asks the node for its state, then records a call of
-  // apply_functional on that state: batch_norm_backward has a fake kernel, so the call
+  // apply_functional on that state: the ops involved have fake kernels, so the call
   // traces like any op.
   void compiled_args(torch::autograd::CompiledNodeArgs& args) const override {
-    for (const SavedVariable* saved : saved_variables()) {
-      args.collect(*saved, /*is_output=*/false);
+    for (const SavedVariable& saved : saved_) {
+      args.collect(saved, /*is_output=*/false);
     }
     args.collect(training_);
     args.collect(eps_);
@@ -97,12 +107,12 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
       const variable_list& grads, torch::autograd::SwapSavedVariables& swap) override {
     std::lock_guard<std::mutex> lock(mutex_);
     using torch::dynamo::autograd::IValuePacker;
-    for (SavedVariable* saved : saved_variables()) {
-      swap.before(*saved);
+    for (SavedVariable& saved : saved_) {
+      swap.before(saved);
     }
     torch::autograd::PackedArgs packed;
-    for (SavedVariable* saved : saved_variables()) {
-      packed.pack(unpack(*saved));
+    for (const SavedVariable& saved : saved_) {
+      packed.pack(unpack(saved));
     }
     packed.pack(training_);
     packed.pack(eps_);
@@ -111,7 +121,7 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
     // The Python side keeps one namespace of bound functions per process.
     static const std::string bound = [&] {
       std::vector<at::TypePtr> schema(
-          saved_variables().size(), IValuePacker<std::optional<at::Tensor>>::packed_type());
+          kSaved, IValuePacker<std::optional<at::Tensor>>::packed_type());
       schema.push_back(IValuePacker<bool>::packed_type());
       schema.push_back(IValuePacker<double>::packed_type());
       schema.push_back(IValuePacker<Mask>::packed_type());
@@ -121,29 +131,35 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
         swap.get_py_compiler(), "apply_functional", bound, grads, packed.vec(),
         IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
             torch::dynamo::autograd::get_input_metadata(next_edges())));
-    for (SavedVariable* saved : saved_variables()) {
-      swap.after(*saved);
+    for (SavedVariable& saved : saved_) {
+      swap.after(saved);
     }
     return result;
   }
-#endif
 
-  std::string name() const override {
-    return "BatchNormBackward";
+  // The backward as a function of the state apply_with_saved packs, in its order.
+  static variable_list apply_functional(
+      const variable_list& grads, const std::vector<c10::IValue>& state) {
+    torch::autograd::PackedArgs packed(state);
+    Saved saved;
+    for (auto& t : saved) {
+      t = packed.unpack<std::optional<at::Tensor>>();
+    }
+    const bool training = packed.unpack<bool>();
+    const double eps = packed.unpack<double>();
+    const Mask mask = packed.unpack<Mask>();
+    return Derived::backward(grads, saved, training, eps, mask);
   }
+#endif
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* saved : saved_variables()) {
-      saved->reset_data();
+    for (SavedVariable& saved : saved_) {
+      saved.reset_data();
     }
   }
 
-  using SavedVariable = torch::autograd::SavedVariable;
-  using Mask = std::array<bool, 3>;
-
-  // Edges 0-2 are input, weight and bias; an undefined weight or bias has an invalid
-  // edge, so its gradient is never asked for.
+  // An output without a valid edge (an undefined weight or bias) is never asked for.
   Mask output_mask() const {
     return {task_should_compute_output(0), task_should_compute_output(1),
             task_should_compute_output(2)};
@@ -154,62 +170,40 @@ struct BatchNormBackward : public torch::autograd::TraceableFunction {
     return t.defined() ? std::optional<at::Tensor>(std::move(t)) : std::nullopt;
   }
 
+  static SavedVariable save(const std::optional<at::Tensor>& t) {
+    return SavedVariable(t.value_or(at::Tensor()), /*is_output=*/false);
+  }
+
+  std::array<SavedVariable, kSaved> saved_;
+  bool training_ = false;
+  double eps_ = 0.0;
+};
+
+// The backward node of batch_norm_forward. Edges 0-2 are input, weight and bias; saved_
+// holds batch_norm_backward's tensor arguments after grad_out, in its order: input,
+// weight, running_mean and running_var (in evaluation only, where they are constants:
+// training overwrites them in place), save_mean, save_invstd.
+struct BatchNormBackward : public BatchNormNode<BatchNormBackward, 6> {
+  std::string name() const override {
+    return "BatchNormBackward";
+  }
+
   static variable_list backward(
-      const variable_list& grads, const at::Tensor& input,
-      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
-      const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& save_mean,
-      const std::optional<at::Tensor>& save_invstd, bool training, double eps, Mask mask) {
+      const variable_list& grads, const Saved& saved, bool training, double eps, Mask mask) {
     variable_list result(3);
     const at::Tensor& grad_out = grads[0];
     if (!grad_out.defined() || !(mask[0] || mask[1] || mask[2])) {
       return result;
     }
     auto grads_in = batch_norm_backward(
-        grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
-        mask);
+        grad_out, saved[0].value(), saved[1], saved[2], saved[3], saved[4], saved[5], training,
+        eps, mask);
     // The op returns empty tensors for the gradients not asked for; autograd wants none.
     if (mask[0]) result[0] = std::move(std::get<0>(grads_in));
     if (mask[1]) result[1] = std::move(std::get<1>(grads_in));
     if (mask[2]) result[2] = std::move(std::get<2>(grads_in));
     return result;
   }
-
-#if TBN_COMPILED_AUTOGRAD
-  // The backward as a function of the state apply_with_saved packs, in its order.
-  static variable_list apply_functional(
-      const variable_list& grads, const std::vector<c10::IValue>& state) {
-    torch::autograd::PackedArgs packed(state);
-    std::array<std::optional<at::Tensor>, 6> saved;
-    for (auto& t : saved) {
-      t = packed.unpack<std::optional<at::Tensor>>();
-    }
-    const bool training = packed.unpack<bool>();
-    const double eps = packed.unpack<double>();
-    const Mask mask = packed.unpack<Mask>();
-    return backward(
-        grads, saved[0].value(), saved[1], saved[2], saved[3], saved[4], saved[5], training, eps,
-        mask);
-  }
-#endif
-
-  std::array<SavedVariable*, 6> saved_variables() {
-    return {&input_, &weight_, &running_mean_, &running_var_, &save_mean_, &save_invstd_};
-  }
-  std::array<const SavedVariable*, 6> saved_variables() const {
-    return {&input_, &weight_, &running_mean_, &running_var_, &save_mean_, &save_invstd_};
-  }
-
-  // In the order of batch_norm_backward's arguments.
-  SavedVariable input_;
-  SavedVariable weight_;
-  // Evaluation differentiates through the running statistics, which training would
-  // overwrite in place: they are saved only when they are constants.
-  SavedVariable running_mean_;
-  SavedVariable running_var_;
-  SavedVariable save_mean_;
-  SavedVariable save_invstd_;
-  bool training_ = false;
-  double eps_ = 0.0;
 };
 
 // Derivatives of the backward, and forward-mode derivatives, are written in ATen ops,
@@ -370,7 +364,8 @@ variable_list batch_norm_double_backward(
     const at::Tensor a = grads[0].to(acc);
     const at::Tensor P_a = P(a);
     d_grad_out = d_grad_out + w * invstd * P_a;
-    d_weight = d_weight + invstd * (a * P_g).sum(reduced_dims(input), /*keepdim=*/true);
+    // invstd inside the sum: an empty batch has none (NaN), and sums to zero.
+    d_weight = d_weight + (a * P_g * invstd).sum(reduced_dims(input), /*keepdim=*/true);
     if (training) {
       d_input = d_input - w * invstd.square() *
               (channel_mean(a * P_g) * x_hat + channel_mean(g * x_hat) * P_a +
@@ -394,39 +389,19 @@ variable_list batch_norm_double_backward(
 
 // The node of batch_norm_backward, whose outputs a second differentiation through
 // batch_norm reaches (create_graph=True, then backward again; torch.func's reverse mode
-// records it every time). Edges 0-2 are grad_out, input and weight.
-struct BatchNormDoubleBackward : public torch::autograd::TraceableFunction {
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return batch_norm_double_backward(
-        grads, grad_out_.unpack(), input_.unpack(), unpack(weight_), unpack(running_mean_),
-        unpack(running_var_), training_, eps_,
-        {task_should_compute_output(0), task_should_compute_output(1),
-         task_should_compute_output(2)});
-  }
-
+// records it every time). Edges 0-2 are grad_out, input and weight; saved_ holds them,
+// then running_mean and running_var (in evaluation only).
+struct BatchNormBackwardBackward : public BatchNormNode<BatchNormBackwardBackward, 5> {
   std::string name() const override {
     return "BatchNormBackwardBackward";
   }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto* saved : {&grad_out_, &input_, &weight_, &running_mean_, &running_var_}) {
-      saved->reset_data();
-    }
+  static variable_list backward(
+      const variable_list& grads, const Saved& saved, bool training, double eps, Mask mask) {
+    return batch_norm_double_backward(
+        grads, saved[0].value(), saved[1].value(), saved[2], saved[3], saved[4], training, eps,
+        mask);
   }
-
-  static std::optional<at::Tensor> unpack(const torch::autograd::SavedVariable& saved) {
-    return BatchNormBackward::unpack(saved);
-  }
-
-  torch::autograd::SavedVariable grad_out_;
-  torch::autograd::SavedVariable input_;
-  torch::autograd::SavedVariable weight_;
-  torch::autograd::SavedVariable running_mean_;
-  torch::autograd::SavedVariable running_var_;
-  bool training_ = false;
-  double eps_ = 0.0;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
@@ -451,18 +426,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
         grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training,
         eps, output_mask);
   }
-  decltype(make_node<BatchNormDoubleBackward>()) grad_fn;
+  decltype(make_node<BatchNormBackwardBackward>()) grad_fn;
   if (records_graph(grad_out, input, weight)) {
-    grad_fn = make_node<BatchNormDoubleBackward>();
+    using Node = BatchNormBackwardBackward;
+    grad_fn = make_node<Node>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(grad_out, input, weight));
-    const auto save = [](const std::optional<at::Tensor>& t) {
-      return torch::autograd::SavedVariable(t.value_or(at::Tensor()), /*is_output=*/false);
-    };
-    grad_fn->grad_out_ = save(grad_out);
-    grad_fn->input_ = save(input);
-    grad_fn->weight_ = save(weight);
-    grad_fn->running_mean_ = save(running_mean);
-    grad_fn->running_var_ = save(running_var);
+    grad_fn->saved_ = {Node::save(grad_out), Node::save(input), Node::save(weight),
+                       Node::save(training ? std::nullopt : running_mean),
+                       Node::save(training ? std::nullopt : running_var)};
     grad_fn->training_ = training;
     grad_fn->eps_ = eps;
   }
@@ -524,17 +495,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
   }
   if (grad_fn) {
     const auto& [out, save_mean, save_invstd] = outs;
-    const auto save = [](const std::optional<at::Tensor>& t) {
-      return torch::autograd::SavedVariable(t.value_or(at::Tensor()), /*is_output=*/false);
-    };
-    grad_fn->input_ = save(input);
-    grad_fn->weight_ = save(weight);
-    if (!training) {
-      grad_fn->running_mean_ = save(running_mean);
-      grad_fn->running_var_ = save(running_var);
-    }
-    grad_fn->save_mean_ = save(save_mean);
-    grad_fn->save_invstd_ = save(save_invstd);
+    using Node = BatchNormBackward;
+    grad_fn->saved_ = {Node::save(input), Node::save(weight),
+                       Node::save(training ? std::nullopt : running_mean),
+                       Node::save(training ? std::nullopt : running_var), Node::save(save_mean),
+                       Node::save(save_invstd)};
     grad_fn->training_ = training;
     grad_fn->eps_ = eps;
     // Only the output is differentiable; the statistics stay plain tensors.
