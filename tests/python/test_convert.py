@@ -146,3 +146,32 @@ def test_leaves_other_batchnorms_alone():
     assert type(model[0]) is torch.nn.SyncBatchNorm
     assert type(model[1]) is CustomBatchNorm
     assert type(model[2][0]) is tbn.BatchNorm1d
+
+
+def test_conv_bn_folding_for_inference():
+    """Folding a trained BatchNorm into the convolution before it works on ours as on
+    torch's: torch.nn.utils.fusion directly, torch.ao.quantization.fuse_modules with the
+    mapping for our class in its custom config (it looks classes up exactly)."""
+    from torch.ao.quantization import fuse_modules
+    from torch.ao.quantization.fuser_method_mappings import fuse_conv_bn_relu
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), tbn.BatchNorm2d(4), torch.nn.ReLU()
+    ).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    folded = fuse_conv_bn_eval(model[0], model[1])
+    torch.testing.assert_close(torch.relu(folded(x)), expected)
+    mapping = {(torch.nn.Conv2d, tbn.BatchNorm2d, torch.nn.ReLU): fuse_conv_bn_relu}
+    fused = fuse_modules(
+        model,
+        [["0", "1", "2"]],
+        fuse_custom_config_dict={"additional_fuser_method_mapping": mapping},
+    )
+    torch.testing.assert_close(fused(x), expected)
