@@ -304,7 +304,8 @@ def test_gradcheck_float64(layout, training):
             x, None if training else rm, None if training else rv, w, b, training, 0.1, 1e-5
         )
 
-    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradcheck(fn, (x, w, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), check_fwd_over_rev=True)
 
 
 @needs_kernels

@@ -46,15 +46,15 @@ def _transforms(x, tangent, params):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_transform_matches_torch(shape, layout, training, transform):
+def test_transform_matches_torch(shape, layout, training, transform, device):
     if not layout_applies(layout, len(shape)):
         pytest.skip("layout does not apply to this shape")
-    ref, ours = make_pair(len(shape), shape[1], track_running_stats=not training)
+    ref, ours = make_pair(len(shape), shape[1], device=device, track_running_stats=not training)
     ref, ours = ref.double().train(training), ours.double().train(training)
     generator = torch.Generator().manual_seed(0)
-    leaf, view = make_input(shape, layout, torch.float64, "cpu", generator=generator)
+    leaf, view = make_input(shape, layout, torch.float64, device, generator=generator)
     x = view(leaf)
-    tangent = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    tangent = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device)
     params = {name: p.detach() for name, p in ref.named_parameters()}
 
     def call(module):
