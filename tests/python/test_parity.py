@@ -102,6 +102,25 @@ def test_large(shape, layout, precision, device):
     run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=1)
 
 
+# Outputs large enough (16 MB and more with the inputs of their pass) that the CPU kernels
+# write them with streaming stores: NCHW runs of 784 bytes (streamed since the output
+# alone passes 16 MB), long NCHW runs, and channels-last rows.
+STREAMED_CASES = [
+    ((21, 1000, 14, 14), "contiguous"),
+    ((3, 16, 300, 301), "contiguous"),
+    ((8, 24, 150, 150), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("shape,layout", STREAMED_CASES, ids=_ids)
+def test_streamed_outputs(shape, layout):
+    ref, ours = make_pair(len(shape), shape[1], FLOAT32, "cpu")
+    run_steps(ref, ours, shape, layout=layout, steps=1)
+    ref.eval()
+    ours.eval()
+    run_steps(ref, ours, shape, layout=layout, steps=1)
+
+
 AFFINE = {
     "affine": {"affine": True},
     "no_affine": {"affine": False},
