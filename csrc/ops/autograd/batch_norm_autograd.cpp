@@ -234,23 +234,27 @@ at::Tensor channel_mean(const at::Tensor& t) {
   return t.mean(reduced_dims(t), /*keepdim=*/true);
 }
 
-// x (in float32 at least) centred and its invstd, broadcastable against it, as
-// differentiable functions of x: in training x's own batch statistics, recomputed (the
-// saved ones would be constants to autograd), in evaluation the running statistics.
+// x_hat = (x - mean) * invstd of x (in float32 at least) and its invstd, broadcastable
+// against it, as differentiable functions of x: in training with x's own batch
+// statistics, recomputed (the saved ones would be constants to autograd), in evaluation
+// with the running statistics.
 std::pair<at::Tensor, at::Tensor> normalise(
     const at::Tensor& x,
     const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var,
     bool training,
     double eps) {
+  at::Tensor centred;
+  at::Tensor invstd;
   if (training) {
-    at::Tensor centred = x - channel_mean(x);
-    at::Tensor invstd = (channel_mean(centred.square()) + eps).rsqrt();
-    return {std::move(centred), std::move(invstd)};
+    centred = x - channel_mean(x);
+    invstd = (channel_mean(centred.square()) + eps).rsqrt();
+  } else {
+    const auto shape = channel_shape(x);
+    centred = x - running_mean->to(x.scalar_type()).view(shape);
+    invstd = (running_var->to(x.scalar_type()) + eps).rsqrt().view(shape);
   }
-  const auto shape = channel_shape(x);
-  return {x - running_mean->to(x.scalar_type()).view(shape),
-          (running_var->to(x.scalar_type()) + eps).rsqrt().view(shape)};
+  return {centred * invstd, invstd};
 }
 
 // In training, x_hat = (x - mean) * invstd with the batch's own statistics, which absorb
@@ -281,8 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
   const auto shape = channel_shape(input);
   const at::Tensor x = input.to(acc);
   const at::Tensor dy = grad_out.to(acc);
-  const auto [centred, invstd] = normalise(x, running_mean, running_var, training, eps);
-  const at::Tensor x_hat = centred * invstd;
+  const auto [x_hat, invstd] = normalise(x, running_mean, running_var, training, eps);
   const at::Tensor scale = is_defined(weight) ? invstd * weight->to(acc).view(shape) : invstd;
   const at::Tensor grad_input = (training ? batch_free(dy, x_hat) : dy) * scale;
   const auto dims = reduced_dims(input);
@@ -310,8 +313,7 @@ at::Tensor batch_norm_forward_tangent(
     at::ScalarType dtype) {
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto shape = channel_shape(input);
-  const auto [centred, invstd] = normalise(input.to(acc), running_mean, running_var, training, eps);
-  const at::Tensor x_hat = centred * invstd;
+  const auto [x_hat, invstd] = normalise(input.to(acc), running_mean, running_var, training, eps);
   at::Tensor tangent = at::zeros_like(x_hat);
   if (input_t.defined()) {
     const at::Tensor dx = input_t.to(acc);
@@ -352,8 +354,7 @@ variable_list batch_norm_double_backward(
   const auto shape = channel_shape(input);
   const auto per_channel = [&](const at::Tensor& t) { return t.to(acc).view(shape); };
   const at::Tensor g = grad_out.to(acc);
-  const auto [centred, invstd] = normalise(input.to(acc), running_mean, running_var, training, eps);
-  const at::Tensor x_hat = centred * invstd;
+  const auto [x_hat, invstd] = normalise(input.to(acc), running_mean, running_var, training, eps);
   const auto P = [&](const at::Tensor& v) { return training ? batch_free(v, x_hat) : v; };
   const at::Tensor w = is_defined(weight) ? per_channel(*weight) : at::ones_like(invstd);
   at::Tensor d_grad_out = at::zeros_like(g);
