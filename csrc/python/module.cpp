@@ -5,6 +5,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "torch_batchnorm/functional.h"
 #include "torch_batchnorm/ops.h"
 
 namespace py = pybind11;
@@ -28,9 +29,9 @@ PYBIND11_MODULE(_C, m) {
         // raises them through torch.ops.
         HANDLE_TH_ERRORS
         py::gil_scoped_release no_gil;
-        return std::get<0>(torch_batchnorm::batch_norm_forward(
-            input, weight, bias, running_mean, running_var, training, momentum, eps));
+        return torch_batchnorm::batch_norm(
+            input, weight, bias, running_mean, running_var, training, momentum, eps);
         END_HANDLE_TH_ERRORS_PYBIND
       },
-      "The output of batch_norm_forward, for eager calls.");
+      "torch_batchnorm::batch_norm (the output of batch_norm_forward), for eager calls.");
 }

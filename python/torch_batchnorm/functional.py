@@ -73,6 +73,13 @@ def _check_argument_types(input, running_mean, running_var, weight, bias, traini
             )
 
 
+def _channel_vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A weight or bias as the op takes it, 1-D: torch takes them of any shape holding C
+    values, as the direct binding does (torch_batchnorm::batch_norm in C++). (Under
+    torch.fx.symbolic_trace a parameter is a Proxy, whose rank is not known.)"""
+    return t.reshape(-1) if isinstance(t, Tensor) and t.dim() != 1 else t
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -95,7 +102,14 @@ def batch_norm(
         input, running_mean, running_var, weight, bias
     ):
         out, _, _ = _batch_norm_forward(
-            input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
+            input,
+            _channel_vector(weight),
+            _channel_vector(bias),
+            running_mean,
+            running_var,
+            training,
+            float(momentum),
+            float(eps),
         )
         return out
     # The binding would take any object as a bool and anything with __float__ as a float,

@@ -5,6 +5,7 @@ eval, momentum values, affine and tracking options, and memory layouts. Each cas
 several steps and compares outputs, gradients of input, weight and bias, the running
 statistics and num_batches_tracked."""
 
+import functools
 import itertools
 
 import pytest
@@ -297,6 +298,57 @@ def test_functional(precision, shape, momentum, eps, training, stats, device):
             assert_close(ours, t.detach().to(ours.dtype), name)
             if t.grad is not None:
                 assert_close(ours.grad, t.grad.to(ours.dtype), f"{name} grad")
+
+
+# torch's forward reads a weight and bias of any shape that holds C values as if flat:
+# parameters kept as [1, C, 1, 1] to broadcast against the input, say. (Its backward then
+# raises "TensorAccessor expected 1 dims" on the CPU; ours gives their gradients.)
+PARAMETER_SHAPES = [(1, 3), (3, 1), (1, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("param_shape", PARAMETER_SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_functional_parameters_of_any_shape(compiled, training, param_shape, device):
+    """Outputs, running statistics and gradients as torch's with the same values flat,
+    the gradients in the parameters' own shapes; on the CPU, torch's forward with those
+    shapes agrees."""
+    leaf, view, params, grad_out = _functional_args(
+        (4, 3, 5, 2), FLOAT32, device, stats=True, affine=True, seed=7
+    )
+    shaped = dict(params)
+    for name in ("weight", "bias"):
+        shaped[name] = params[name].reshape(param_shape)
+    ours_fn = tbn.functional.batch_norm
+    if compiled:
+        ours_fn = torch.compile(ours_fn, backend="aot_eager", fullgraph=True)
+    run = functools.partial(
+        _run_functional,
+        leaf=leaf,
+        view=view,
+        grad_out=grad_out,
+        dtype=torch.float32,
+        training=training,
+    )
+    actual, actual_grad, actual_params = run(ours_fn, params=shaped)
+    expected, expected_grad, expected_params = run(torch.nn.functional.batch_norm, params=params)
+    assert_close(actual, expected, "output")
+    assert_close(actual_grad, expected_grad, "input grad")
+    for name, ref in expected_params.items():
+        ours = actual_params[name]
+        assert_close(ours.detach().flatten(), ref.detach(), name)
+        if ref.grad is not None:
+            assert ours.grad.shape == param_shape
+            assert_close(ours.grad.flatten(), ref.grad, f"{name} grad")
+    if device != "cpu":
+        return  # torch's CUDA forward goes through cuDNN or its own kernels, not checked here
+    with torch.no_grad():
+        x = view(leaf.detach().clone())
+        stats = [shaped[k].clone() for k in ("running_mean", "running_var")]
+        torch_shaped = torch.nn.functional.batch_norm(
+            x, *stats, shaped["weight"], shaped["bias"], training=training
+        )
+    assert_close(actual.detach(), torch_shaped, "output of torch's call with those shapes")
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])

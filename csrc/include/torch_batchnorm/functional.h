@@ -14,10 +14,25 @@
 
 namespace torch_batchnorm {
 
+namespace detail {
+
+/// A weight or bias as the operator takes it: 1-D. at::batch_norm takes them of any shape
+/// that holds C values ([1, C, 1, 1] parameters, say) and reads them flat. The reshape is
+/// a view that autograd records, so their gradients come back in their own shape.
+inline std::optional<at::Tensor> channel_vector(const std::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined() && t->dim() != 1) {
+    return t->reshape({-1});
+  }
+  return t;
+}
+
+}  // namespace detail
+
 /// Batch normalisation over dim 1 of `input` ([N, C, *]), with the contract of
 /// at::batch_norm: in training the batch statistics normalise and, when given, the running
 /// statistics are updated in place with `momentum`; otherwise the running statistics
-/// normalise. Invalid arguments throw c10::Error before anything is modified.
+/// normalise. `weight` and `bias` hold C values each, in any shape. Invalid arguments
+/// throw c10::Error before anything is modified.
 inline at::Tensor batch_norm(const at::Tensor& input,
                              const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& bias,
@@ -26,8 +41,9 @@ inline at::Tensor batch_norm(const at::Tensor& input,
                              bool training,
                              double momentum,
                              double eps) {
-  return std::get<0>(
-      batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps));
+  return std::get<0>(batch_norm_forward(input, detail::channel_vector(weight),
+                                        detail::channel_vector(bias), running_mean, running_var,
+                                        training, momentum, eps));
 }
 
 namespace functional {

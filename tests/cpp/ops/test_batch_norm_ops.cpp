@@ -303,6 +303,36 @@ TEST_P(FunctionalParity, SecondDerivatives) {
   }
 }
 
+// at::batch_norm's forward takes a weight and bias of any shape holding C values (its
+// CPU backward then fails on them): outputs and gradients as with the same values flat,
+// the gradients in the parameters' own shapes.
+TEST_P(FunctionalParity, ParametersOfAnyShape) {
+  at::manual_seed(8);
+  const Args args = make_args({{4, 3, 5, 2}, false}, {at::kFloat, at::kFloat}, true, true,
+                              device());
+  for (const std::vector<int64_t> shape : {std::vector<int64_t>{1, 3}, {1, 3, 1, 1}}) {
+    for (const bool training : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << at::IntArrayRef(shape) << " training " << training);
+      Args shaped = args;
+      shaped.weight = args.weight.reshape(shape);
+      shaped.bias = args.bias.reshape(shape);
+      Args ours = clone_args(shaped);
+      Args ref = clone_args(args);
+      const at::Tensor out = run_ours(ours, ours.input, training, 0.1, 1e-5);
+      const at::Tensor expected = run_torch(ref, ref.input, training, 0.1, 1e-5);
+      EXPECT_TRUE(all_close(out, expected)) << "output";
+      EXPECT_TRUE(all_close(ours.running_mean, ref.running_mean)) << "running_mean";
+      const at::Tensor grad_out = at::randn_like(out);
+      out.backward(grad_out);
+      expected.backward(grad_out);
+      EXPECT_TRUE(all_close(ours.input.grad(), ref.input.grad())) << "grad input";
+      EXPECT_TRUE(all_close(ours.weight.grad(), ref.weight.grad().reshape(shape)))
+          << "grad weight";
+      EXPECT_TRUE(all_close(ours.bias.grad(), ref.bias.grad().reshape(shape))) << "grad bias";
+    }
+  }
+}
+
 // Under NoGradGuard and InferenceMode the call skips autograd and gives the same values.
 TEST_P(FunctionalParity, NoGradAndInferenceMode) {
   at::manual_seed(4);
