@@ -1,5 +1,6 @@
 """Functional form, with the contract of ``torch.nn.functional.batch_norm``."""
 
+import math
 import sys
 from typing import Optional
 
@@ -54,16 +55,24 @@ def _type_name(value) -> str:
     return f"{t.__module__}.{t.__name__}"
 
 
-def _check_argument_types(input, running_mean, running_var, weight, bias, training, momentum, eps):
-    """Raises what torch.nn.functional.batch_norm raises for an argument of a type its
-    argument parser rejects: first the errors of its own Python code, which takes
-    input.size() in training and compares eps with zero, then the parser's TypeError for
-    the first such argument. Returns if every type is accepted."""
+def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """Raises what torch.nn.functional.batch_norm raises before its op runs: first the
+    errors of its own Python code (the batch size and eps checks, which print eps as it
+    was given, and the TypeError of a non-tensor input or an eps that does not compare
+    with a float), then its argument parser's TypeError for the first argument of a type
+    it rejects. Returns if there is none."""
     args = locals()
     if training:
-        input.size()  # its batch size check: an AttributeError for a non-tensor
-    # Its eps check: a TypeError for what does not compare with a float.
-    bool(eps <= 0.0 if training else eps < 0.0)
+        size = input.size()
+        # An IndexError for a 0-d input, as in torch's check.
+        if size[0] * math.prod(size[2:]) == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {size}"
+            )
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     for position, (name, kind) in enumerate(_TORCH_PARAMETERS, start=1):
         value = args[name]
         if not _parser_accepts(kind, value):
@@ -114,19 +123,15 @@ def batch_norm(
         return out
     # The binding would take any object as a bool and anything with __float__ as a float,
     # and words its TypeError its own way: training, momentum and eps of other types than
-    # bool and float are checked as torch checks them, and a tensor argument the binding
-    # rejects is reported in torch's words.
+    # bool and float are checked as torch checks them (its messages print them as given),
+    # and a tensor argument the binding rejects is reported in torch's words.
     if type(training) is not bool or type(momentum) is not float or type(eps) is not float:
-        _check_argument_types(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
+        _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
         momentum, eps = float(momentum), float(eps)
     try:
         return _C.batch_norm(
             input, weight, bias, running_mean, running_var, training, momentum, eps
         )
     except TypeError:
-        _check_argument_types(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
+        _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
         raise

@@ -306,6 +306,14 @@ FUNCTIONAL_CASES = [
     ("eps_none_eval", _stats(), {"eps": None}, X),
     ("eps_tensor_of_2", _stats(), {"training": True, "eps": torch.ones(2)}, X),
     ("eps_decimal_eval", _stats(), {"eps": Decimal("1e-5")}, X),
+    # Numbers other than floats, printed as given.
+    ("eps_int_zero_train", _stats(), {"training": True, "eps": 0}, X),
+    ("eps_int_negative_eval", _stats(), {"eps": -1}, X),
+    ("eps_false_train", _stats(), {"training": True, "eps": False}, X),
+    ("eps_tensor_zero_train", _stats(), {"training": True, "eps": torch.tensor(0)}, X),
+    ("eps_numpy_negative_eval", _stats(), {"eps": np.float32(-0.5)}, X),
+    ("one_value_per_channel_int_eps", _stats(), {"training": 1, "eps": 0}, torch.randn(1, C)),
+    ("eps_int_zero_and_weight_string", _stats() + ("weight",), {"training": True, "eps": 0}, X),
     ("weight_string_and_momentum_none", _stats() + ("weight",), {"momentum": None}, X),
 ]
 
