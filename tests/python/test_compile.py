@@ -2,10 +2,11 @@
 and the C++ autograd kernel: a compiled training step (forward, backward, running
 statistics, momentum=None included) and a compiled evaluation match torch's BatchNorm
 run eagerly, compiled autograd records the backward of an eager forward, and
-torch.fx.symbolic_trace records the modules. Few cases, since every compilation takes
+torch.fx.symbolic_trace and torch.jit.script record the modules. Few cases, since every compilation takes
 seconds."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -109,6 +110,57 @@ def test_fx_symbolic_trace(training):
         x = torch.randn(6, 3, 5, 5) * 2 + 1
         assert_close(_train_step(graph, x), _train_step(ref, x), f"step {step} output")
         _assert_same(graph, ref)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torchscript(training):
+    """torch.jit.script compiles our modules (each answers __prepare_scriptable__ with a
+    scriptable module sharing its parameters and buffers): the program trains (running
+    statistics, momentum=None included) as torch's modules do, the eager modules see its
+    updates, and it saves and loads."""
+    ref, ours = _pair()
+    ref.train(training)
+    ours.train(training)
+    scripted = torch.jit.script(ours)
+    for step in range(2):
+        x = torch.randn(6, 3, 5, 5) * 2 + 1
+        assert_close(_train_step(scripted, x), _train_step(ref, x), f"step {step} output")
+        _assert_same(scripted, ref)
+    _assert_same(ours, ref)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = torch.randn(6, 3, 5, 5) * 2 + 1
+    assert_close(_train_step(loaded, x), _train_step(ref, x), "output after loading")
+    _assert_same(loaded, ref)
+
+
+TORCHSCRIPT_ERRORS = [
+    ("wrong_dim", 2, {}, (3, 4, 4)),
+    ("one_value_per_channel", 1, {}, (1, 3)),
+    ("wrong_channel_count", 2, {}, (2, 4, 3, 3)),
+    ("eps_zero", 1, {"eps": 0.0}, (4, 3)),
+]
+
+
+@pytest.mark.parametrize(
+    "dims,kwargs,shape", [c[1:] for c in TORCHSCRIPT_ERRORS], ids=[c[0] for c in TORCHSCRIPT_ERRORS]
+)
+def test_torchscript_errors(dims, kwargs, shape):
+    """Scripted, ours raise what torch's scripted modules raise, and change no buffer."""
+    x = torch.randn(shape)
+
+    def raised(module):
+        with pytest.raises(Exception) as info:
+            module(x)
+        return type(info.value), str(info.value).strip().splitlines()[-1]
+
+    ours = getattr(tbn, f"BatchNorm{dims}d")(3, **kwargs)
+    state = copy.deepcopy(ours.state_dict())
+    expected = raised(torch.jit.script(getattr(torch.nn, f"BatchNorm{dims}d")(3, **kwargs)))
+    assert raised(torch.jit.script(ours)) == expected
+    assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
 
 
 # Our backward node speaks compiled autograd's interface as of torch 2.13.
