@@ -95,6 +95,22 @@ def test_export_eval():
         assert_close(program.module()(x), ref(x), "output")
 
 
+def test_export_train():
+    """torch.export of a training net (torch's own modules fail to export momentum=None
+    there): the exported program trains as torch's modules, running statistics and
+    num_batches_tracked included, and exporting changes no buffer."""
+    ref, ours = _pair()
+    state = copy.deepcopy(ours.state_dict())
+    program = torch.export.export(ours, (torch.randn(6, 3, 5, 5),))
+    assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
+    exported = program.module()
+    for step in range(3):
+        x = torch.randn(6, 3, 5, 5) * 2 + 1
+        assert_close(_train_step(exported, x), _train_step(ref, x), f"step {step} output")
+        _assert_same(exported, ref)
+    assert exported.bn1d.num_batches_tracked.item() == 3
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fx_symbolic_trace(training):
     """torch.fx.symbolic_trace (as torchvision's feature extraction and FX passes use it)
