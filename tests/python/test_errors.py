@@ -610,5 +610,20 @@ def test_zero_channels(training, layout):
         assert all(p.grad.shape == (0,) for p in pi)
 
 
+def test_module_made_in_inference_mode_trained_outside():
+    """Parameters and buffers made under torch.inference_mode cannot be saved for a
+    backward. torch raises on its first in-place buffer update, having counted the batch;
+    ours raise autograd's error before the op runs, and change no buffer."""
+    with torch.inference_mode():
+        ref, ours = make_pair(4, C)
+    x = torch.randn(4, C, 5, 5, requires_grad=True)
+    expected = raised(ref, x)
+    before = snapshot(list(ours.buffers()))
+    kind, message = raised(ours, x)
+    assert kind is expected[0] is RuntimeError
+    assert message.startswith("Inference tensors cannot be saved for backward")
+    assert_unchanged(before, list(ours.buffers()), "buffers")
+
+
 def test_classes_cover_torch():
     assert set(OUR_CLASSES) == set(TORCH_CLASSES.values())

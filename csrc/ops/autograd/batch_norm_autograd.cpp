@@ -474,10 +474,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
   TORCH_CHECK(training || !forward_ad || !has_forward_grad(running_mean, running_var),
               "batch_norm is not differentiable wrt running_mean and running_var, they cannot "
               "have forward grad defined");
-  decltype(make_node<BatchNormBackward>()) grad_fn;
+  using Node = BatchNormBackward;
+  decltype(make_node<Node>()) grad_fn;
   if (records_graph(input, weight, bias)) {
-    grad_fn = make_node<BatchNormBackward>();
+    grad_fn = make_node<Node>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+    // The arguments are saved before the kernel runs: one that cannot be saved (an
+    // inference tensor) fails the call before the running statistics are updated.
+    grad_fn->saved_[0] = Node::save(input);
+    grad_fn->saved_[1] = Node::save(weight);
+    grad_fn->saved_[2] = Node::save(training ? std::nullopt : running_mean);
+    grad_fn->saved_[3] = Node::save(training ? std::nullopt : running_var);
   }
   auto outs = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -496,11 +503,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
   }
   if (grad_fn) {
     const auto& [out, save_mean, save_invstd] = outs;
-    using Node = BatchNormBackward;
-    grad_fn->saved_ = {Node::save(input), Node::save(weight),
-                       Node::save(training ? std::nullopt : running_mean),
-                       Node::save(training ? std::nullopt : running_var), Node::save(save_mean),
-                       Node::save(save_invstd)};
+    grad_fn->saved_[4] = Node::save(save_mean);
+    grad_fn->saved_[5] = Node::save(save_invstd);
     grad_fn->training_ = training;
     grad_fn->eps_ = eps;
     // Only the output is differentiable; the statistics stay plain tensors.
