@@ -29,7 +29,9 @@ def _like_input(input):
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_forward")
-def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _batch_norm_forward_fake(
+    input, weight, bias, running_mean, running_var, training, momentum, eps
+):
     channels = input.shape[1] if training else 0
     stats = input.new_empty((channels,), dtype=_acc_dtype(input.dtype))
     return _like_input(input), stats, stats.clone()
@@ -37,7 +39,15 @@ def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, tra
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_backward")
 def _batch_norm_backward_fake(
-    grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+    grad_out,
+    input,
+    weight,
+    running_mean,
+    running_var,
+    save_mean,
+    save_invstd,
+    training,
+    eps,
     output_mask,
 ):
     channels = input.shape[1]
@@ -74,5 +84,7 @@ def _batch_norm_backward_reduce_fake(grad_out, input, mean, invstd):
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_backward_elemt")
-def _batch_norm_backward_elemt_fake(grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+def _batch_norm_backward_elemt_fake(
+    grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count
+):
     return _like_input(input)

@@ -84,8 +84,11 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
 
 def _channel_vector(t: Optional[Tensor]) -> Optional[Tensor]:
     """A weight or bias as the op takes it, 1-D: torch takes them of any shape holding C
-    values, as the direct binding does (torch_batchnorm::batch_norm in C++). (Under
-    torch.fx.symbolic_trace a parameter is a Proxy, whose rank is not known.)"""
+    values, as the direct binding does (torch_batchnorm::batch_norm in C++). A
+    torch.fx.Proxy's rank is unknown while tracing, so its graph reshapes it (a 1-D
+    tensor reshaped is itself)."""
+    if isinstance(t, torch.fx.Proxy):
+        return t.reshape(-1)
     return t.reshape(-1) if isinstance(t, Tensor) and t.dim() != 1 else t
 
 

@@ -20,9 +20,18 @@ class _BatchNormForward:
     """The forward shared by the three classes: torch's _BatchNorm.forward, except that
     num_batches_tracked is only advanced once the op has updated the running statistics,
     so a call that raises in validation leaves every buffer as it was, and that
-    momentum=None traces under torch.compile(fullgraph=True)."""
+    momentum=None traces under torch.compile(fullgraph=True). torch.jit.script compiles
+    a TorchScript version of it."""
 
     def forward(self, input: Tensor) -> Tensor:
+        # torch.jit.script compiles _scripted_forward only: _eager_forward's Python (fx
+        # proxies, compile checks, the checkpointing count) is not TorchScript.
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         # torch.fx.symbolic_trace records this forward (it keeps torch's own modules whole,
         # as leaves): the input's rank is unknown then, and the buffers become nodes of the
         # graph, so that the graph updates them each time it runs.
@@ -88,18 +97,37 @@ class _BatchNormForward:
             _cumulative_update(running_var_buffer, running_var, num_batches_tracked, acc)
         return out
 
-    def __prepare_scriptable__(self):
-        """torch.jit.script calls this on each module before compiling it. This forward's
-        Python (fx proxies, compile checks, the checkpointing count) does not compile, so
-        the answer is a module of the _Scripted class of its dim sharing this one's state
-        (parameters, buffers, hyperparameters, mode): the program updates the same running
-        statistics. A subclass with a forward of its own is compiled as it is."""
-        if type(self).forward is not _BatchNormForward.forward:
-            return self
-        cls = next(c for base, c in _SCRIPTED.items() if isinstance(self, base))
-        scripted = cls.__new__(cls)
-        scripted.__dict__.update(self.__dict__)
-        return scripted
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        # torch's forward with the checks of its scripted functional (which raise its
+        # TorchScript errors), then the op; the batch is counted after the op, so that a
+        # call that raises in validation changes no buffer.
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        num_batches_tracked = self.num_batches_tracked
+        track = self.training and self.track_running_stats and num_batches_tracked is not None
+        if track and self.momentum is None and num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked + 1)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if bn_training:
+            torch.nn.functional._verify_batch_size(input.size())
+        if bn_training and self.eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        elif self.eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
+        use_buffers = not self.training or self.track_running_stats
+        out = torch.ops.torch_batchnorm.batch_norm_forward(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            bn_training,
+            momentum,
+            self.eps,
+        )[0]
+        if track and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return out
 
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -157,42 +185,6 @@ def _cumulative_update(running: Tensor, batch: Tensor, count: Tensor, acc: torch
     running.copy_(old + (batch.to(acc) - old) / count.to(acc))
 
 
-class _ScriptedForward:
-    """The forward torch.jit.script compiles for our modules (see __prepare_scriptable__):
-    torch's own, with the checks of its scripted functional (which raise its TorchScript
-    errors), then the op; the batch is counted after the op, so that a call that raises
-    in validation changes no buffer."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        num_batches_tracked = self.num_batches_tracked
-        track = self.training and self.track_running_stats and num_batches_tracked is not None
-        if track and self.momentum is None and num_batches_tracked is not None:
-            momentum = 1.0 / float(num_batches_tracked + 1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        if bn_training:
-            torch.nn.functional._verify_batch_size(input.size())
-        if bn_training and self.eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        elif self.eps < 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
-        use_buffers = not self.training or self.track_running_stats
-        out = torch.ops.torch_batchnorm.batch_norm_forward(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            bn_training,
-            momentum,
-            self.eps,
-        )[0]
-        if track and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return out
-
-
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
     """Drop-in for :class:`torch.nn.BatchNorm1d` on 2D ``(N, C)`` or 3D ``(N, C, L)`` input."""
 
@@ -203,22 +195,3 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     """Drop-in for :class:`torch.nn.BatchNorm3d` on 5D ``(N, C, D, H, W)`` input."""
-
-
-class _ScriptedBatchNorm1d(_ScriptedForward, torch.nn.BatchNorm1d):
-    pass
-
-
-class _ScriptedBatchNorm2d(_ScriptedForward, torch.nn.BatchNorm2d):
-    pass
-
-
-class _ScriptedBatchNorm3d(_ScriptedForward, torch.nn.BatchNorm3d):
-    pass
-
-
-_SCRIPTED = {
-    torch.nn.BatchNorm1d: _ScriptedBatchNorm1d,
-    torch.nn.BatchNorm2d: _ScriptedBatchNorm2d,
-    torch.nn.BatchNorm3d: _ScriptedBatchNorm3d,
-}

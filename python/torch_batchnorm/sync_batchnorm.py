@@ -46,7 +46,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean, m2 = _ops.batch_norm_stats(input)
         local_count = input.numel() // channels if channels else 0
         # Statistics travel in float64 so that counts and M2 stay exact across ranks.
-        local = torch.cat([mean.double(), m2.double(), mean.new_full((1,), local_count, dtype=torch.float64)])
+        local = torch.cat(
+            [mean.double(), m2.double(), mean.new_full((1,), local_count, dtype=torch.float64)]
+        )
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, local, group=group)
         mean64, m264, count64 = _merge_statistics(torch.stack(gathered), channels)
@@ -57,8 +59,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             )
         # Validates every argument before it updates the running statistics.
         out, save_mean, save_invstd = _ops.batch_norm_forward_with_stats(
-            input, weight, bias, running_mean, running_var, mean64.to(mean.dtype),
-            m264.to(mean.dtype), count, momentum, eps,
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            mean64.to(mean.dtype),
+            m264.to(mean.dtype),
+            count,
+            momentum,
+            eps,
         )
         # The op wrote the running statistics below autograd, with no autograd kernel to
         # bump their versions as batch_norm_forward's does (_count_batch reads them).
@@ -139,17 +149,32 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             and dist.get_world_size(group) > 1
         )
         if not synchronise:
+
             def op():
                 return F.batch_norm(
-                    input, running_mean, running_var, self.weight, self.bias, bn_training,
-                    momentum, self.eps,
+                    input,
+                    running_mean,
+                    running_var,
+                    self.weight,
+                    self.bias,
+                    bn_training,
+                    momentum,
+                    self.eps,
                 )
         else:
+
             def op():
                 return _SyncBatchNormFunction.apply(
-                    input, self.weight, self.bias, running_mean, running_var, momentum,
-                    self.eps, group,
+                    input,
+                    self.weight,
+                    self.bias,
+                    running_mean,
+                    running_var,
+                    momentum,
+                    self.eps,
+                    group,
                 )
+
         return _count_batch(self.num_batches_tracked if track else None, running_mean, op)
 
     @classmethod

@@ -130,14 +130,15 @@ def test_fx_symbolic_trace(training):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_torchscript(training):
-    """torch.jit.script compiles our modules (each answers __prepare_scriptable__ with a
-    scriptable module sharing its parameters and buffers): the program trains (running
-    statistics, momentum=None included) as torch's modules do, the eager modules see its
-    updates, and it saves and loads."""
+    """torch.jit.script compiles our modules, leaving the eager model as it was: the
+    program trains (running statistics, momentum=None included) as torch's modules do,
+    shares the eager modules' parameters and buffers, and saves and loads."""
     ref, ours = _pair()
     ref.train(training)
     ours.train(training)
+    modules = dict(ours.named_modules())
     scripted = torch.jit.script(ours)
+    assert dict(ours.named_modules()) == modules, "scripting replaced modules of the model"
     for step in range(2):
         x = torch.randn(6, 3, 5, 5) * 2 + 1
         assert_close(_train_step(scripted, x), _train_step(ref, x), f"step {step} output")
@@ -150,6 +151,31 @@ def test_torchscript(training):
     x = torch.randn(6, 3, 5, 5) * 2 + 1
     assert_close(_train_step(loaded, x), _train_step(ref, x), "output after loading")
     _assert_same(loaded, ref)
+
+
+class _WiderBatchNorm2d(tbn.BatchNorm2d):
+    """A subclass that also takes 3-D input and adds a method, as subclasses of torch's
+    modules in the wild do."""
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (3, 4):
+            raise ValueError(f"expected 3D or 4D input (got {input.dim()}D input)")
+
+    @torch.jit.export
+    def channels(self) -> int:
+        return self.num_features
+
+
+def test_torchscript_subclass():
+    """Scripted, a subclass of ours keeps its overrides and methods."""
+    ours = _WiderBatchNorm2d(3)
+    ref = torch.nn.BatchNorm1d(3)
+    scripted = torch.jit.script(ours)
+    assert scripted.channels() == 3
+    for step in range(2):
+        x = torch.randn(4, 3, 5) * 2 + 1
+        assert_close(scripted(x), ref(x), f"step {step} output")
+    assert_close(ours.running_var, ref.running_var, "running_var")
 
 
 TORCHSCRIPT_ERRORS = [
@@ -177,6 +203,34 @@ def test_torchscript_errors(dims, kwargs, shape):
     expected = raised(torch.jit.script(getattr(torch.nn, f"BatchNorm{dims}d")(3, **kwargs)))
     assert raised(torch.jit.script(ours)) == expected
     assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
+
+
+class _ShapedAffine(torch.nn.Module):
+    """The functional form with parameters kept as [1, C, 1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(1, 3, 1, 1) + 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(1, 3, 1, 1))
+
+    def forward(self, x):
+        return tbn.functional.batch_norm(x, None, None, self.weight, self.bias, training=True)
+
+
+def test_fx_symbolic_trace_parameters_of_any_shape():
+    """Traced, parameters of any shape holding C values (proxies of unknown rank then)
+    give the eager module's outputs and gradients."""
+    module = _ShapedAffine()
+    graph = torch.fx.symbolic_trace(module)
+    x = torch.randn(4, 3, 5, 5)
+    grads = []
+    for m in (module, graph):
+        m.zero_grad()
+        out = m(x)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), module.weight.grad.clone(), module.bias.grad.clone()))
+    for name, a, b in zip(("output", "weight grad", "bias grad"), *grads):
+        assert_close(a, b, name)
 
 
 # Our backward node speaks compiled autograd's interface as of torch 2.13.

@@ -67,11 +67,12 @@ constexpr int64_t kStreamRunBytes = 1024;
 // threads). With a 12.8 MB output ([32, 512, 14, 14]) the same runs streamed measured
 // from 5% faster to 33% slower, as that output stays in cache between calls.
 constexpr int64_t kStreamShortRunBytes = 512;
-// Evaluation streams only passes larger than the cache: its output is dead once the next
-// layer has read it, so an output that stays in cache need never reach memory at all.
-// On the benchmark machine a copy whose source and destination add up to 32 MiB runs
-// from cache (27 GB/s, 1 thread), 48 MiB at 19 GB/s, 64 MiB or more at memory speed
-// (12.6 GB/s). (Evaluation, torch / ours time with this threshold and with kStreamBytes,
+// Evaluation (a pass with the running statistics) streams only passes larger than the
+// cache: its output is dead once the next layer has read it, so an output that stays in
+// cache need never reach memory at all. On the benchmark machine a copy whose source and
+// destination add up to 32 MiB runs from cache (27 GB/s, 1 thread), 48 MiB at 19 GB/s,
+// 64 MiB or more at memory speed (12.6 GB/s). (The size is measured, not read from the
+// CPU: this VM reports a 480 MiB L3, shared with other tenants.) (Evaluation, torch / ours time with this threshold and with kStreamBytes,
 // rounds in random order, 1 thread: float32 [4096, 1024] (33.5 MB) 1.00x / 0.81x,
 // channels-last [32, 128, 28, 28] and [32, 2048, 7, 7] (25.7 MB) 1.02x / 0.82x and 1.00x
 // / 0.80x, bfloat16 channels-last [32, 1024, 14, 14] 1.18x / 0.94x; 2 threads, float32

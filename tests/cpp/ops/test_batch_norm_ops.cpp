@@ -322,6 +322,7 @@ TEST_P(FunctionalParity, ParametersOfAnyShape) {
       const at::Tensor expected = run_torch(ref, ref.input, training, 0.1, 1e-5);
       EXPECT_TRUE(all_close(out, expected)) << "output";
       EXPECT_TRUE(all_close(ours.running_mean, ref.running_mean)) << "running_mean";
+      EXPECT_TRUE(all_close(ours.running_var, ref.running_var)) << "running_var";
       const at::Tensor grad_out = at::randn_like(out);
       out.backward(grad_out);
       expected.backward(grad_out);
