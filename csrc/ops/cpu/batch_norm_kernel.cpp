@@ -76,7 +76,7 @@ constexpr int64_t kStreamShortRunBytes = 512;
 // rounds in random order, 1 thread: float32 [4096, 1024] (33.5 MB) 1.00x / 0.81x,
 // channels-last [32, 128, 28, 28] and [32, 2048, 7, 7] (25.7 MB) 1.02x / 0.82x and 1.00x
 // / 0.80x, bfloat16 channels-last [32, 1024, 14, 14] 1.18x / 0.94x; 2 threads, float32
-// 0.98-1.12x / 1.00-1.08x, bfloat16 0.97-1.15x / 1.08-1.18x. Passes of 51.4 MB, which
+// 0.98-1.12x / 1.00-1.08x, bfloat16 0.97-1.15x / 0.82-1.18x. Passes of 51.4 MB, which
 // keep streaming, measured from 6% slower to 36% faster streamed than not over three
 // runs, with the cache that other tenants of the machine left.)
 constexpr int64_t kStreamEvalBytes = int64_t{40} << 20;
