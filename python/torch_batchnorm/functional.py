@@ -1,6 +1,5 @@
 """Functional form, with the contract of ``torch.nn.functional.batch_norm``."""
 
-import math
 import sys
 from typing import Optional
 
@@ -55,6 +54,15 @@ def _type_name(value) -> str:
     return f"{t.__module__}.{t.__name__}"
 
 
+def _check_eps(training: bool, eps: float) -> None:
+    """torch.nn.functional.batch_norm's eps checks, in its words: they print eps as it was
+    given (an int, a 0-d tensor). Also compiled by torch.jit.script for the modules."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """Raises what torch.nn.functional.batch_norm raises before its op runs: first the
     errors of its own Python code (the batch size and eps checks, which print eps as it
@@ -63,16 +71,8 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
     it rejects. Returns if there is none."""
     args = locals()
     if training:
-        size = input.size()
-        # An IndexError for a 0-d input, as in torch's check.
-        if size[0] * math.prod(size[2:]) == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {size}"
-            )
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        torch.nn.functional._verify_batch_size(input.size())
+    _check_eps(training, eps)
     for position, (name, kind) in enumerate(_TORCH_PARAMETERS, start=1):
         value = args[name]
         if not _parser_accepts(kind, value):
@@ -87,9 +87,9 @@ def _channel_vector(t: Optional[Tensor]) -> Optional[Tensor]:
     values, as the direct binding does (torch_batchnorm::batch_norm in C++). A
     torch.fx.Proxy's rank is unknown while tracing, so its graph reshapes it (a 1-D
     tensor reshaped is itself)."""
-    if isinstance(t, torch.fx.Proxy):
+    if isinstance(t, torch.fx.Proxy) or (isinstance(t, Tensor) and t.dim() != 1):
         return t.reshape(-1)
-    return t.reshape(-1) if isinstance(t, Tensor) and t.dim() != 1 else t
+    return t
 
 
 def batch_norm(

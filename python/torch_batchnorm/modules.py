@@ -105,15 +105,13 @@ class _BatchNormForward:
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = self.num_batches_tracked
         track = self.training and self.track_running_stats and num_batches_tracked is not None
+        # (num_batches_tracked tested again: TorchScript refines an Optional only so.)
         if track and self.momentum is None and num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked + 1)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         if bn_training:
             torch.nn.functional._verify_batch_size(input.size())
-        if bn_training and self.eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        elif self.eps < 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
+        F._check_eps(bn_training, self.eps)
         use_buffers = not self.training or self.track_running_stats
         out = torch.ops.torch_batchnorm.batch_norm_forward(
             input,

@@ -71,14 +71,15 @@ constexpr int64_t kStreamShortRunBytes = 512;
 // cache: its output is dead once the next layer has read it, so an output that stays in
 // cache need never reach memory at all. On the benchmark machine a copy whose source and
 // destination add up to 32 MiB runs from cache (27 GB/s, 1 thread), 48 MiB at 19 GB/s,
-// 64 MiB or more at memory speed (12.6 GB/s). (The size is measured, not read from the
-// CPU: this VM reports a 480 MiB L3, shared with other tenants.) (Evaluation, torch / ours time with this threshold and with kStreamBytes,
-// rounds in random order, 1 thread: float32 [4096, 1024] (33.5 MB) 1.00x / 0.81x,
-// channels-last [32, 128, 28, 28] and [32, 2048, 7, 7] (25.7 MB) 1.02x / 0.82x and 1.00x
-// / 0.80x, bfloat16 channels-last [32, 1024, 14, 14] 1.18x / 0.94x; 2 threads, float32
-// 0.98-1.12x / 1.00-1.08x, bfloat16 0.97-1.15x / 0.82-1.18x. Passes of 51.4 MB, which
-// keep streaming, measured from 6% slower to 36% faster streamed than not over three
-// runs, with the cache that other tenants of the machine left.)
+// 64 MiB or more at memory speed (12.6 GB/s). The size is measured, not read from the
+// CPU: this VM reports a 480 MiB L3, shared with other tenants. (Evaluation, torch / ours
+// time with this threshold and with kStreamBytes, rounds in random order, 1 thread:
+// float32 [4096, 1024] (33.5 MB) 1.00x / 0.81x, channels-last [32, 128, 28, 28] and
+// [32, 2048, 7, 7] (25.7 MB) 1.02x / 0.82x and 1.00x / 0.80x, bfloat16 channels-last
+// [32, 1024, 14, 14] 1.18x / 0.94x; 2 threads, float32 0.98-1.12x / 1.00-1.08x, bfloat16
+// 0.97-1.15x / 0.82-1.18x. Passes of 51.4 MB, which keep streaming, measured from 6%
+// slower to 36% faster streamed than not over three runs, with the cache that other
+// tenants of the machine left.)
 constexpr int64_t kStreamEvalBytes = int64_t{40} << 20;
 
 // Whether `out`, written by a pass that moves `tensors` tensors of its size, takes
