@@ -59,6 +59,12 @@ import torch_batchnorm as tbn
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 # Bytes moved per mode, in multiples of the input's size (see the module docstring).
 TRAFFIC = {"eval_fwd": 2, "train_fwd": 3, "train_fwd_bwd": 8}
+# The headline's words for each mode, in its order.
+MODE_WORDS = {
+    "train_fwd_bwd": "training forward+backward",
+    "train_fwd": "training forward",
+    "eval_fwd": "evaluation",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # ---------------------------------------------------------------------------------
@@ -557,16 +563,17 @@ def headline(rows: list[Row], summ: list[dict], meta: dict, info: dict) -> str:
     parts = []
     for dtype in DTYPES:
         for threads in sorted({r.threads for r in rows if r.dtype == dtype}, key=lambda t: t or 0):
-            fb = by.get((dtype, threads, "train_fwd_bwd", "torch"))
-            fw = by.get((dtype, threads, "train_fwd", "torch"))
-            ev = by.get((dtype, threads, "eval_fwd", "torch"))
-            if not (fb and fw and ev):
+            # Whichever modes this run measured (--modes may select some).
+            modes = []
+            for mode, words in MODE_WORDS.items():
+                s = by.get((dtype, threads, mode, "torch"))
+                if s:
+                    slowest = "" if mode == "train_fwd" else f" (slowest case {s['min']:.2f}x)"
+                    modes.append(f"{words} {s['geomean']:.2f}x{slowest}")
+            if not modes:
                 continue
             where = dtype if cuda else f"{dtype}, {threads} thread{'s' if threads != 1 else ''}"
-            parts.append(
-                f"{where}: training forward+backward {fb['geomean']:.2f}x (slowest case {fb['min']:.2f}x), "
-                f"training forward {fw['geomean']:.2f}x, evaluation {ev['geomean']:.2f}x (slowest {ev['min']:.2f}x)"
-            )
+            parts.append(f"{where}: " + ", ".join(modes))
     text = (
         f"On {machine} with torch {info.get('torch')}, torch_batchnorm is faster than {vs} by, "
         f"as a geometric mean over {len({r.case for r in rows})} shapes (time of torch / time of ours): "
