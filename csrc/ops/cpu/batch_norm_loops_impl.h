@@ -431,8 +431,8 @@ math::Welford<double> group_stats(
 // Runs whose length is not a multiple of the vector width are walked as one flat range
 // per span, each vector taking the values of the one or two runs it covers (len >= L).
 // Run by run, each would end with an overlapping vector: a 7 x 7 run of 49 values takes
-// four 16-lane vectors, not 49 / 16 (bfloat16 evaluation of [32, 512, 7, 7]: 191 us run
-// by run, 144 us flat). Streamed outputs keep the runs: streaming stores want whole lines.
+// four 16-lane vectors, not 49 / 16 (bfloat16 evaluation of [32, 512, 7, 7]: 188 us run
+// by run, 155 us flat). Streamed outputs keep the runs: streaming stores want whole lines.
 template <typename acc_t, int64_t kBytes, size_t K, typename scalar_t, typename VecFn,
           typename OneFn>
 TBN_INLINE void map_runs(
