@@ -431,8 +431,9 @@ math::Welford<double> group_stats(
 // Runs whose length is not a multiple of the vector width are walked as one flat range
 // per span, each vector taking the values of the one or two runs it covers (len >= L).
 // Run by run, each would end with an overlapping vector: a 7 x 7 run of 49 values takes
-// four 16-lane vectors, not 49 / 16 (bfloat16 evaluation of [32, 512, 7, 7]: 188 us run
-// by run, 155 us flat). Streamed outputs keep the runs: streaming stores want whole lines.
+// four 16-lane vectors (bfloat16 with AVX-512), not 49 / 16 (evaluation of [32, 512, 7, 7]
+// bfloat16: 188 us run by run, 155 us flat). Streamed outputs keep the runs: streaming
+// stores want whole lines.
 template <typename acc_t, int64_t kBytes, size_t K, typename scalar_t, typename VecFn,
           typename OneFn>
 TBN_INLINE void map_runs(
@@ -449,16 +450,20 @@ TBN_INLINE void map_runs(
     return v;
   };
   const auto next = [&](int64_t c) { return c + 1 == C ? int64_t{0} : c + 1; };
-  const bool flat = !stream && len >= L && len % L != 0;
+  // Flat unless map_run streams (which kStreams allows for some types and ISAs only).
+  const bool flat = !(kStreams<scalar_t, kBytes> && stream) && len >= L && len % L != 0;
   for (int64_t s = 0; s < spans; ++s) {
     const int64_t base = s * stride;
     if (flat) {
-      // The vector at i starts in the run of channel c, which ends at `end`.
+      // The vector at i starts in run r, of channel c, which ends at `end`. The next run's
+      // values are loaded only where the span has a next run: the channel after its last
+      // run may be another thread's, whose values that thread may be writing.
       const int64_t total = runs * len;
+      int64_t r = 0;
       int64_t c = c0;
       int64_t end = len;
       Lanes cur = broadcast(c);
-      Lanes nxt = broadcast(next(c));
+      Lanes nxt = runs > 1 ? broadcast(next(c)) : cur;
       int64_t i = 0;
       for (; i + L <= total; i += L) {
         if (i + L <= end) {
@@ -471,10 +476,11 @@ TBN_INLINE void map_runs(
           vstore(out + base + i, vec(base + i, v));
         }
         if (i + L >= end) {
+          ++r;
           c = next(c);
           end += len;
           cur = nxt;
-          nxt = broadcast(next(c));
+          nxt = r + 1 < runs ? broadcast(next(c)) : cur;
         }
       }
       if (i < total) {
@@ -514,19 +520,20 @@ void runs_affine(
     bool stream) {
   constexpr int64_t kBytes = kRunBytes<scalar_t, acc_t>;
   const auto load = [&](int64_t i) { return vload<acc_t, kBytes>(x + i); };
-  const auto at = [&](int64_t i) { return static_cast<acc_t>(x[i]); };
+  const auto value = [&](int64_t i) { return static_cast<acc_t>(x[i]); };
+  // ch: the per-channel values, in the order of the arrays passed to map_runs.
   if (centre != nullptr) {
     const auto f = [](auto v, const auto& ch) { return (v - ch[0]) * ch[1] + ch[2]; };
     map_runs<acc_t, kBytes>(
         y, spans, stride, runs, len, c0, C, std::array{centre, scale, shift}, stream,
         [&](int64_t i, const auto& ch) { return f(load(i), ch); },
-        [&](int64_t i, const auto& ch) { return f(at(i), ch); });
+        [&](int64_t i, const auto& ch) { return f(value(i), ch); });
   } else {
     const auto f = [](auto v, const auto& ch) { return v * ch[0] + ch[1]; };
     map_runs<acc_t, kBytes>(
         y, spans, stride, runs, len, c0, C, std::array{scale, shift}, stream,
         [&](int64_t i, const auto& ch) { return f(load(i), ch); },
-        [&](int64_t i, const auto& ch) { return f(at(i), ch); });
+        [&](int64_t i, const auto& ch) { return f(value(i), ch); });
   }
 }
 
@@ -586,7 +593,8 @@ void runs_grad_input(
     const acc_t* b, const acc_t* k, bool stream) {
   constexpr int64_t kBytes = kRunBytes<scalar_t, acc_t>;
   const auto load = [&](const scalar_t* p, int64_t i) { return vload<acc_t, kBytes>(p + i); };
-  const auto at = [&](const scalar_t* p, int64_t i) { return static_cast<acc_t>(p[i]); };
+  const auto value = [&](const scalar_t* p, int64_t i) { return static_cast<acc_t>(p[i]); };
+  // ch: the per-channel values, in the order of the arrays passed to map_runs.
   if constexpr (kUsesInput) {
     const auto f = [](auto g, auto v, const auto& ch) {
       return ch[0] * g + (ch[1] * (v - ch[2]) + ch[3]);
@@ -594,12 +602,12 @@ void runs_grad_input(
     map_runs<acc_t, kBytes>(
         dx, spans, stride, runs, len, c0, C, std::array{a, b, mean, k}, stream,
         [&](int64_t i, const auto& ch) { return f(load(dy, i), load(x, i), ch); },
-        [&](int64_t i, const auto& ch) { return f(at(dy, i), at(x, i), ch); });
+        [&](int64_t i, const auto& ch) { return f(value(dy, i), value(x, i), ch); });
   } else {
     map_runs<acc_t, kBytes>(
         dx, spans, stride, runs, len, c0, C, std::array{a}, stream,
         [&](int64_t i, const auto& ch) { return ch[0] * load(dy, i); },
-        [&](int64_t i, const auto& ch) { return ch[0] * at(dy, i); });
+        [&](int64_t i, const auto& ch) { return ch[0] * value(dy, i); });
   }
 }
 
