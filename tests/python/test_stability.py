@@ -101,6 +101,10 @@ def test_module_large_mean_matches_float64_module():
 THREAD_CASES = [
     ("2d", (40000, 3), "contiguous", torch.float32),
     ("nchw", (16, 5, 40, 40), "contiguous", torch.float32),
+    # 7x7 runs, not whole vectors: the elementwise passes walk them flat, vectors crossing
+    # runs, and the threads split them at run boundaries.
+    ("nchw_short_runs", (32, 64, 7, 7), "contiguous", torch.float32),
+    ("bfloat16_nchw_short_runs", (32, 64, 7, 7), "contiguous", torch.bfloat16),
     ("channels_last", (16, 5, 40, 40), "channels_last", torch.float32),
     ("channels_last_3d", (4, 6, 10, 20, 20), "channels_last", torch.float32),
     ("strided", (16, 5, 40, 20), "sliced", torch.float32),
