@@ -219,7 +219,16 @@ TBN_INLINE V select_below(int64_t k, V a, V b) {
   for (int64_t i = 0; i < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++i) {
     lane[i] = static_cast<I>(i);
   }
-  return lane < static_cast<I>(k) ? a : b;
+  // Bitwise, as `?:` on GNU vectors needs GCC or Clang 10 and later.
+  const Ix take_a = lane < static_cast<I>(k);  // all ones in the lanes taken from a
+  Ix ia;
+  Ix ib;
+  std::memcpy(&ia, &a, sizeof(V));
+  std::memcpy(&ib, &b, sizeof(V));
+  const Ix r = (ia & take_a) | (ib & ~take_a);
+  V v;
+  std::memcpy(&v, &r, sizeof(V));
+  return v;
 }
 
 // v with lanes below `from` set to zero.
