@@ -310,7 +310,7 @@ TEST_P(FunctionalParity, ParametersOfAnyShape) {
   at::manual_seed(8);
   const Args args = make_args({{4, 3, 5, 2}, false}, {at::kFloat, at::kFloat}, true, true,
                               device());
-  for (const std::vector<int64_t> shape : {std::vector<int64_t>{1, 3}, {1, 3, 1, 1}}) {
+  for (const std::vector<int64_t>& shape : {std::vector<int64_t>{1, 3}, {1, 3, 1, 1}}) {
     for (const bool training : {true, false}) {
       SCOPED_TRACE(::testing::Message() << at::IntArrayRef(shape) << " training " << training);
       Args shaped = args;
