@@ -148,6 +148,7 @@ step_bench() {
 step_probe() {
   "$PYTHON" - <<'EOF'
 import statistics
+import time
 import traceback
 
 import torch
@@ -264,6 +265,53 @@ def large():
 
 
 @section
+def host():
+    """host time against GPU time of a training step (module forward+backward, float32):
+where issuing a step takes the host longer than its kernels run on the GPU, the step is
+host-bound; then the API calls and the host's costliest operations per step say why"""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    api = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cudaMemsetAsync",
+           "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaMalloc")
+    print(f"{'shape':>20} {'layout':>6} {'impl':>5} {'issue us':>8} {'step us':>8} {'GPU us':>7}"
+          "  per step: API calls; costliest host operations (self us)")
+    for c, hw, cl in ((256, 14, False), (256, 14, True), (2048, 7, False), (16, 4, False)):
+        shape = (32 if hw > 4 else 8, c, hw, hw)
+        x = make(shape, torch.float32, cl).requires_grad_()
+        g = torch.randn_like(x)
+        for name, m in (("ours", tbn.BatchNorm2d(c).to(dev)), ("torch", torch.nn.BatchNorm2d(c).to(dev))):
+            inputs = [x, *m.parameters()]
+
+            def step():
+                torch.autograd.grad(m(x), inputs, g)
+
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+            n = 50
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            issued = time.perf_counter() - t0  # grad() returns once the backward is enqueued
+            torch.cuda.synchronize()
+            done = time.perf_counter() - t0
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            gpu = sum(getattr(e, "self_device_time_total", 0) for e in events
+                      if e.device_type == DeviceType.CUDA) / 10
+            calls = ", ".join(f"{e.key} {e.count / 10:g}" for e in events if e.key in api)
+            costly = sorted((e for e in events if e.device_type == DeviceType.CPU),
+                            key=lambda e: -e.self_cpu_time_total)[:5]
+            print(f"{str(shape):>20} {'CL' if cl else 'NCHW':>6} {name:>5} {issued / n * 1e6:8.1f} "
+                  f"{done / n * 1e6:8.1f} {gpu:7.1f}  {calls}")
+            print(" " * 26 + "; ".join(f"{e.key} {e.self_cpu_time_total / 10:.1f}" for e in costly))
+
+
+@section
 def kernels():
     """CUDA kernels of forward+backward (5 iterations), ours and torch's"""
     from torch.profiler import ProfilerActivity, profile
@@ -298,7 +346,7 @@ if [ "${results[1]}" = "PASS" ]; then
   run_step test_cuda 120 test_cuda.log step_test_cuda
   run_step suite_cuda 120 suite.log step_suite
   run_step bench 90 bench.log step_bench
-  run_step probe 60 probe.log step_probe
+  run_step probe 90 probe.log step_probe
 else
   for s in test_cuda suite_cuda bench probe; do
     names+=("$s")
