@@ -457,7 +457,9 @@ TBN_INLINE void map_runs(
   const auto broadcast = [&](int64_t c) {
     Lanes v;
     for (size_t j = 0; j < K; ++j) {
-      v[j] = V{} + coef[j][c];
+      // x - 0 is x for every x; 0 + x would turn a -0 coefficient into +0, where the
+      // scalar tail keeps it.
+      v[j] = coef[j][c] - V{};
     }
     return v;
   };
