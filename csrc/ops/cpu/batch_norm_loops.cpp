@@ -29,6 +29,8 @@
 #else
 #define TBN_X86_CLONES 0
 #endif
+// GCC knows AVX-512 BF16 from version 10.
+#define TBN_X86_BF16_CLONE (TBN_X86_CLONES && __GNUC__ >= 10)
 
 // Vector types wider than the baseline ISA pass through always-inlined helpers only.
 #pragma GCC diagnostic push
@@ -48,13 +50,37 @@ namespace avx512 {
 #define TBN_RUN_BYTES 32
 #define TBN_HAVE_AVX512 1
 #define TBN_HAVE_AVX2 1
+#define TBN_HAVE_AVX512_BF16 0
 #include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_HAVE_AVX512_BF16
 #undef TBN_HAVE_AVX2
 #undef TBN_HAVE_AVX512
 #undef TBN_RUN_BYTES
 #undef TBN_VEC_BYTES
 }  // namespace avx512
 #pragma GCC pop_options
+
+#if TBN_X86_BF16_CLONE
+// The same with the AVX-512 BF16 conversion for bfloat16 stores (Cooper Lake, Sapphire
+// Rapids, Zen 4 and later); only the bfloat16 loops are built from it.
+#pragma GCC push_options
+#pragma GCC target( \
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,prefer-vector-width=512")
+namespace avx512_bf16 {
+#define TBN_VEC_BYTES 64
+#define TBN_RUN_BYTES 32
+#define TBN_HAVE_AVX512 1
+#define TBN_HAVE_AVX2 1
+#define TBN_HAVE_AVX512_BF16 1
+#include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_HAVE_AVX512_BF16
+#undef TBN_HAVE_AVX2
+#undef TBN_HAVE_AVX512
+#undef TBN_RUN_BYTES
+#undef TBN_VEC_BYTES
+}  // namespace avx512_bf16
+#pragma GCC pop_options
+#endif  // TBN_X86_BF16_CLONE
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -63,7 +89,9 @@ namespace avx2 {
 #define TBN_RUN_BYTES 32
 #define TBN_HAVE_AVX512 0
 #define TBN_HAVE_AVX2 1
+#define TBN_HAVE_AVX512_BF16 0
 #include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_HAVE_AVX512_BF16
 #undef TBN_HAVE_AVX2
 #undef TBN_HAVE_AVX512
 #undef TBN_RUN_BYTES
@@ -77,7 +105,9 @@ namespace base {
 #define TBN_RUN_BYTES 16
 #define TBN_HAVE_AVX512 0
 #define TBN_HAVE_AVX2 0
+#define TBN_HAVE_AVX512_BF16 0
 #include "ops/cpu/batch_norm_loops_impl.h"
+#undef TBN_HAVE_AVX512_BF16
 #undef TBN_HAVE_AVX2
 #undef TBN_HAVE_AVX512
 #undef TBN_RUN_BYTES
@@ -86,7 +116,7 @@ namespace base {
 
 namespace {
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
+enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
 
 // torch's choice (which ATEN_CPU_CAPABILITY overrides), checked against the CPU.
 Isa detect_isa() {
@@ -99,6 +129,11 @@ Isa detect_isa() {
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq");
   if (torch_isa == "AVX512" && avx512) {
+#if TBN_X86_BF16_CLONE
+    if (__builtin_cpu_supports("avx512bf16")) {
+      return Isa::kAvx512Bf16;
+    }
+#endif
     return Isa::kAvx512;
   }
   if ((torch_isa == "AVX512" || torch_isa == "AVX2") && avx2) {
@@ -120,6 +155,13 @@ const Loops<scalar_t>& loops() {
   static const Loops<scalar_t> table = [] {
     switch (isa()) {
 #if TBN_X86_CLONES
+      case Isa::kAvx512Bf16:
+#if TBN_X86_BF16_CLONE
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          return avx512_bf16::make_loops<scalar_t>();
+        }
+#endif
+        return avx512::make_loops<scalar_t>();
       case Isa::kAvx512:
         return avx512::make_loops<scalar_t>();
       case Isa::kAvx2:
@@ -139,6 +181,8 @@ template const Loops<c10::Half>& loops<c10::Half>();
 
 const char* loops_isa() {
   switch (isa()) {
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:

@@ -4,7 +4,8 @@
 // its own compiled for one instruction set (AVX-512, AVX2+FMA, baseline x86-64), with
 // TBN_VEC_BYTES set to that set's vector width, TBN_RUN_BYTES to the width of the
 // memory accesses of elementwise loops over NCHW runs, and TBN_HAVE_AVX512 /
-// TBN_HAVE_AVX2 to 0 or 1.
+// TBN_HAVE_AVX2 to 0 or 1, and TBN_HAVE_AVX512_BF16 to 1 in a fourth copy, built for
+// bfloat16 only, whose stores round with the AVX-512 BF16 conversion.
 // Hence no include guard, and no includes:
 // the includer brings in every header first (<immintrin.h> too, for the few conversions
 // written with intrinsics), so that no inline function of a shared header is ever
@@ -96,6 +97,39 @@ TBN_INLINE auto pack_bf16(U r) {
     return _mm_packus_epi32(_mm256_castsi256_si128(ri), _mm256_extracti128_si256(ri, 1));
   }
 }
+
+// Float lanes as bfloat16 in a register of half the width, rounded as bf16_bits does.
+// With AVX-512 BF16 one instruction rounds to nearest even, as c10 does, in place of
+// the eight or so of bf16_bits and pack_bf16; but it flushes float denormals to zero and
+// keeps the sign and payload of a NaN, so a vector holding either (fpclass: quiet or
+// signalling NaN, denormal) takes the exact path. Large bfloat16 outputs written with
+// streaming stores wait on these instructions rather than on memory.
+template <typename V>
+TBN_INLINE auto to_bf16(V v) {
+#if TBN_HAVE_AVX512_BF16
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;
+  if constexpr (sizeof(V) == 64) {
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(f));
+    if (__builtin_expect(_mm512_fpclass_ps_mask(f, kNanOrDenormal) == 0, 1)) {
+      const __m256bh h = _mm512_cvtneps_pbh(f);
+      __m256i r;
+      std::memcpy(&r, &h, sizeof(r));
+      return r;
+    }
+  } else {
+    __m256 f;
+    std::memcpy(&f, &v, sizeof(f));
+    if (__builtin_expect(_mm256_fpclass_ps_mask(f, kNanOrDenormal) == 0, 1)) {
+      const __m128bh h = _mm256_cvtneps_pbh(f);
+      __m128i r;
+      std::memcpy(&r, &h, sizeof(r));
+      return r;
+    }
+  }
+#endif
+  return pack_bf16(bf16_bits(v));
+}
 #endif
 
 // Stores acc_t lanes as scalar_t, rounding as c10's scalar conversions do.
@@ -106,14 +140,14 @@ TBN_INLINE void vstore(scalar_t* p, V v) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(p, &v, sizeof(V));
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    const auto r = bf16_bits(v);
     if constexpr (TBN_HAVE_AVX2 && (kBytes == 32 || (TBN_HAVE_AVX512 && kBytes == 64))) {
 #if TBN_HAVE_AVX2
-      const auto h = pack_bf16(r);
+      const auto h = to_bf16(v);
       std::memcpy(p, &h, sizeof(h));
 #endif
     } else {
       static_assert(kBytes == TBN_VEC_BYTES, "no bfloat16 conversion for this width");
+      const auto r = bf16_bits(v);
       U32x rx;
       std::memcpy(&rx, &r, sizeof(rx));
       const U16x h = __builtin_convertvector(rx, U16x);
@@ -153,7 +187,7 @@ TBN_INLINE void vstream(scalar_t* p, V v) {
       }
     };
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      stream(p, pack_bf16(bf16_bits(v)));
+      stream(p, to_bf16(v));
     } else if constexpr (sizeof(V) == 64) {
 #if TBN_HAVE_AVX512
       __m512i w;
