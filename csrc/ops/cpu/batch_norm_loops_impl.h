@@ -30,6 +30,12 @@ struct Vec {
   typedef T type __attribute__((vector_size(kBytes)));
 };
 
+// Whether vectors of kBytes have x86 intrinsics here (conversions from and to 16-bit
+// floats, streaming stores): 256 bits with AVX2 and F16C, 512 bits with AVX-512.
+template <int64_t kBytes>
+constexpr bool kIntrinsicWidth =
+    TBN_HAVE_AVX2 && (kBytes == 32 || (TBN_HAVE_AVX512 && kBytes == 64));
+
 // Loads Vec<acc_t, kBytes>::kLanes values of scalar_t as acc_t.
 template <typename acc_t, int64_t kBytes = TBN_VEC_BYTES, typename scalar_t>
 TBN_INLINE typename Vec<acc_t, kBytes>::type vload(const scalar_t* p) {
@@ -58,6 +64,20 @@ TBN_INLINE typename Vec<acc_t, kBytes>::type vload(const scalar_t* p) {
       std::memcpy(&h, p, sizeof(U16x));
       const U32x w = __builtin_convertvector(h, U32x) << 16;
       std::memcpy(&v, &w, sizeof(V));
+    }
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float> &&
+                       kIntrinsicWidth<kBytes>) {
+    // F16C widens exactly, as c10 does: denormals, infinities and NaNs included.
+    if constexpr (kBytes == 64) {
+#if TBN_HAVE_AVX512
+      const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      std::memcpy(&v, &f, sizeof(V));
+#endif
+    } else {
+#if TBN_HAVE_AVX2
+      const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      std::memcpy(&v, &f, sizeof(V));
+#endif
     }
   } else {
     for (int64_t i = 0; i < Vec<acc_t, kBytes>::kLanes; ++i) {
@@ -130,6 +150,37 @@ TBN_INLINE auto to_bf16(V v) {
 #endif
   return pack_bf16(bf16_bits(v));
 }
+
+// Float lanes as float16 in a register of half the width. F16C rounds to nearest even,
+// as c10 does, denormal results included; only a NaN comes out differently (F16C keeps
+// its payload, c10 stores 0x7E00 with its sign), so a vector holding one is converted
+// lane by lane by c10.
+template <typename V>
+TBN_INLINE auto to_half(V v) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const auto exact_if_nan = [&v](auto h, bool nan) {
+    if (__builtin_expect(nan, 0)) {
+      c10::Half lanes[sizeof(V) / sizeof(float)];
+      for (size_t i = 0; i < sizeof(V) / sizeof(float); ++i) {
+        lanes[i] = static_cast<c10::Half>(v[i]);
+      }
+      std::memcpy(&h, lanes, sizeof(h));
+    }
+    return h;
+  };
+  if constexpr (sizeof(V) == 64) {
+#if TBN_HAVE_AVX512
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(f));
+    return exact_if_nan(_mm512_cvtps_ph(f, kRound), _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q) != 0);
+#endif
+  } else {
+    __m256 f;
+    std::memcpy(&f, &v, sizeof(f));
+    return exact_if_nan(
+        _mm256_cvtps_ph(f, kRound), _mm256_movemask_ps(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)) != 0);
+  }
+}
 #endif
 
 // Stores acc_t lanes as scalar_t, rounding as c10's scalar conversions do.
@@ -140,7 +191,7 @@ TBN_INLINE void vstore(scalar_t* p, V v) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(p, &v, sizeof(V));
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    if constexpr (TBN_HAVE_AVX2 && (kBytes == 32 || (TBN_HAVE_AVX512 && kBytes == 64))) {
+    if constexpr (kIntrinsicWidth<kBytes>) {
 #if TBN_HAVE_AVX2
       const auto h = to_bf16(v);
       std::memcpy(p, &h, sizeof(h));
@@ -153,6 +204,12 @@ TBN_INLINE void vstore(scalar_t* p, V v) {
       const U16x h = __builtin_convertvector(rx, U16x);
       std::memcpy(p, &h, sizeof(U16x));
     }
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float> &&
+                       kIntrinsicWidth<kBytes>) {
+#if TBN_HAVE_AVX2
+    const auto h = to_half(v);
+    std::memcpy(p, &h, sizeof(h));
+#endif
   } else {
     for (int64_t i = 0; i < static_cast<int64_t>(sizeof(V) / sizeof(acc_t)); ++i) {
       p[i] = static_cast<scalar_t>(v[i]);
@@ -162,9 +219,9 @@ TBN_INLINE void vstore(scalar_t* p, V v) {
 
 // Whether vstream writes scalar_t vectors of kBytes (of acc_t) with streaming stores.
 template <typename scalar_t, int64_t kBytes>
-constexpr bool kStreams = TBN_HAVE_AVX2 && (kBytes == 32 || (TBN_HAVE_AVX512 && kBytes == 64)) &&
+constexpr bool kStreams = kIntrinsicWidth<kBytes> &&
     (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
-     std::is_same_v<scalar_t, c10::BFloat16>);
+     std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>);
 
 // Stores like vstore, with a streaming (non-temporal) store: the line is written to
 // memory without being read into the cache first, and without evicting what is there.
@@ -188,6 +245,8 @@ TBN_INLINE void vstream(scalar_t* p, V v) {
     };
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       stream(p, to_bf16(v));
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      stream(p, to_half(v));
     } else if constexpr (sizeof(V) == 64) {
 #if TBN_HAVE_AVX512
       __m512i w;

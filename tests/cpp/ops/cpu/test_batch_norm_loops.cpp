@@ -1,12 +1,14 @@
-// The bfloat16 stores of the CPU loops against c10's conversion, on the loops this
-// machine picks (with AVX-512 BF16: the conversion instruction, and the exact path for
-// vectors holding a NaN or a float denormal). Every loop stores through the same helpers,
-// so one affine loop per layout, with and without streaming stores, covers them.
+// The bfloat16 and float16 loads and stores of the CPU loops against c10's conversions,
+// on the loops this machine picks (with AVX-512 BF16 or F16C: the conversion
+// instructions, and the exact path for vectors holding what they convert differently).
+// Every loop converts through the same helpers, so one affine loop per layout, with and
+// without streaming stores, covers them.
 
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
@@ -47,15 +49,16 @@ std::vector<float> hard_values() {
 }
 
 // y = 1 * scale + (-0) is scale itself, signed zeros included, so each output must be
-// c10's bfloat16 of the channel's scale.
+// c10's conversion of the channel's scale.
+template <typename scalar_t>
 void expect_rounded_as_c10(const at::Tensor& y, const std::vector<float>& scale,
                            int64_t len, const char* what) {
-  const auto* out = y.const_data_ptr<c10::BFloat16>();
+  const auto* out = y.const_data_ptr<scalar_t>();
   const int64_t C = static_cast<int64_t>(scale.size());
   int64_t wrong = 0;
   for (int64_t i = 0; i < y.numel(); ++i) {
     const float s = scale[(i / len) % C];
-    const uint16_t want = c10::BFloat16(s).x;
+    const uint16_t want = scalar_t(s).x;
     if (out[i].x != want && ++wrong <= 5) {
       ADD_FAILURE() << what << ": float bits " << std::hex << c10::bit_cast<uint32_t>(s)
                     << " stored as " << out[i].x << ", c10 gives " << want;
@@ -64,42 +67,73 @@ void expect_rounded_as_c10(const at::Tensor& y, const std::vector<float>& scale,
   EXPECT_EQ(wrong, 0) << what;
 }
 
-class BFloat16Stores : public ::testing::TestWithParam<bool> {};
+template <typename scalar_t>
+class Stores16 : public ::testing::Test {};
+using Types16 = ::testing::Types<c10::BFloat16, c10::Half>;
+TYPED_TEST_SUITE(Stores16, Types16);
 
-TEST_P(BFloat16Stores, RowsRoundAsC10) {
-  const bool stream = GetParam();
+TYPED_TEST(Stores16, RowsRoundAsC10) {
+  using scalar_t = TypeParam;
   const std::vector<float> scale = hard_values();
   const std::vector<float> shift(scale.size(), -0.0f);
   const int64_t C = static_cast<int64_t>(scale.size());
   const int64_t rows = 4;
-  const at::Tensor x = at::ones({rows, C}, at::kBFloat16);
-  const at::Tensor y = at::empty_like(x);
-  loops<c10::BFloat16>().rows_affine(x.const_data_ptr<c10::BFloat16>(),
-                                     y.mutable_data_ptr<c10::BFloat16>(), rows, C, nullptr,
-                                     scale.data(), shift.data(), stream);
-  expect_rounded_as_c10(y, scale, /*len=*/1, "rows_affine");
+  const at::Tensor x = at::ones({rows, C}, c10::CppTypeToScalarType<scalar_t>::value);
+  for (const bool stream : {false, true}) {
+    const at::Tensor y = at::empty_like(x);
+    loops<scalar_t>().rows_affine(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                  rows, C, nullptr, scale.data(), shift.data(), stream);
+    expect_rounded_as_c10<scalar_t>(y, scale, /*len=*/1, stream ? "rows, streaming" : "rows");
+  }
 }
 
-TEST_P(BFloat16Stores, RunsRoundAsC10) {
-  const bool stream = GetParam();
+TYPED_TEST(Stores16, RunsRoundAsC10) {
+  using scalar_t = TypeParam;
   const std::vector<float> scale = hard_values();
   const std::vector<float> shift(scale.size(), -0.0f);
   const int64_t C = static_cast<int64_t>(scale.size());
   // Runs of 64 values (whole vectors) and of 49 (a 7x7 plane: vectors across runs, and
   // a tail).
   for (const int64_t len : {64, 49}) {
-    const at::Tensor x = at::ones({C * len}, at::kBFloat16);
-    const at::Tensor y = at::empty_like(x);
-    loops<c10::BFloat16>().runs_affine(x.const_data_ptr<c10::BFloat16>(),
-                                       y.mutable_data_ptr<c10::BFloat16>(), /*spans=*/1,
-                                       /*stride=*/C * len, /*runs=*/C, len, /*c0=*/0, C,
-                                       nullptr, scale.data(), shift.data(), stream);
-    expect_rounded_as_c10(y, scale, len, "runs_affine");
+    const at::Tensor x = at::ones({C * len}, c10::CppTypeToScalarType<scalar_t>::value);
+    for (const bool stream : {false, true}) {
+      const at::Tensor y = at::empty_like(x);
+      loops<scalar_t>().runs_affine(x.const_data_ptr<scalar_t>(),
+                                    y.mutable_data_ptr<scalar_t>(), /*spans=*/1,
+                                    /*stride=*/C * len, /*runs=*/C, len, /*c0=*/0, C, nullptr,
+                                    scale.data(), shift.data(), stream);
+      expect_rounded_as_c10<scalar_t>(y, scale, len, stream ? "runs, streaming" : "runs");
+    }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Loops, BFloat16Stores, ::testing::Bool(),
-                         [](const auto& info) { return info.param ? "streaming" : "plain"; });
+// Every 16-bit pattern, denormals, infinities and NaNs included, loads as c10 widens it:
+// y = x * 1 + (-0) stores x back, so y must be c10's round trip of x.
+TYPED_TEST(Stores16, EveryValueLoadsAsC10) {
+  using scalar_t = TypeParam;
+  const int64_t C = 1 << 16;
+  at::Tensor x = at::empty({C}, c10::CppTypeToScalarType<scalar_t>::value);
+  auto* bits = x.mutable_data_ptr<scalar_t>();
+  for (int64_t i = 0; i < C; ++i) {
+    bits[i].x = static_cast<uint16_t>(i);
+  }
+  const std::vector<float> scale(C, 1.0f);
+  const std::vector<float> shift(C, -0.0f);
+  const at::Tensor y = at::empty_like(x);
+  loops<scalar_t>().rows_affine(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                /*rows=*/1, C, nullptr, scale.data(), shift.data(),
+                                /*stream=*/false);
+  const auto* out = y.const_data_ptr<scalar_t>();
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < C; ++i) {
+    const uint16_t want = scalar_t(static_cast<float>(bits[i])).x;
+    if (out[i].x != want && ++wrong <= 5) {
+      ADD_FAILURE() << std::hex << "bits " << i << " came back as " << out[i].x
+                    << ", c10 gives " << want;
+    }
+  }
+  EXPECT_EQ(wrong, 0);
+}
 
 }  // namespace
 }  // namespace torch_batchnorm::cpu
