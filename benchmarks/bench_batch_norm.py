@@ -65,7 +65,7 @@ MODE_WORDS = {
     "train_fwd": "training forward",
     "eval_fwd": "evaluation",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ---------------------------------------------------------------------------------
 # Shapes
