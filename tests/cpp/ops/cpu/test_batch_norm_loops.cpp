@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -26,10 +27,13 @@ float from_bits(uint32_t u) {
   return f;
 }
 
-// Floats whose rounding is easy to get wrong, then random bit patterns: NaNs of either
-// sign, quiet and signalling, with payloads; infinities; float denormals and the values
-// around the smallest normal; ties to even both ways; the largest floats, which round to
-// infinity. As many as fill whole vectors, so that both vector paths see every value.
+// Floats whose rounding is easy to get wrong, then random ones: NaNs of either sign,
+// quiet and signalling, with payloads; infinities; float denormals and the values around
+// the smallest normal float; bfloat16 and float16 ties to even both ways; the largest
+// floats and float16s, and the values just below and at the point where they round to
+// infinity; float16's smallest normal and denormals, and the ties between them. Then
+// random bit patterns and random values of float16's range. As many as fill whole
+// vectors, so that both vector paths see every value.
 std::vector<float> hard_values() {
   std::vector<float> v;
   for (uint32_t u : {0x7FC00000u, 0xFFC00000u, 0x7F800001u, 0xFF812345u, 0x7FFFFFFFu,
@@ -37,13 +41,17 @@ std::vector<float> hard_values() {
                      0x807FFFFFu, 0x007F8000u, 0x00008000u, 0x00800000u, 0x80800000u,
                      0x00807FFFu, 0x00808000u, 0x00818000u, 0x3F808000u, 0x3F818000u,
                      0xBF808000u, 0x7F7FFFFFu, 0xFF7FFFFFu, 0x7F7F8000u, 0x7F7F7FFFu,
-                     0x00000000u, 0x80000000u, 0x3F800000u}) {
+                     0x00000000u, 0x80000000u, 0x3F800000u, 0x477FE000u, 0x477FEFFFu,
+                     0x477FF000u, 0xC77FF000u, 0x38800000u, 0x387FC000u, 0x33800000u,
+                     0x33000000u, 0xB3000000u, 0x33C00000u, 0x3F801000u, 0x3F803000u}) {
     v.push_back(from_bits(u));
   }
   std::mt19937 gen(0);
   std::uniform_int_distribution<uint32_t> any;
-  while (v.size() < 512) {
-    v.push_back(from_bits(any(gen)));
+  std::uniform_real_distribution<float> exponent(-26.0f, 17.0f);
+  for (int i = 0; v.size() < 512; ++i) {
+    const float magnitude = std::exp2(exponent(gen));
+    v.push_back(i % 2 ? from_bits(any(gen)) : any(gen) % 2 ? magnitude : -magnitude);
   }
   return v;
 }
