@@ -490,6 +490,13 @@ def machine_info(device: str) -> dict:
             m = re.search(rf"^{re.escape(key)}:\s*(.+)$", lscpu, re.MULTILINE)
             if m:
                 info[key.lower().replace("(s)", "s").replace(" ", "_")] = m.group(1).strip()
+        # The CPU features the kernels pick their loops by (bfloat16 and float16 stores
+        # convert with AVX-512 BF16 and F16C where present).
+        m = re.search(r"^Flags:\s*(.+)$", lscpu, re.MULTILINE)
+        if m:
+            flags = set(m.group(1).split())
+            wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16")
+            info["cpu_flags"] = " ".join(f for f in wanted if f in flags)
     except (OSError, subprocess.CalledProcessError):
         info["model_name"] = platform.processor()
     try:
