@@ -1,9 +1,9 @@
 #pragma once
 
 // Inner loops of the CPU kernels, compiled once per instruction set (AVX-512, AVX2+FMA,
-// baseline) and picked at run time like torch's own kernels (ATEN_CPU_CAPABILITY
-// overrides the choice). The kernels in batch_norm_kernel.cpp split the work and call
-// these on cache-sized pieces.
+// baseline; bfloat16 also for AVX-512 BF16) and picked at run time like torch's own
+// kernels (ATEN_CPU_CAPABILITY overrides the choice). The kernels in
+// batch_norm_kernel.cpp split the work and call these on cache-sized pieces.
 
 #include <ATen/OpMathType.h>
 
