@@ -3,6 +3,7 @@ computes on the concatenation of all ranks' batches."""
 
 import os
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -110,13 +111,29 @@ def _ddp_worker(rank, world, port, case, path):
         dist.destroy_process_group()
 
 
+def _run_worker(worker, *args):
+    """Runs `worker` in a spawned process, then ends the process without shutting the
+    interpreter down, as a forked one ends. Gloo's threads release the tensors of a
+    finished collective on their own, taking the GIL to drop their Python objects; one
+    still at it when the interpreter shuts down aborts the process after its results are
+    saved ("terminate called without an active exception", torch's issue 190489 and pull
+    request 179291). A worker that raises exits as usual, with its traceback."""
+    worker(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _run_distributed(case, worker=_worker):
     world = len(case["sizes"])
     port = _free_port()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(world)]
-        procs = [ctx.Process(target=worker, args=(r, world, port, case, paths[r])) for r in range(world)]
+        procs = [
+            ctx.Process(target=_run_worker, args=(worker, r, world, port, case, paths[r]))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         try:
