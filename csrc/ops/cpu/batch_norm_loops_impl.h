@@ -128,23 +128,23 @@ template <typename V>
 TBN_INLINE auto to_bf16(V v) {
 #if TBN_HAVE_AVX512_BF16
   constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;
+  // The instruction's bfloat16 vector as the integer vector the exact path returns.
+  const auto as_packed = [&v](auto h) {
+    decltype(pack_bf16(bf16_bits(v))) r;
+    std::memcpy(&r, &h, sizeof(r));
+    return r;
+  };
   if constexpr (sizeof(V) == 64) {
     __m512 f;
     std::memcpy(&f, &v, sizeof(f));
     if (__builtin_expect(_mm512_fpclass_ps_mask(f, kNanOrDenormal) == 0, 1)) {
-      const __m256bh h = _mm512_cvtneps_pbh(f);
-      __m256i r;
-      std::memcpy(&r, &h, sizeof(r));
-      return r;
+      return as_packed(_mm512_cvtneps_pbh(f));
     }
   } else {
     __m256 f;
     std::memcpy(&f, &v, sizeof(f));
     if (__builtin_expect(_mm256_fpclass_ps_mask(f, kNanOrDenormal) == 0, 1)) {
-      const __m128bh h = _mm256_cvtneps_pbh(f);
-      __m128i r;
-      std::memcpy(&r, &h, sizeof(r));
-      return r;
+      return as_packed(_mm256_cvtneps_pbh(f));
     }
   }
 #endif
