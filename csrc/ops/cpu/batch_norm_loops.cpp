@@ -179,19 +179,6 @@ template const Loops<double>& loops<double>();
 template const Loops<c10::BFloat16>& loops<c10::BFloat16>();
 template const Loops<c10::Half>& loops<c10::Half>();
 
-const char* loops_isa() {
-  switch (isa()) {
-    case Isa::kAvx512Bf16:
-      return "avx512_bf16";
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "default";
-  }
-}
-
 }  // namespace cpu
 }  // namespace torch_batchnorm
 

@@ -88,9 +88,5 @@ struct Loops {
 template <typename scalar_t>
 const Loops<scalar_t>& loops();
 
-// Name of the instruction set the loops were picked for: "avx512_bf16" (AVX-512 with its
-// bfloat16 conversions), "avx512", "avx2" or "default".
-const char* loops_isa();
-
 }  // namespace cpu
 }  // namespace torch_batchnorm
