@@ -19,6 +19,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define TBN_X86_CLONES 1
@@ -118,28 +119,54 @@ namespace {
 
 enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
 
-// torch's choice (which ATEN_CPU_CAPABILITY overrides), checked against the CPU.
-Isa detect_isa() {
+struct IsaInfo {
+  Isa isa;
+  const char* name;
+};
+
+// Widest first: the order in which loops() prefers them.
+constexpr IsaInfo kIsas[] = {{Isa::kAvx512Bf16, "avx512_bf16"},
+                             {Isa::kAvx512, "avx512"},
+                             {Isa::kAvx2, "avx2"},
+                             {Isa::kDefault, "default"}};
+
+// Whether this CPU runs the copy built for `isa`.
+bool cpu_runs(Isa isa) {
 #if TBN_X86_CLONES
-  const std::string torch_isa = at::get_cpu_capability();
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq");
-  if (torch_isa == "AVX512" && avx512) {
-#if TBN_X86_BF16_CLONE
-    if (__builtin_cpu_supports("avx512bf16")) {
-      return Isa::kAvx512Bf16;
+  switch (isa) {
+    case Isa::kAvx512Bf16:
+      return TBN_X86_BF16_CLONE && avx512 && __builtin_cpu_supports("avx512bf16");
+    case Isa::kAvx512:
+      return avx512;
+    case Isa::kAvx2:
+      return avx2;
+    case Isa::kDefault:
+      return true;
+  }
+  return false;
+#else
+  return isa == Isa::kDefault;
+#endif
+}
+
+// The widest copy this CPU runs within torch's choice (which ATEN_CPU_CAPABILITY
+// overrides).
+Isa detect_isa() {
+  const std::string torch_isa = at::get_cpu_capability();
+  const Isa cap = torch_isa == "AVX512" ? Isa::kAvx512Bf16
+      : torch_isa == "AVX2"             ? Isa::kAvx2
+                                        : Isa::kDefault;
+  for (const IsaInfo& i : kIsas) {
+    if (i.isa <= cap && cpu_runs(i.isa)) {
+      return i.isa;
     }
-#endif
-    return Isa::kAvx512;
   }
-  if ((torch_isa == "AVX512" || torch_isa == "AVX2") && avx2) {
-    return Isa::kAvx2;
-  }
-#endif
   return Isa::kDefault;
 }
 
@@ -148,36 +175,56 @@ Isa isa() {
   return chosen;
 }
 
+template <typename scalar_t>
+Loops<scalar_t> make_loops_for(Isa isa) {
+  switch (isa) {
+#if TBN_X86_CLONES
+    case Isa::kAvx512Bf16:
+#if TBN_X86_BF16_CLONE
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        return avx512_bf16::make_loops<scalar_t>();
+      }
+#endif
+      return avx512::make_loops<scalar_t>();
+    case Isa::kAvx512:
+      return avx512::make_loops<scalar_t>();
+    case Isa::kAvx2:
+      return avx2::make_loops<scalar_t>();
+#endif
+    default:
+      return base::make_loops<scalar_t>();
+  }
+}
+
 }  // namespace
 
 template <typename scalar_t>
 const Loops<scalar_t>& loops() {
-  static const Loops<scalar_t> table = [] {
-    switch (isa()) {
-#if TBN_X86_CLONES
-      case Isa::kAvx512Bf16:
-#if TBN_X86_BF16_CLONE
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          return avx512_bf16::make_loops<scalar_t>();
-        }
-#endif
-        return avx512::make_loops<scalar_t>();
-      case Isa::kAvx512:
-        return avx512::make_loops<scalar_t>();
-      case Isa::kAvx2:
-        return avx2::make_loops<scalar_t>();
-#endif
-      default:
-        return base::make_loops<scalar_t>();
-    }
-  }();
+  static const Loops<scalar_t> table = make_loops_for<scalar_t>(isa());
   return table;
+}
+
+template <typename scalar_t>
+std::vector<std::pair<std::string, Loops<scalar_t>>> runnable_loops() {
+  std::vector<std::pair<std::string, Loops<scalar_t>>> out;
+  for (const IsaInfo& i : kIsas) {
+    // Only bfloat16 has a copy of its own for AVX-512 BF16.
+    const bool own_copy = i.isa != Isa::kAvx512Bf16 || std::is_same_v<scalar_t, c10::BFloat16>;
+    if (own_copy && cpu_runs(i.isa)) {
+      out.emplace_back(i.name, make_loops_for<scalar_t>(i.isa));
+    }
+  }
+  return out;
 }
 
 template const Loops<float>& loops<float>();
 template const Loops<double>& loops<double>();
 template const Loops<c10::BFloat16>& loops<c10::BFloat16>();
 template const Loops<c10::Half>& loops<c10::Half>();
+template std::vector<std::pair<std::string, Loops<float>>> runnable_loops<float>();
+template std::vector<std::pair<std::string, Loops<double>>> runnable_loops<double>();
+template std::vector<std::pair<std::string, Loops<c10::BFloat16>>> runnable_loops<c10::BFloat16>();
+template std::vector<std::pair<std::string, Loops<c10::Half>>> runnable_loops<c10::Half>();
 
 }  // namespace cpu
 }  // namespace torch_batchnorm

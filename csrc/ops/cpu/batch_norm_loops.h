@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "ops/batch_norm_math.h"
 
@@ -87,6 +89,11 @@ struct Loops {
 // The loops for this machine (float, double, c10::BFloat16, c10::Half).
 template <typename scalar_t>
 const Loops<scalar_t>& loops();
+
+// Every copy of the loops this CPU runs, named ("avx512_bf16", "avx512", "avx2",
+// "default"), whatever torch picks: the tests check each, not only the one loops() picks.
+template <typename scalar_t>
+std::vector<std::pair<std::string, Loops<scalar_t>>> runnable_loops();
 
 }  // namespace cpu
 }  // namespace torch_batchnorm

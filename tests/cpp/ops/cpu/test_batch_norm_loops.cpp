@@ -1,5 +1,5 @@
 // The bfloat16 and float16 loads and stores of the CPU loops against c10's conversions,
-// on the loops this machine picks (with AVX-512 BF16 or F16C: the conversion
+// on every copy of the loops this machine runs (with AVX-512 BF16 or F16C: the conversion
 // instructions, and the exact path for vectors holding what they convert differently).
 // Every loop converts through the same helpers, so one affine loop per layout, with and
 // without streaming stores, covers them.
@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "ops/cpu/batch_norm_loops.h"
@@ -75,6 +76,16 @@ void expect_rounded_as_c10(const at::Tensor& y, const std::vector<float>& scale,
   EXPECT_EQ(wrong, 0) << what;
 }
 
+// Each copy of the loops this CPU runs, the one loops() picks and the narrower ones, traced
+// in failure messages by its name.
+template <typename scalar_t, typename F>
+void for_each_copy(F check) {
+  for (const auto& [name, copy] : runnable_loops<scalar_t>()) {
+    SCOPED_TRACE("loops built for " + name);
+    check(copy);
+  }
+}
+
 template <typename scalar_t>
 class Stores16 : public ::testing::Test {};
 using Types16 = ::testing::Types<c10::BFloat16, c10::Half>;
@@ -87,12 +98,14 @@ TYPED_TEST(Stores16, RowsRoundAsC10) {
   const int64_t C = static_cast<int64_t>(scale.size());
   const int64_t rows = 4;
   const at::Tensor x = at::ones({rows, C}, c10::CppTypeToScalarType<scalar_t>::value);
-  for (const bool stream : {false, true}) {
-    const at::Tensor y = at::empty_like(x);
-    loops<scalar_t>().rows_affine(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                                  rows, C, nullptr, scale.data(), shift.data(), stream);
-    expect_rounded_as_c10<scalar_t>(y, scale, /*len=*/1, stream ? "rows, streaming" : "rows");
-  }
+  for_each_copy<scalar_t>([&](const Loops<scalar_t>& copy) {
+    for (const bool stream : {false, true}) {
+      const at::Tensor y = at::empty_like(x);
+      copy.rows_affine(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rows, C,
+                       nullptr, scale.data(), shift.data(), stream);
+      expect_rounded_as_c10<scalar_t>(y, scale, /*len=*/1, stream ? "rows, streaming" : "rows");
+    }
+  });
 }
 
 TYPED_TEST(Stores16, RunsRoundAsC10) {
@@ -102,17 +115,18 @@ TYPED_TEST(Stores16, RunsRoundAsC10) {
   const int64_t C = static_cast<int64_t>(scale.size());
   // Runs of 64 values (whole vectors) and of 49 (a 7x7 plane: vectors across runs, and
   // a tail).
-  for (const int64_t len : {64, 49}) {
-    const at::Tensor x = at::ones({C * len}, c10::CppTypeToScalarType<scalar_t>::value);
-    for (const bool stream : {false, true}) {
-      const at::Tensor y = at::empty_like(x);
-      loops<scalar_t>().runs_affine(x.const_data_ptr<scalar_t>(),
-                                    y.mutable_data_ptr<scalar_t>(), /*spans=*/1,
-                                    /*stride=*/C * len, /*runs=*/C, len, /*c0=*/0, C, nullptr,
-                                    scale.data(), shift.data(), stream);
-      expect_rounded_as_c10<scalar_t>(y, scale, len, stream ? "runs, streaming" : "runs");
+  for_each_copy<scalar_t>([&](const Loops<scalar_t>& copy) {
+    for (const int64_t len : {64, 49}) {
+      const at::Tensor x = at::ones({C * len}, c10::CppTypeToScalarType<scalar_t>::value);
+      for (const bool stream : {false, true}) {
+        const at::Tensor y = at::empty_like(x);
+        copy.runs_affine(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                         /*spans=*/1, /*stride=*/C * len, /*runs=*/C, len, /*c0=*/0, C, nullptr,
+                         scale.data(), shift.data(), stream);
+        expect_rounded_as_c10<scalar_t>(y, scale, len, stream ? "runs, streaming" : "runs");
+      }
     }
-  }
+  });
 }
 
 // Every 16-bit pattern, denormals, infinities and NaNs included, loads as c10 widens it:
@@ -127,20 +141,21 @@ TYPED_TEST(Stores16, EveryValueLoadsAsC10) {
   }
   const std::vector<float> scale(C, 1.0f);
   const std::vector<float> shift(C, -0.0f);
-  const at::Tensor y = at::empty_like(x);
-  loops<scalar_t>().rows_affine(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                                /*rows=*/1, C, nullptr, scale.data(), shift.data(),
-                                /*stream=*/false);
-  const auto* out = y.const_data_ptr<scalar_t>();
-  int64_t wrong = 0;
-  for (int64_t i = 0; i < C; ++i) {
-    const uint16_t want = scalar_t(static_cast<float>(bits[i])).x;
-    if (out[i].x != want && ++wrong <= 5) {
-      ADD_FAILURE() << std::hex << "bits " << i << " came back as " << out[i].x
-                    << ", c10 gives " << want;
+  for_each_copy<scalar_t>([&](const Loops<scalar_t>& copy) {
+    const at::Tensor y = at::empty_like(x);
+    copy.rows_affine(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), /*rows=*/1,
+                     C, nullptr, scale.data(), shift.data(), /*stream=*/false);
+    const auto* out = y.const_data_ptr<scalar_t>();
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < C; ++i) {
+      const uint16_t want = scalar_t(static_cast<float>(bits[i])).x;
+      if (out[i].x != want && ++wrong <= 5) {
+        ADD_FAILURE() << std::hex << "bits " << i << " came back as " << out[i].x
+                      << ", c10 gives " << want;
+      }
     }
-  }
-  EXPECT_EQ(wrong, 0);
+    EXPECT_EQ(wrong, 0);
+  });
 }
 
 }  // namespace
