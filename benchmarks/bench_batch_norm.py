@@ -10,8 +10,10 @@ them, which adds page-fault time to every large output, ours and torch's alike).
 times come from CUDA events.
 
 Implementations:
-  ours      torch_batchnorm (the functional op, or the module for the "module" cases)
-  torch     torch.nn.functional.batch_norm (the module torch.nn.BatchNormNd for "module")
+  ours      torch_batchnorm (the functional op, or the module for the "module" and
+            "block" cases)
+  torch     torch.nn.functional.batch_norm (the module torch.nn.BatchNormNd for "module"
+            and "block")
             On CUDA: whatever torch picks (cuDNN where it applies)
   native    CUDA only: torch with cuDNN disabled, its own CUDA kernels
   textbook  BatchNorm written with plain tensor ops (mean, var, broadcasting), a baseline
@@ -26,7 +28,8 @@ twice and written once (3); training forward+backward adds a reduction over dy a
 a pass that reads dy and x and writes dx (3 + 5 = 8). The roofline is a large tensor
 copy (dst.copy_(src): read + write) timed in the same run with the same thread count;
 "% roofline" is the achieved bandwidth bytes/time over the copy's. Inputs that stay in
-cache can exceed 100%.
+cache can exceed 100%. The "block" cases count the module's bytes only, not the
+ReLU's.
 
     python benchmarks/bench_batch_norm.py                 # CPU, full suite
     python benchmarks/bench_batch_norm.py --quick         # CPU smoke run, < 1 minute
@@ -91,7 +94,7 @@ RESNET50_QUICK = [(256, 14), (512, 7)]
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # resnet50, mlp, video, small, module, large
+    family: str  # resnet50, mlp, video, small, module, block, large
     shape: tuple
     layout: str  # nchw (contiguous), cl (channels_last / channels_last_3d), 2d
 
@@ -123,6 +126,21 @@ def cpu_cases(quick: bool) -> list[Case]:
     cases += [Case("small", s, layout) for s, layout in small]
     # The module itself (Python forward, autograd), on a tiny input.
     cases.append(Case("module", (8, 16, 4, 4), "nchw"))
+    # The module followed by ReLU(inplace=True), as in a network's conv-BN-ReLU: the next
+    # layer reads the output at once, from cache where it is still there, which a module
+    # timed alone never does.
+    blocks = (
+        [((32, 128, 28, 28), "nchw")]
+        if quick
+        else [
+            ((32, 128, 28, 28), "nchw"),
+            ((32, 128, 28, 28), "cl"),
+            ((32, 1024, 14, 14), "nchw"),
+            ((32, 256, 56, 56), "nchw"),
+            ((4096, 1024), "2d"),
+        ]
+    )
+    cases += [Case("block", s, layout) for s, layout in blocks]
     return cases
 
 
@@ -195,11 +213,13 @@ def make_fn(impl: str, case: Case, mode: str, x, g) -> Callable[[], object]:
     needs_grad = mode == "train_fwd_bwd"
     dev, dtype = x.device, x.dtype
 
-    if case.family == "module":
+    if case.family in ("module", "block"):
         ours_cls, torch_cls = MODULES[max(1, x.dim() - 2)]
         if impl == "textbook":
             return None
         m = (ours_cls if impl == "ours" else torch_cls)(C, device=dev, dtype=dtype)
+        if case.family == "block":
+            m = torch.nn.Sequential(m, torch.nn.ReLU(inplace=True))
         m.train(training)
         xi = x.detach().requires_grad_(needs_grad)
         params = list(m.parameters())
