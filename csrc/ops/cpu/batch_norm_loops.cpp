@@ -141,7 +141,11 @@ bool cpu_runs(Isa isa) {
       __builtin_cpu_supports("avx512dq");
   switch (isa) {
     case Isa::kAvx512Bf16:
-      return TBN_X86_BF16_CLONE && avx512 && __builtin_cpu_supports("avx512bf16");
+#if TBN_X86_BF16_CLONE
+      return avx512 && __builtin_cpu_supports("avx512bf16");
+#else
+      return false;  // (a compiler without the copy may not know the feature's name)
+#endif
     case Isa::kAvx512:
       return avx512;
     case Isa::kAvx2:
