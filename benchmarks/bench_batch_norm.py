@@ -737,6 +737,16 @@ def write_chart(path: Path, rows: list[Row], title: str):
     plt.close(fig)
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        type=int,
+        default=None,
+        help="CPU thread counts (default: 1 and all)",
+    )
+
+
 def reuse_large_blocks() -> bool:
     """Makes glibc's malloc keep freed blocks of any size for reuse.
 
@@ -770,13 +780,7 @@ def main(argv=None):
     parser.add_argument(
         "--dtype", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"]
     )
-    parser.add_argument(
-        "--threads",
-        nargs="+",
-        type=int,
-        default=None,
-        help="CPU thread counts (default: 1 and all)",
-    )
+    add_threads_argument(parser)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--cases", default=None, help="regular expression selecting cases by name")
     parser.add_argument(

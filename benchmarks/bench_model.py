@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch_batchnorm as tbn
-from bench_batch_norm import machine_info, reuse_large_blocks
+from bench_batch_norm import add_threads_argument, machine_info, reuse_large_blocks
 from torch import nn
 
 
@@ -139,13 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=112, help="image height and width")
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "cl"], default=["nchw", "cl"])
-    parser.add_argument(
-        "--threads",
-        nargs="+",
-        type=int,
-        default=None,
-        help="CPU thread counts (default: 1 and all)",
-    )
+    add_threads_argument(parser)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=2, help="steps per round")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
