@@ -7,10 +7,10 @@ ReLUs, residual additions, the loss and the optimiser, so the gain is its share 
 step. The network is torchvision's ResNet-50 layout (bottleneck blocks [3, 4, 6, 3],
 written out below, so no torchvision is needed) on 112x112 images by default, which
 keeps a training step near a second on two cores; the BatchNorm inputs are then a
-quarter of their size at 224x224. Each round times a few training steps (forward, cross-entropy,
-backward, SGD) or evaluation forwards of one model, then of the other, in alternating
-order; the result is the median round and the median of the per-round ratios. A
-profile of one training step of each model gives the share of the BatchNorm ops.
+quarter of their size at 224x224. Each round times a few training steps (forward,
+cross-entropy, backward, SGD) or evaluation forwards of one model, then of the other, in
+alternating order; the result is the median round and the median of the per-round
+ratios. A profile of one call of each model gives the share of the BatchNorm ops.
 
     python benchmarks/bench_model.py                      # float32, NCHW and channels-last
     python benchmarks/bench_model.py --dtype bfloat16
