@@ -742,7 +742,7 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
         "--threads",
         nargs="+",
         type=int,
-        default=None,
+        default=sorted({1, torch.get_num_threads()}),
         help="CPU thread counts (default: 1 and all)",
     )
 
@@ -804,9 +804,6 @@ def main(argv=None):
         if not tbn.with_cuda:
             parser.error("--device cuda: this torch_batchnorm build has no CUDA kernels")
         torch.backends.cudnn.benchmark = False
-    if args.threads is None:
-        all_threads = torch.get_num_threads()
-        args.threads = sorted({1, all_threads})
     if args.round_ms is None:
         args.round_ms = 1.0 if args.quick else 5.0
 

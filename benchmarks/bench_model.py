@@ -149,7 +149,6 @@ def main(argv=None) -> None:
     reuse_large_blocks()
 
     dtype = getattr(torch, args.dtype)
-    threads = args.threads or sorted({1, torch.get_num_threads()})
     torch.manual_seed(0)
     x0 = torch.randn(args.batch, 3, args.size, args.size)
     target = torch.randint(0, 1000, (args.batch,))
@@ -157,7 +156,7 @@ def main(argv=None) -> None:
     for layout in args.layouts:
         fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
         x = x0.to(dtype).contiguous(memory_format=fmt)
-        for n in threads:
+        for n in args.threads:
             torch.set_num_threads(n)
             for mode in ("train", "eval"):
                 torch.manual_seed(0)
