@@ -1,0 +1,168 @@
+#pragma once
+
+// How the CUDA kernels (batch_norm_kernel.cu) cover their input: the blocks and threads of
+// a launch, and the vectors each thread walks. Plain host-and-device C++ with no CUDA
+// runtime, so that the index arithmetic is tested on the CPU (tests/cpp/ops/cuda).
+
+#include <algorithm>
+#include <cstdint>
+
+#include "ops/batch_norm_layout.h"
+#include "ops/batch_norm_math.h"
+
+// Loops over compile-time counts are unrolled in device code; the host compiler, which
+// also sees the host-callable functions, does not know the pragma.
+#if defined(__CUDA_ARCH__)
+#define TBN_UNROLL _Pragma("unroll")
+#else
+#define TBN_UNROLL
+#endif
+
+namespace torch_batchnorm {
+namespace cuda {
+
+constexpr int kThreads = 256;
+// Vectors each thread loads before it uses any: enough bytes in flight per SM to cover
+// DRAM latency at the occupancy these kernels reach.
+constexpr int kUnroll = 4;
+
+// ---------------------------------------------------------------------------------
+// Geometry: how blocks and threads cover the input. Offsets are counted in vectors of
+// VEC elements and kept in 64 bits; they advance by additions, never by division.
+
+// Contiguous [N, C, HW]: channel c is N runs ("planes") of HW elements, C * HW apart.
+struct PlaneGeom {
+  int64_t channels;
+  int64_t plane;        // vectors per plane: HW / VEC
+  int64_t per_channel;  // vectors per channel: N * plane
+  int64_t splits;       // blocks per channel; block b covers slice b % splits of channel b / splits
+
+  TBN_HOST_DEVICE int64_t begin(int64_t s) const {
+    return per_channel * s / splits;
+  }
+};
+
+// Channels-last [rows, C]: a block covers tx vectors of channels ("a group") times a
+// slice of the rows, with ty threads along the rows.
+struct RowGeom {
+  int64_t rows;
+  int64_t vecs;    // vectors per row: C / VEC
+  int tx;          // a power of two <= 32, so a warp holds whole columns of threads
+  int ty;          // kThreads / tx
+  int64_t groups;  // ceil(vecs / tx)
+  int64_t splits;  // blocks per group; block b covers slice b / groups of group b % groups
+
+  TBN_HOST_DEVICE int64_t begin(int64_t s) const {
+    return rows * s / splits;
+  }
+};
+
+// Walks the vectors of channel `c` in [v0, v1) that thread `tid` of a block owns: v0 + tid,
+// then every kThreads-th. Calls f(offsets, n) for each group of kUnroll of them, of which
+// the first n are in range. kReverse walks them from the last to the first.
+template <bool kReverse, typename F>
+TBN_HOST_DEVICE void for_each_plane_tile(
+    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, F&& f) {
+  const int64_t first = v0 + tid;
+  if (first >= v1) {
+    return;
+  }
+  const int64_t mine = (v1 - first + kThreads - 1) / kThreads;
+  const int64_t v = kReverse ? first + (mine - 1) * kThreads : first;
+  const int64_t n = v / g.plane;
+  int64_t j = v - n * g.plane;
+  int64_t off = (n * g.channels + c) * g.plane + j;
+  // A step of kThreads vectors moves dn planes of this channel and dj within a plane.
+  const int64_t dn = kThreads / g.plane;
+  const int64_t dj = kThreads % g.plane;
+  const int64_t plane_stride = g.channels * g.plane;
+  const int64_t step = dn * plane_stride + dj;
+  for (int64_t left = mine; left > 0; left -= kUnroll) {
+    int64_t offs[kUnroll];
+    TBN_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      offs[u] = off;
+      if constexpr (kReverse) {
+        j -= dj;
+        off -= step;
+        if (j < 0) {
+          j += g.plane;
+          off -= plane_stride - g.plane;
+        }
+      } else {
+        j += dj;
+        off += step;
+        if (j >= g.plane) {
+          j -= g.plane;
+          off += plane_stride - g.plane;
+        }
+      }
+    }
+    f(offs, static_cast<int>(left < kUnroll ? left : kUnroll));
+  }
+}
+
+// Walks a thread's rows r0 + y, r0 + y + ty, ... < r1 of column vector `cv`.
+template <bool kReverse, typename F>
+TBN_HOST_DEVICE void for_each_row_tile(
+    const RowGeom& g, int64_t cv, int64_t r0, int64_t r1, int y, F&& f) {
+  const int64_t first = r0 + y;
+  if (first >= r1) {
+    return;
+  }
+  const int64_t mine = (r1 - first + g.ty - 1) / g.ty;
+  const int64_t r = kReverse ? first + (mine - 1) * g.ty : first;
+  const int64_t step = kReverse ? -g.ty * g.vecs : g.ty * g.vecs;
+  int64_t off = r * g.vecs + cv;
+  for (int64_t left = mine; left > 0; left -= kUnroll) {
+    int64_t offs[kUnroll];
+    TBN_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      offs[u] = off;
+      off += step;
+    }
+    f(offs, static_cast<int>(left < kUnroll ? left : kUnroll));
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Launch shapes, given `wave`: the blocks of the kernel that run at once on the device.
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Blocks per channel (or group): as many as fit in one wave together, so that every block
+// is resident from the start and none waits for a second wave, and each at least one full
+// round of kThreads * kUnroll vectors (rows: ty * kUnroll rows). With enough channels for a
+// wave, one block owns a whole channel and the elementwise pass runs in the reduction
+// kernel.
+inline int64_t choose_splits(int64_t units, int64_t rounds, int64_t wave) {
+  return std::max<int64_t>(1, std::min(wave / units, rounds));
+}
+
+inline PlaneGeom plane_geom(const Layout& l, int vec, int64_t wave) {
+  PlaneGeom g{};
+  g.channels = l.channels;
+  g.plane = l.inner / vec;
+  g.per_channel = l.outer * g.plane;
+  g.splits = choose_splits(l.channels, ceil_div(g.per_channel, kThreads * kUnroll), wave);
+  return g;
+}
+
+inline RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
+  RowGeom g{};
+  g.rows = l.outer;
+  g.vecs = l.channels / vec;
+  g.tx = 1;
+  while (g.tx < 32 && g.tx < g.vecs) {
+    g.tx *= 2;
+  }
+  g.ty = kThreads / g.tx;
+  g.groups = ceil_div(g.vecs, g.tx);
+  g.splits = choose_splits(g.groups, ceil_div(g.rows, static_cast<int64_t>(g.ty) * kUnroll), wave);
+  return g;
+}
+
+}  // namespace cuda
+}  // namespace torch_batchnorm
