@@ -57,6 +57,21 @@ struct RowGeom {
   }
 };
 
+// Calls f(offsets, n) for each group of kUnroll of a thread's `mine` vectors, of which the
+// first n are in range: the first at `off`, each next one at next(previous).
+template <typename F, typename Next>
+TBN_HOST_DEVICE void for_each_tile(int64_t mine, int64_t off, F& f, Next&& next) {
+  for (int64_t left = mine; left > 0; left -= kUnroll) {
+    int64_t offs[kUnroll];
+    TBN_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      offs[u] = off;
+      off = next(off);
+    }
+    f(offs, static_cast<int>(left < kUnroll ? left : kUnroll));
+  }
+}
+
 // Walks the vectors of channel `c` in [v0, v1) that thread `tid` of a block owns: v0 + tid,
 // then every kThreads-th. Calls f(offsets, n) for each group of kUnroll of them, of which
 // the first n are in range. kReverse walks them from the last to the first.
@@ -71,35 +86,30 @@ TBN_HOST_DEVICE void for_each_plane_tile(
   const int64_t v = kReverse ? first + (mine - 1) * kThreads : first;
   const int64_t n = v / g.plane;
   int64_t j = v - n * g.plane;
-  int64_t off = (n * g.channels + c) * g.plane + j;
+  const int64_t off = (n * g.channels + c) * g.plane + j;
   // A step of kThreads vectors moves dn planes of this channel and dj within a plane.
   const int64_t dn = kThreads / g.plane;
   const int64_t dj = kThreads % g.plane;
   const int64_t plane_stride = g.channels * g.plane;
   const int64_t step = dn * plane_stride + dj;
-  for (int64_t left = mine; left > 0; left -= kUnroll) {
-    int64_t offs[kUnroll];
-    TBN_UNROLL
-    for (int u = 0; u < kUnroll; ++u) {
-      offs[u] = off;
-      if constexpr (kReverse) {
-        j -= dj;
-        off -= step;
-        if (j < 0) {
-          j += g.plane;
-          off -= plane_stride - g.plane;
-        }
-      } else {
-        j += dj;
-        off += step;
-        if (j >= g.plane) {
-          j -= g.plane;
-          off += plane_stride - g.plane;
-        }
+  for_each_tile(mine, off, f, [&](int64_t o) {
+    if constexpr (kReverse) {
+      j -= dj;
+      o -= step;
+      if (j < 0) {
+        j += g.plane;
+        o -= plane_stride - g.plane;
+      }
+    } else {
+      j += dj;
+      o += step;
+      if (j >= g.plane) {
+        j -= g.plane;
+        o += plane_stride - g.plane;
       }
     }
-    f(offs, static_cast<int>(left < kUnroll ? left : kUnroll));
-  }
+    return o;
+  });
 }
 
 // Walks a thread's rows r0 + y, r0 + y + ty, ... < r1 of column vector `cv`.
@@ -113,16 +123,7 @@ TBN_HOST_DEVICE void for_each_row_tile(
   const int64_t mine = (r1 - first + g.ty - 1) / g.ty;
   const int64_t r = kReverse ? first + (mine - 1) * g.ty : first;
   const int64_t step = kReverse ? -g.ty * g.vecs : g.ty * g.vecs;
-  int64_t off = r * g.vecs + cv;
-  for (int64_t left = mine; left > 0; left -= kUnroll) {
-    int64_t offs[kUnroll];
-    TBN_UNROLL
-    for (int u = 0; u < kUnroll; ++u) {
-      offs[u] = off;
-      off += step;
-    }
-    f(offs, static_cast<int>(left < kUnroll ? left : kUnroll));
-  }
+  for_each_tile(mine, r * g.vecs + cv, f, [step](int64_t o) { return o + step; });
 }
 
 // ---------------------------------------------------------------------------------
