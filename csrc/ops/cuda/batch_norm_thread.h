@@ -1,0 +1,564 @@
+#pragma once
+
+// What one thread of the CUDA kernels (batch_norm_kernel.cu) computes: its loads, the
+// per-channel maps of the elementwise pass, and its share of a reduction with the merge
+// and finalization of partial results. Host-and-device code, so that tests run it on the
+// CPU (tests/cpp/ops/cuda); the warp shuffles and L2 loads of the Ops are device-only.
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "ops/batch_norm_math.h"
+#include "ops/cuda/batch_norm_geometry.h"
+
+namespace torch_batchnorm {
+namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Elements of one 16-byte load.
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Loads the first n of kUnroll vectors; the rest are zero (never used, but defined).
+template <int VEC, typename scalar_t>
+TBN_HOST_DEVICE void load_packs(const scalar_t* __restrict__ base,
+                                const int64_t (&offs)[kUnroll],
+                                int n,
+                                Pack<scalar_t, VEC> (&out)[kUnroll]) {
+  const auto* packs = reinterpret_cast<const Pack<scalar_t, VEC>*>(base);
+  TBN_UNROLL
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < n) {
+      out[u] = packs[offs[u]];
+    } else {
+      TBN_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        out[u].v[k] = scalar_t(0);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Per-channel tensors. Parameters and running statistics are either in the input dtype
+// or, for float16/bfloat16 input, in float ("mixed type"); saved statistics and sums are
+// always in the accumulation type. Which one is a runtime property of the tensor, so one
+// kernel serves both and the dtype check stays in the validation routine.
+
+template <typename scalar_t>
+struct ChannelRef {
+  using acc_t = at::opmath_type<scalar_t>;
+  void* ptr;
+  bool is_acc;  // elements are acc_t; otherwise scalar_t
+
+  TBN_HOST_DEVICE acc_t load(int64_t c, acc_t fallback) const {
+    if (ptr == nullptr) {
+      return fallback;
+    }
+    return is_acc ? static_cast<const acc_t*>(ptr)[c]
+                  : static_cast<acc_t>(static_cast<const scalar_t*>(ptr)[c]);
+  }
+  TBN_HOST_DEVICE void store(int64_t c, acc_t value) const {
+    if (is_acc) {
+      static_cast<acc_t*>(ptr)[c] = value;
+    } else {
+      static_cast<scalar_t*>(ptr)[c] = static_cast<scalar_t>(value);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Elementwise pass: out = a * dy + (b * (x - m) + c), in the order the CPU kernel uses.
+
+enum class Pass : int {
+  kNormalizeTraining,  // y = (x - mean) * (invstd * w) + bias
+  kNormalizeEval,      // y = x * scale + shift, running statistics folded into scale/shift
+  kGradTraining,       // dx through the batch statistics
+  kGradEval,           // dx = w * invstd * dy: reads dy only
+};
+
+template <typename acc_t>
+struct ChannelMap {
+  acc_t a, b, c, m;
+};
+
+template <typename scalar_t>
+struct ChannelArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  Pass pass;
+  ChannelRef<scalar_t> mean;    // save_mean (training) or running_mean (evaluation)
+  ChannelRef<scalar_t> spread;  // save_invstd (training) or running_var (evaluation)
+  ChannelRef<scalar_t> weight;
+  ChannelRef<scalar_t> bias;
+  // sum(dy) and sum(dy * (x - mean)) over the `count` values of each channel; read by
+  // kGradTraining.
+  const acc_t* sum_dy;
+  const acc_t* sum_dy_xmu;
+  int64_t count;  // values per channel
+  double eps;
+
+  TBN_HOST_DEVICE bool training() const {
+    return pass == Pass::kNormalizeTraining || pass == Pass::kGradTraining;
+  }
+  TBN_HOST_DEVICE bool reads_dy() const {
+    return pass == Pass::kGradTraining || pass == Pass::kGradEval;
+  }
+  TBN_HOST_DEVICE bool reads_x() const {
+    return pass != Pass::kGradEval;
+  }
+  TBN_HOST_DEVICE acc_t invstd(int64_t c) const {
+    return training() ? spread.load(c, acc_t(0))
+                      : math::running_invstd(spread.load(c, acc_t(1)), eps);
+  }
+
+  TBN_HOST_DEVICE ChannelMap<acc_t> map(int64_t c) const {
+    const acc_t w = weight.load(c, acc_t(1));
+    const acc_t is = invstd(c);
+    switch (pass) {
+      case Pass::kNormalizeTraining: {
+        // Centre first: (x - mean) is exact for inputs near the mean.
+        return {acc_t(0), is * w, bias.load(c, acc_t(0)), mean.load(c, acc_t(0))};
+      }
+      case Pass::kNormalizeEval: {
+        const acc_t scale = is * w;
+        return {acc_t(0), scale, bias.load(c, acc_t(0)) - mean.load(c, acc_t(0)) * scale, acc_t(0)};
+      }
+      case Pass::kGradTraining: {
+        const auto k = math::grad_input_coeffs<acc_t>(w, is, sum_dy[c], sum_dy_xmu[c], count, true);
+        return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
+      }
+      default: {
+        const auto k = math::grad_input_coeffs<acc_t>(w, is, acc_t(0), acc_t(0), count, false);
+        return {k.a, k.b, k.c, acc_t(0)};
+      }
+    }
+  }
+};
+
+template <typename acc_t>
+TBN_HOST_DEVICE acc_t
+apply_map(const ChannelMap<acc_t>& k, acc_t dy, acc_t x, bool reads_dy, bool reads_x) {
+  if (!reads_x) {
+    return k.a * dy;
+  }
+  const acc_t v = k.b * (x - k.m) + k.c;
+  return reads_dy ? k.a * dy + v : v;
+}
+
+// Writes out = map(dy, x) for one tile of kUnroll vectors, n of them in range.
+template <int VEC, typename scalar_t, typename MapOf>
+TBN_HOST_DEVICE void elementwise_tile(const ChannelArgs<scalar_t>& ch,
+                                      const scalar_t* __restrict__ dy,
+                                      const scalar_t* __restrict__ x,
+                                      scalar_t* __restrict__ out,
+                                      const int64_t (&offs)[kUnroll],
+                                      int n,
+                                      MapOf map_of) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool rdy = ch.reads_dy();
+  const bool rx = ch.reads_x();
+  Pack<scalar_t, VEC> xs[kUnroll];
+  Pack<scalar_t, VEC> gs[kUnroll];
+  load_packs<VEC>(x, offs, rx ? n : 0, xs);
+  load_packs<VEC>(dy, offs, rdy ? n : 0, gs);
+  auto* dst = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
+  TBN_UNROLL
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < n) {
+      Pack<scalar_t, VEC> o;
+      TBN_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        o.v[k] = static_cast<scalar_t>(apply_map<acc_t>(
+            map_of(k), static_cast<acc_t>(gs[u].v[k]), static_cast<acc_t>(xs[u].v[k]), rdy, rx));
+      }
+      dst[offs[u]] = o;
+    }
+  }
+}
+
+template <int VEC, typename scalar_t>
+TBN_HOST_DEVICE void elementwise_planes(const PlaneGeom& g,
+                                        int64_t c,
+                                        int64_t v0,
+                                        int64_t v1,
+                                        int tid,
+                                        const ChannelArgs<scalar_t>& ch,
+                                        const scalar_t* dy,
+                                        const scalar_t* x,
+                                        scalar_t* out) {
+  const auto map = ch.map(c);
+  for_each_plane_tile<true>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
+    elementwise_tile<VEC>(ch, dy, x, out, offs, n, [&](int) { return map; });
+  });
+}
+
+template <int VEC, typename scalar_t>
+TBN_HOST_DEVICE void elementwise_rows(const RowGeom& g,
+                                      int64_t cv,
+                                      int64_t r0,
+                                      int64_t r1,
+                                      int y,
+                                      const ChannelArgs<scalar_t>& ch,
+                                      const scalar_t* dy,
+                                      const scalar_t* x,
+                                      scalar_t* out) {
+  ChannelMap<at::opmath_type<scalar_t>> map[VEC];
+  TBN_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    map[k] = ch.map(cv * VEC + k);
+  }
+  for_each_row_tile<true>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
+    elementwise_tile<VEC>(ch, dy, x, out, offs, n, [&](int k) { return map[k]; });
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Reductions. An Op says what a thread accumulates from a tile, how two partial results
+// merge, and what the final result of a channel writes.
+
+// Outputs written once a channel's reduction is complete; a null pointer is an output
+// not asked for.
+template <typename scalar_t>
+struct FinalizeArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  // statistics
+  acc_t* save_mean;
+  acc_t* save_invstd;
+  acc_t* m2;
+  ChannelRef<scalar_t> running_mean;
+  ChannelRef<scalar_t> running_var;
+  double momentum;
+  // backward sums
+  ChannelRef<scalar_t> grad_weight;
+  ChannelRef<scalar_t> grad_bias;
+  acc_t* sum_dy;
+  acc_t* sum_dy_xmu;
+};
+
+template <typename scalar_t>
+struct StatsOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Acc = math::Welford<acc_t>;
+  static constexpr bool kReadsDy = false;
+
+  TBN_HOST_DEVICE static Acc identity() {
+    return Acc{};
+  }
+  TBN_HOST_DEVICE static Acc merge(const Acc& a, const Acc& b) {
+    return math::welford_merge(a, b);
+  }
+#if defined(__CUDACC__)
+  __device__ static Acc shfl_xor(const Acc& a, int lane_mask) {
+    Acc o;
+    o.mean = __shfl_xor_sync(kFullMask, a.mean, lane_mask);
+    o.m2 = __shfl_xor_sync(kFullMask, a.m2, lane_mask);
+    o.count = __shfl_xor_sync(kFullMask, a.count, lane_mask);
+    return o;
+  }
+#endif
+
+  // Folds a tile into K slots: slot k takes x(i * S + k) for i < n. Each slot gets the
+  // exact two-pass mean and M2 of its n values (they are in registers), then one Welford
+  // merge; all slots have seen the same number of values, so they share the reciprocal
+  // and the merge fraction, and no division is paid per element.
+  template <int K, int LEN, int S, typename InX, typename InDy>
+  TBN_HOST_DEVICE static void accumulate(
+      Acc (&acc)[K], const InX& x, const InDy&, int n, const acc_t (&)[K]) {
+    if (n == 0) {
+      return;
+    }
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+    const acc_t frac = static_cast<acc_t>(n) / static_cast<acc_t>(acc[0].count + n);
+    TBN_UNROLL
+    for (int k = 0; k < K; ++k) {
+      acc_t sum = 0;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          sum += x(i * S + k);
+        }
+      }
+      Acc tile;
+      tile.mean = sum * inv_n;
+      tile.m2 = 0;
+      tile.count = n;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          const acc_t t = x(i * S + k) - tile.mean;
+          tile.m2 += t * t;
+        }
+      }
+      acc[k] = math::welford_merge(acc[k], tile, frac);
+    }
+  }
+
+  TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
+    p0[i] = a.mean;
+    p1[i] = a.m2;
+  }
+#if defined(__CUDACC__)
+  // Partials are read by a different block than wrote them: load from L2, not L1.
+  __device__ static Acc load_partial(const acc_t* p0, const acc_t* p1, int64_t i, int64_t count) {
+    Acc a;
+    a.mean = __ldcg(p0 + i);
+    a.m2 = __ldcg(p1 + i);
+    a.count = count;
+    return a;
+  }
+#endif
+
+  // Also finalizes statistics gathered elsewhere (batch_norm_forward_with_stats), with
+  // `a` holding their mean, M2 and count.
+  TBN_HOST_DEVICE static void finalize(const Acc& a,
+                                       int64_t c,
+                                       const FinalizeArgs<scalar_t>& f,
+                                       const ChannelArgs<scalar_t>& ch) {
+    // An empty batch gives mean 0, M2 0 and invstd 0, and leaves the running statistics.
+    if (f.save_mean != nullptr) {
+      f.save_mean[c] = a.mean;
+    }
+    if (f.m2 != nullptr) {
+      f.m2[c] = a.m2;
+    }
+    if (f.save_invstd != nullptr) {
+      f.save_invstd[c] = math::batch_invstd_from_m2(a.m2, a.count, ch.eps);
+    }
+    if (f.running_mean.ptr != nullptr && a.count > 0) {
+      f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), a.mean, f.momentum));
+      f.running_var.store(
+          c,
+          math::running_update(
+              f.running_var.load(c, 0), math::unbiased_var(a.m2, a.count), f.momentum));
+    }
+  }
+};
+
+template <typename acc_t>
+struct GradSums {
+  acc_t dy;
+  acc_t dy_xmu;
+};
+
+template <typename scalar_t>
+struct GradOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Acc = GradSums<acc_t>;
+  static constexpr bool kReadsDy = true;
+
+  TBN_HOST_DEVICE static Acc identity() {
+    return {acc_t(0), acc_t(0)};
+  }
+  TBN_HOST_DEVICE static Acc merge(const Acc& a, const Acc& b) {
+    return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+  }
+#if defined(__CUDACC__)
+  __device__ static Acc shfl_xor(const Acc& a, int lane_mask) {
+    return {__shfl_xor_sync(kFullMask, a.dy, lane_mask),
+            __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
+  }
+#endif
+
+  template <int K, int LEN, int S, typename InX, typename InDy>
+  TBN_HOST_DEVICE static void accumulate(
+      Acc (&acc)[K], const InX& x, const InDy& dy, int n, const acc_t (&mean)[K]) {
+    TBN_UNROLL
+    for (int k = 0; k < K; ++k) {
+      acc_t s = 0;
+      acc_t sx = 0;
+      TBN_UNROLL
+      for (int i = 0; i < LEN; ++i) {
+        if (i < n) {
+          const acc_t g = dy(i * S + k);
+          s += g;
+          sx += g * (x(i * S + k) - mean[k]);
+        }
+      }
+      acc[k].dy += s;
+      acc[k].dy_xmu += sx;
+    }
+  }
+
+  TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
+    p0[i] = a.dy;
+    p1[i] = a.dy_xmu;
+  }
+#if defined(__CUDACC__)
+  __device__ static Acc load_partial(const acc_t* p0, const acc_t* p1, int64_t i, int64_t) {
+    return {__ldcg(p0 + i), __ldcg(p1 + i)};
+  }
+#endif
+
+  TBN_HOST_DEVICE static void finalize(const Acc& a,
+                                       int64_t c,
+                                       const FinalizeArgs<scalar_t>& f,
+                                       const ChannelArgs<scalar_t>& ch) {
+    if (f.grad_weight.ptr != nullptr) {
+      f.grad_weight.store(c, a.dy_xmu * ch.invstd(c));
+    }
+    if (f.grad_bias.ptr != nullptr) {
+      f.grad_bias.store(c, a.dy);
+    }
+    if (f.sum_dy != nullptr) {
+      f.sum_dy[c] = a.dy;
+      f.sum_dy_xmu[c] = a.dy_xmu;
+    }
+  }
+};
+
+template <typename scalar_t>
+struct ReduceArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* dy;  // backward only
+  scalar_t* out;       // non-null: run the elementwise pass in this kernel (splits == 1)
+  acc_t* partial;      // [2, splits, C] when splits > 1
+  int* semaphores;     // one per channel (planes) or per group (rows), zeroed
+  FinalizeArgs<scalar_t> fin;
+  ChannelArgs<scalar_t> ch;
+};
+
+// Reads element i of a tile of kUnroll packs as acc_t.
+template <typename scalar_t, int VEC>
+struct TileView {
+  const Pack<scalar_t, VEC>* packs;
+  TBN_HOST_DEVICE at::opmath_type<scalar_t> operator()(int i) const {
+    return static_cast<at::opmath_type<scalar_t>>(packs[i / VEC].v[i % VEC]);
+  }
+};
+
+// A thread's share of a planes reduction: its vectors of channel c in [v0, v1).
+template <typename Op, int VEC, typename scalar_t>
+TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(const PlaneGeom& g,
+                                                      int64_t c,
+                                                      int64_t v0,
+                                                      int64_t v1,
+                                                      int tid,
+                                                      const ReduceArgs<scalar_t>& args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t mean[1] = {Op::kReadsDy ? args.ch.mean.load(c, acc_t(0)) : acc_t(0)};
+  typename Op::Acc acc[1] = {Op::identity()};
+  for_each_plane_tile<false>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
+    Pack<scalar_t, VEC> xs[kUnroll];
+    Pack<scalar_t, VEC> gs[kUnroll];
+    load_packs<VEC>(args.x, offs, n, xs);
+    load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
+    // One slot: the whole tile belongs to channel c.
+    Op::template accumulate<1, kUnroll * VEC, 1>(
+        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n * VEC, mean);
+  });
+  return acc[0];
+}
+
+// A thread's share of a rows reduction: channels cv * VEC + k of rows r0 + y, r0 + y + ty, ...
+template <typename Op, int VEC, typename scalar_t>
+TBN_HOST_DEVICE void thread_reduce_rows(const RowGeom& g,
+                                        int64_t cv,
+                                        int64_t r0,
+                                        int64_t r1,
+                                        int y,
+                                        const ReduceArgs<scalar_t>& args,
+                                        typename Op::Acc (&acc)[VEC]) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t mean[VEC];
+  TBN_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    acc[k] = Op::identity();
+    mean[k] = Op::kReadsDy ? args.ch.mean.load(cv * VEC + k, acc_t(0)) : acc_t(0);
+  }
+  for_each_row_tile<false>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
+    Pack<scalar_t, VEC> xs[kUnroll];
+    Pack<scalar_t, VEC> gs[kUnroll];
+    load_packs<VEC>(args.x, offs, n, xs);
+    load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
+    // Slot k: channel cv * VEC + k, element k of each of the kUnroll rows.
+    Op::template accumulate<VEC, kUnroll, VEC>(
+        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n, mean);
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Host side: the per-channel arguments of a launch, from tensors.
+
+// An undefined tensor is an absent one.
+template <typename scalar_t>
+ChannelRef<scalar_t> channel_ref(const at::Tensor& t) {
+  if (!t.defined()) {
+    return {nullptr, true};
+  }
+  return {t.data_ptr(),
+          t.scalar_type() == at::toOpMathType(c10::CppTypeToScalarType<scalar_t>::value)};
+}
+
+// Per-channel inputs of the elementwise pass, dense or undefined; see ChannelArgs.
+struct ChannelTensors {
+  at::Tensor mean;
+  at::Tensor spread;
+  at::Tensor weight;
+  at::Tensor bias;
+  at::Tensor sum_dy;
+  at::Tensor sum_dy_xmu;
+};
+
+// Per-channel outputs of a reduction, dense or undefined (not asked for); see FinalizeArgs.
+struct FinalizeTensors {
+  at::Tensor save_mean;
+  at::Tensor save_invstd;
+  at::Tensor m2;
+  at::Tensor running_mean;
+  at::Tensor running_var;
+  double momentum = 0;
+  at::Tensor grad_weight;
+  at::Tensor grad_bias;
+  at::Tensor sum_dy;
+  at::Tensor sum_dy_xmu;
+};
+
+template <typename T>
+T* ptr_of(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+template <typename scalar_t>
+ChannelArgs<scalar_t> channel_args(Pass pass, const ChannelTensors& t, int64_t count, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  ChannelArgs<scalar_t> ch{};
+  ch.pass = pass;
+  ch.mean = channel_ref<scalar_t>(t.mean);
+  ch.spread = channel_ref<scalar_t>(t.spread);
+  ch.weight = channel_ref<scalar_t>(t.weight);
+  ch.bias = channel_ref<scalar_t>(t.bias);
+  ch.sum_dy = ptr_of<const acc_t>(t.sum_dy);
+  ch.sum_dy_xmu = ptr_of<const acc_t>(t.sum_dy_xmu);
+  ch.count = count;
+  ch.eps = eps;
+  return ch;
+}
+
+template <typename scalar_t>
+FinalizeArgs<scalar_t> finalize_args(const FinalizeTensors& t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  FinalizeArgs<scalar_t> f{};
+  f.save_mean = ptr_of<acc_t>(t.save_mean);
+  f.save_invstd = ptr_of<acc_t>(t.save_invstd);
+  f.m2 = ptr_of<acc_t>(t.m2);
+  f.running_mean = channel_ref<scalar_t>(t.running_mean);
+  f.running_var = channel_ref<scalar_t>(t.running_var);
+  f.momentum = t.momentum;
+  f.grad_weight = channel_ref<scalar_t>(t.grad_weight);
+  f.grad_bias = channel_ref<scalar_t>(t.grad_bias);
+  f.sum_dy = ptr_of<acc_t>(t.sum_dy);
+  f.sum_dy_xmu = ptr_of<acc_t>(t.sum_dy_xmu);
+  return f;
+}
+
+}  // namespace cuda
+}  // namespace torch_batchnorm
