@@ -1,13 +1,16 @@
 // The CUDA kernels' per-thread code (csrc/ops/cuda/batch_norm_thread.h) run on the CPU:
 // every thread of every block of the launch shapes the host picks, one after another. The
 // merges the kernels do across threads and blocks (warp shuffles, shared memory, the last
-// block of a channel) are done here in thread and slice order instead. Training forward
+// block of a channel) are done in the same order, so the results differ from the GPU's
+// only where the device compiler fuses a multiply and an add. Training forward
 // and backward and evaluation must give what the CPU kernels give, for every dtype, vector
 // width and layout. No GPU needed.
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -82,8 +85,64 @@ void emulate_elementwise(const Layout& l,
   }
 }
 
-// The reduction kernel of Op: each channel's result merged over threads and slices, then
-// finalized; then the elementwise pass into `out`, if given.
+constexpr int kWarps = kThreads / 32;
+
+// The warp shuffles of the kernels: for each m from `first` down to `last`, lane i merges
+// its value with lane i ^ m's (its own first), all lanes at once.
+template <typename Op>
+void butterfly(std::vector<typename Op::Acc>& lanes, int first, int last) {
+  for (int m = first; m >= last; m >>= 1) {
+    const auto before = lanes;
+    for (size_t i = 0; i < lanes.size(); ++i) {
+      lanes[i] = Op::merge(before[i], before[i ^ m]);
+    }
+  }
+}
+
+// block_reduce_all: each warp's butterfly, then the warps' results in warp 0's.
+template <typename Op>
+typename Op::Acc block_reduce_all(const std::vector<typename Op::Acc>& v) {
+  std::vector<typename Op::Acc> warps(32, Op::identity());
+  for (int w = 0; w < kWarps; ++w) {
+    std::vector<typename Op::Acc> lanes(v.begin() + w * 32, v.begin() + (w + 1) * 32);
+    butterfly<Op>(lanes, 16, 1);
+    warps[w] = lanes[0];
+  }
+  butterfly<Op>(warps, kWarps / 2, 1);
+  return warps[0];
+}
+
+// block_reduce_rows: v[t][k] is slot k of thread t; returns the result of column x, slot
+// k at [x * VEC + k].
+template <typename Op, int VEC>
+std::vector<typename Op::Acc> block_reduce_rows(
+    const std::vector<std::array<typename Op::Acc, VEC>>& v, int tx) {
+  std::vector<typename Op::Acc> smem(kWarps * tx * VEC);
+  for (int k = 0; k < VEC; ++k) {
+    for (int w = 0; w < kWarps; ++w) {
+      std::vector<typename Op::Acc> lanes(32);
+      for (int lane = 0; lane < 32; ++lane) {
+        lanes[lane] = v[w * 32 + lane][k];
+      }
+      butterfly<Op>(lanes, 16, tx);
+      for (int lane = 0; lane < tx; ++lane) {
+        smem[(w * tx + lane) * VEC + k] = lanes[lane];
+      }
+    }
+  }
+  std::vector<typename Op::Acc> out(tx * VEC);
+  for (int t = 0; t < tx * VEC; ++t) {
+    out[t] = smem[t];
+    for (int w = 1; w < kWarps; ++w) {
+      out[t] = Op::merge(out[t], smem[w * tx * VEC + t]);
+    }
+  }
+  return out;
+}
+
+// The reduction kernel of Op, merging in the kernels' order (warp shuffles, then warps,
+// then, with several blocks per channel or group, the partial results in the last block,
+// which hold what the blocks' results hold); then the elementwise pass into `out`, if given.
 template <typename Op, int VEC, typename scalar_t>
 void emulate_reduce(const Layout& l,
                     int64_t wave,
@@ -93,27 +152,68 @@ void emulate_reduce(const Layout& l,
   std::vector<Acc> total(l.channels, Op::identity());
   if (l.rows) {
     const RowGeom g = row_geom(l, VEC, wave);
-    for (int64_t b = 0; b < g.groups * g.splits; ++b) {
-      const int64_t s = b / g.groups;
-      for (int t = 0; t < kThreads; ++t) {
-        const int64_t cv = (b % g.groups) * g.tx + t % g.tx;
-        if (cv < g.vecs) {
+    for (int64_t group = 0; group < g.groups; ++group) {
+      // partial[s][x * VEC + k]: block s's result for column x, slot k.
+      std::vector<std::vector<Acc>> partial(g.splits);
+      std::vector<std::array<Acc, VEC>> v(kThreads);
+      for (int64_t s = 0; s < g.splits; ++s) {
+        for (int t = 0; t < kThreads; ++t) {
+          const int64_t cv = group * g.tx + t % g.tx;
+          const bool active = cv < g.vecs;
           Acc acc[VEC];
-          thread_reduce_rows<Op, VEC>(g, cv, g.begin(s), g.begin(s + 1), t / g.tx, args, acc);
-          for (int k = 0; k < VEC; ++k) {
-            total[cv * VEC + k] = Op::merge(total[cv * VEC + k], acc[k]);
+          thread_reduce_rows<Op, VEC>(g,
+                                      active ? cv : 0,
+                                      g.begin(s),
+                                      active ? g.begin(s + 1) : g.begin(s),
+                                      t / g.tx,
+                                      args,
+                                      acc);
+          std::copy(acc, acc + VEC, v[t].begin());
+        }
+        partial[s] = block_reduce_rows<Op, VEC>(v, g.tx);
+      }
+      std::vector<Acc> result = partial[0];
+      if (g.splits > 1) {
+        for (int t = 0; t < kThreads; ++t) {
+          const int x = t % g.tx;
+          v[t].fill(Op::identity());
+          if (group * g.tx + x < g.vecs) {
+            for (int64_t p = t / g.tx; p < g.splits; p += g.ty) {
+              for (int k = 0; k < VEC; ++k) {
+                v[t][k] = Op::merge(v[t][k], partial[p][x * VEC + k]);
+              }
+            }
           }
+        }
+        result = block_reduce_rows<Op, VEC>(v, g.tx);
+      }
+      for (int t = 0; t < g.tx * VEC; ++t) {
+        const int64_t cv = group * g.tx + t / VEC;
+        if (cv < g.vecs) {
+          total[cv * VEC + t % VEC] = result[t];
         }
       }
     }
   } else {
     const PlaneGeom g = plane_geom(l, VEC, wave);
-    for (int64_t b = 0; b < g.channels * g.splits; ++b) {
-      const int64_t c = b / g.splits;
-      const int64_t s = b % g.splits;
-      for (int tid = 0; tid < kThreads; ++tid) {
-        total[c] = Op::merge(
-            total[c], thread_reduce_planes<Op, VEC>(g, c, g.begin(s), g.begin(s + 1), tid, args));
+    std::vector<Acc> v(kThreads);
+    for (int64_t c = 0; c < g.channels; ++c) {
+      std::vector<Acc> partial(g.splits);
+      for (int64_t s = 0; s < g.splits; ++s) {
+        for (int tid = 0; tid < kThreads; ++tid) {
+          v[tid] = thread_reduce_planes<Op, VEC>(g, c, g.begin(s), g.begin(s + 1), tid, args);
+        }
+        partial[s] = block_reduce_all<Op>(v);
+      }
+      total[c] = partial[0];
+      if (g.splits > 1) {
+        for (int tid = 0; tid < kThreads; ++tid) {
+          v[tid] = Op::identity();
+          for (int64_t t = tid; t < g.splits; t += kThreads) {
+            v[tid] = Op::merge(v[tid], partial[t]);
+          }
+        }
+        total[c] = block_reduce_all<Op>(v);
       }
     }
   }
@@ -284,7 +384,9 @@ std::vector<at::Tensor> inputs(at::ScalarType dtype, double mean) {
           make({6, 16, 3, 5}, true),
           make({8, 16, 32, 32}, true),
           make({37, 24}, false),
-          make({2, 12, 7, 7}, true)};
+          make({2, 12, 7, 7}, true),
+          make({20000, 4}, false),
+          make({4, 4, 8, 16, 16}, false)};
 }
 
 // A vector width the kernels would pick for x: runs (planes) or rows hold whole vectors.
