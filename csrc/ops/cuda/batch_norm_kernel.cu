@@ -8,7 +8,8 @@
 // [N * HW, C] with the channels adjacent (batch_norm_geometry.h: how blocks and threads
 // cover it). Every op is built from two kernels:
 //
-//   reduction    statistics: Welford mean and M2 of x; gradient: sum(dy), sum(dy * (x - mean)).
+//   reduction    statistics: Welford mean and M2 of x (as deviations from the channel's
+//                first value); gradient: sum(dy), sum(dy * (x - mean)).
 //                A block reduces a slice of one channel (planes) or of a group of channels
 //                (rows). When one block per channel would leave SMs idle, channels are split
 //                over several blocks and the last block of each channel to finish merges
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(kThreads)
     acc = block_reduce_all<Op>(acc, smem);
   }
   if (threadIdx.x == 0) {
-    Op::finalize(acc, c, args.fin, args.ch);
+    Op::finalize(acc, c, plane_centre<Op, VEC>(g, c, args), args.fin, args.ch);
   }
   if (args.out != nullptr) {
     __syncthreads();  // the finalized statistics are read back by every thread
@@ -246,7 +247,7 @@ __global__ void __launch_bounds__(kThreads)
     total = owner ? smem[t] : Op::identity();
   }
   if (owner) {
-    Op::finalize(total, own_channel, args.fin, args.ch);
+    Op::finalize(total, own_channel, row_centre<Op>(g, own_channel, args), args.fin, args.ch);
   }
   if (args.out != nullptr) {
     __syncthreads();  // the finalized statistics are read back by every thread
@@ -272,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
     a.mean = mean[c];
     a.m2 = m2[c];
     a.count = count;
-    StatsOp<scalar_t>::finalize(a, c, fin, ch);
+    StatsOp<scalar_t>::finalize(a, c, 0, fin, ch);  // the mean is not centred
   }
 }
 

@@ -265,13 +265,28 @@ struct StatsOp {
   }
 #endif
 
-  // Folds a tile into K slots: slot k takes x(i * S + k) for i < n. Each slot gets the
-  // exact two-pass mean and M2 of its n values (they are in registers), then one Welford
-  // merge; all slots have seen the same number of values, so they share the reciprocal
-  // and the merge fraction, and no division is paid per element.
+  // Statistics are gathered as deviations from a centre: the channel's first value, where
+  // it is finite. Every mean a thread, block or merge holds is then small next to the
+  // values (those near the centre differ from it exactly), so sums and merges of means
+  // keep the digits that float32 means of values like 1e4 would round away; finalize
+  // adds the centre back. Every block of a channel reads the same value. `first` is the
+  // element offset of the channel's first value, `count` its number of values.
+  template <typename Args>
+  TBN_HOST_DEVICE static acc_t centre(const Args& args, int64_t, int64_t first, int64_t count) {
+    if (count == 0) {
+      return acc_t(0);
+    }
+    const acc_t v = static_cast<acc_t>(args.x[first]);
+    return v - v == acc_t(0) ? v : acc_t(0);  // inf - inf and NaN - NaN are NaN
+  }
+
+  // Folds a tile into K slots: slot k takes x(i * S + k) for i < n, as deviations from
+  // centre[k]. Each slot gets the exact two-pass mean and M2 of its n values (they are in
+  // registers), then one Welford merge; all slots have seen the same number of values, so
+  // they share the reciprocal and the merge fraction, and no division is paid per element.
   template <int K, int LEN, int S, typename InX, typename InDy>
   TBN_HOST_DEVICE static void accumulate(
-      Acc (&acc)[K], const InX& x, const InDy&, int n, const acc_t (&)[K]) {
+      Acc (&acc)[K], const InX& x, const InDy&, int n, const acc_t (&centre)[K]) {
     if (n == 0) {
       return;
     }
@@ -283,17 +298,20 @@ struct StatsOp {
       TBN_UNROLL
       for (int i = 0; i < LEN; ++i) {
         if (i < n) {
-          sum += x(i * S + k);
+          sum += x(i * S + k) - centre[k];
         }
       }
       Acc tile;
       tile.mean = sum * inv_n;
       tile.m2 = 0;
       tile.count = n;
+      // M2 about the tile's mean rounded once: off by less than half a unit, which adds
+      // n * (that)^2, below M2's own rounding.
+      const acc_t mean = centre[k] + tile.mean;
       TBN_UNROLL
       for (int i = 0; i < LEN; ++i) {
         if (i < n) {
-          const acc_t t = x(i * S + k) - tile.mean;
+          const acc_t t = x(i * S + k) - mean;
           tile.m2 += t * t;
         }
       }
@@ -316,15 +334,17 @@ struct StatsOp {
   }
 #endif
 
-  // Also finalizes statistics gathered elsewhere (batch_norm_forward_with_stats), with
-  // `a` holding their mean, M2 and count.
+  // `a` holds the mean as a deviation from `centre`. Also finalizes statistics gathered
+  // elsewhere (batch_norm_forward_with_stats), with centre 0.
   TBN_HOST_DEVICE static void finalize(const Acc& a,
                                        int64_t c,
+                                       acc_t centre,
                                        const FinalizeArgs<scalar_t>& f,
                                        const ChannelArgs<scalar_t>& ch) {
     // An empty batch gives mean 0, M2 0 and invstd 0, and leaves the running statistics.
+    const acc_t mean = centre + a.mean;
     if (f.save_mean != nullptr) {
-      f.save_mean[c] = a.mean;
+      f.save_mean[c] = mean;
     }
     if (f.m2 != nullptr) {
       f.m2[c] = a.m2;
@@ -333,7 +353,7 @@ struct StatsOp {
       f.save_invstd[c] = math::batch_invstd_from_m2(a.m2, a.count, ch.eps);
     }
     if (f.running_mean.ptr != nullptr && a.count > 0) {
-      f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), a.mean, f.momentum));
+      f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), mean, f.momentum));
       f.running_var.store(
           c,
           math::running_update(
@@ -367,6 +387,12 @@ struct GradOp {
   }
 #endif
 
+  // The sums are taken about the channel's saved mean (evaluation: its running mean).
+  template <typename Args>
+  TBN_HOST_DEVICE static acc_t centre(const Args& args, int64_t c, int64_t, int64_t) {
+    return args.ch.mean.load(c, acc_t(0));
+  }
+
   template <int K, int LEN, int S, typename InX, typename InDy>
   TBN_HOST_DEVICE static void accumulate(
       Acc (&acc)[K], const InX& x, const InDy& dy, int n, const acc_t (&mean)[K]) {
@@ -399,6 +425,7 @@ struct GradOp {
 
   TBN_HOST_DEVICE static void finalize(const Acc& a,
                                        int64_t c,
+                                       acc_t,
                                        const FinalizeArgs<scalar_t>& f,
                                        const ChannelArgs<scalar_t>& ch) {
     if (f.grad_weight.ptr != nullptr) {
@@ -435,6 +462,23 @@ struct TileView {
   }
 };
 
+// Op's centre for channel c of planes and of rows (StatsOp: the channel's first value;
+// GradOp: its mean), the same for every thread and block of the channel and for its
+// finalization.
+template <typename Op, int VEC, typename scalar_t>
+TBN_HOST_DEVICE at::opmath_type<scalar_t> plane_centre(const PlaneGeom& g,
+                                                       int64_t c,
+                                                       const ReduceArgs<scalar_t>& args) {
+  return Op::centre(args, c, c * g.plane * VEC, g.per_channel);
+}
+
+template <typename Op, typename scalar_t>
+TBN_HOST_DEVICE at::opmath_type<scalar_t> row_centre(const RowGeom& g,
+                                                     int64_t c,
+                                                     const ReduceArgs<scalar_t>& args) {
+  return Op::centre(args, c, c, g.rows);
+}
+
 // A thread's share of a planes reduction: its vectors of channel c in [v0, v1).
 template <typename Op, int VEC, typename scalar_t>
 TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(const PlaneGeom& g,
@@ -444,7 +488,7 @@ TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(const PlaneGeom& g,
                                                       int tid,
                                                       const ReduceArgs<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t mean[1] = {Op::kReadsDy ? args.ch.mean.load(c, acc_t(0)) : acc_t(0)};
+  const acc_t centre[1] = {plane_centre<Op, VEC>(g, c, args)};
   typename Op::Acc acc[1] = {Op::identity()};
   for_each_plane_tile<false>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
     Pack<scalar_t, VEC> xs[kUnroll];
@@ -453,7 +497,7 @@ TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(const PlaneGeom& g,
     load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
     // One slot: the whole tile belongs to channel c.
     Op::template accumulate<1, kUnroll * VEC, 1>(
-        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n * VEC, mean);
+        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n * VEC, centre);
   });
   return acc[0];
 }
@@ -468,11 +512,11 @@ TBN_HOST_DEVICE void thread_reduce_rows(const RowGeom& g,
                                         const ReduceArgs<scalar_t>& args,
                                         typename Op::Acc (&acc)[VEC]) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t mean[VEC];
+  acc_t centre[VEC];
   TBN_UNROLL
   for (int k = 0; k < VEC; ++k) {
     acc[k] = Op::identity();
-    mean[k] = Op::kReadsDy ? args.ch.mean.load(cv * VEC + k, acc_t(0)) : acc_t(0);
+    centre[k] = row_centre<Op>(g, cv * VEC + k, args);
   }
   for_each_row_tile<false>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
     Pack<scalar_t, VEC> xs[kUnroll];
@@ -481,7 +525,7 @@ TBN_HOST_DEVICE void thread_reduce_rows(const RowGeom& g,
     load_packs<VEC>(args.dy, offs, Op::kReadsDy ? n : 0, gs);
     // Slot k: channel cv * VEC + k, element k of each of the kUnroll rows.
     Op::template accumulate<VEC, kUnroll, VEC>(
-        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n, mean);
+        acc, TileView<scalar_t, VEC>{xs}, TileView<scalar_t, VEC>{gs}, n, centre);
   });
 }
 

@@ -4,7 +4,7 @@
 // block of a channel) are done in the same order, so the results differ from the GPU's
 // only where the device compiler fuses a multiply and an add. Training forward
 // and backward and evaluation must give what the CPU kernels give, for every dtype, vector
-// width and layout. No GPU needed.
+// width and layout, and for an input with a large mean. No GPU needed.
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -150,6 +151,7 @@ void emulate_reduce(const Layout& l,
                     scalar_t* out) {
   using Acc = typename Op::Acc;
   std::vector<Acc> total(l.channels, Op::identity());
+  std::vector<at::opmath_type<scalar_t>> centre(l.channels);
   if (l.rows) {
     const RowGeom g = row_geom(l, VEC, wave);
     for (int64_t group = 0; group < g.groups; ++group) {
@@ -191,6 +193,7 @@ void emulate_reduce(const Layout& l,
         const int64_t cv = group * g.tx + t / VEC;
         if (cv < g.vecs) {
           total[cv * VEC + t % VEC] = result[t];
+          centre[cv * VEC + t % VEC] = row_centre<Op>(g, cv * VEC + t % VEC, args);
         }
       }
     }
@@ -215,10 +218,11 @@ void emulate_reduce(const Layout& l,
         }
         total[c] = block_reduce_all<Op>(v);
       }
+      centre[c] = plane_centre<Op, VEC>(g, c, args);
     }
   }
   for (int64_t c = 0; c < l.channels; ++c) {
-    Op::finalize(total[c], c, args.fin, args.ch);
+    Op::finalize(total[c], c, centre[c], args.fin, args.ch);
   }
   if (out != nullptr) {
     emulate_elementwise<VEC>(l, wave, args.ch, args.dy, args.x, out);
@@ -465,6 +469,57 @@ void expect_matches_cpu(at::ScalarType param_dtype, double mean) {
 TEST(CudaThread, Float) {
   expect_matches_cpu<float, 4>(at::kFloat, 0.0);
   expect_matches_cpu<float, 1>(at::kFloat, 0.0);
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+// Inputs of mean 1e4 and standard deviation 1, where E[x^2] - E[x]^2 loses every digit of
+// the variance and float32 sums of the values lose digits of the mean: statistics within
+// float32's precision of those of the same values in float64, outputs within two units of
+// the inputs' last place (tests/python/test_stability.py asks the same of the kernels of
+// every device).
+template <int VEC>
+void expect_stable_statistics() {
+  constexpr double kMean = 1e4;
+  const double ulp = std::numeric_limits<float>::epsilon() * 8192;  // spacing at 1e4
+  at::manual_seed(0);
+  for (const at::Tensor& x : inputs(at::kFloat, kMean)) {
+    if (!fits(x, VEC)) {
+      continue;
+    }
+    const int64_t C = x.size(1);
+    SCOPED_TRACE(testing::Message()
+                 << "[" << x.sizes() << "] " << (x.is_contiguous() ? "contiguous" : "channels-last")
+                 << ", vector of " << VEC);
+    std::vector<int64_t> dims{0};
+    for (int64_t d = 2; d < x.dim(); ++d) {
+      dims.push_back(d);
+    }
+    const at::Tensor x64 = x.to(at::kDouble);
+    const at::Tensor mean = x64.mean(dims);
+    const at::Tensor var = (x64 - per_channel(mean, x)).square().mean(dims);
+    const at::Tensor invstd = (var + 1e-5).rsqrt();
+    const int64_t n = x.numel() / C;
+    for (int64_t wave : kWaves) {
+      SCOPED_TRACE(testing::Message() << "wave " << wave);
+      at::Tensor rm = at::full({C}, kMean - 1, at::kFloat);
+      at::Tensor rv = at::ones({C}, at::kFloat);
+      const auto [y, save_mean, save_invstd] = Emulated<float, VEC>{wave}.forward(
+          x, at::Tensor(), at::Tensor(), rm, rv, true, 0.1, 1e-5);
+      EXPECT_LE(max_abs_diff(save_mean, mean), ulp);
+      EXPECT_TRUE(all_close(save_invstd.to(at::kDouble), invstd, {1e-5, 0}));
+      EXPECT_TRUE(all_close(rv.to(at::kDouble), 0.9 + 0.1 * var * n / (n - 1), {1e-5, 0}));
+      const at::Tensor y_exact = (x64 - per_channel(mean, x)) * per_channel(invstd, x);
+      EXPECT_LE(max_abs_diff(y, y_exact), 2 * ulp);
+    }
+  }
+}
+
+TEST(CudaThread, StableStatistics) {
+  expect_stable_statistics<4>();
+  expect_stable_statistics<1>();
 }
 
 TEST(CudaThread, Double) {
