@@ -2,8 +2,8 @@
 // every thread of every block of the launch shapes the host picks, one after another. The
 // merges the kernels do across threads and blocks (warp shuffles, shared memory, the last
 // block of a channel) are done in the same order, so the results differ from the GPU's
-// only where the device compiler fuses a multiply and an add. Training forward
-// and backward and evaluation must give what the CPU kernels give, for every dtype, vector
+// only where the device compiler fuses a multiply and an add. Training forward and
+// backward and evaluation must give what the CPU kernels give, for every dtype, vector
 // width and layout, and for an input with a large mean. No GPU needed.
 
 #include <ATen/ATen.h>
