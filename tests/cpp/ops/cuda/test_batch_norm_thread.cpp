@@ -7,6 +7,7 @@
 // width and layout, and for an input with a large mean. No GPU needed.
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -283,6 +284,23 @@ struct Emulated {
     return {out, fin.save_mean, fin.save_invstd};
   }
 
+  // batch_norm_stats: mean and M2 per channel.
+  std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input) const {
+    Layout l{};
+    const at::Tensor x = kernel_layout(input, l);
+    FinalizeTensors fin;
+    fin.save_mean =
+        at::empty({l.channels}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    fin.m2 = at::empty_like(fin.save_mean);
+    ReduceArgs<scalar_t> args{};
+    args.x = data_of<scalar_t>(x);
+    args.fin = finalize_args<scalar_t>(fin);
+    args.ch =
+        channel_args<scalar_t>(Pass::kNormalizeTraining, ChannelTensors(), l.per_channel(), 0.0);
+    emulate_reduce<StatsOp<scalar_t>, VEC>(l, wave, args, static_cast<scalar_t*>(nullptr));
+    return {fin.save_mean, fin.m2};
+  }
+
   std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
                                                           const at::Tensor& input,
                                                           const at::Tensor& weight,
@@ -376,10 +394,14 @@ GradScales grad_scales(const at::Tensor& x,
 
 // Inputs of the cases: planes (NCHW), rows (channels-last and [N, C]); long enough for
 // several blocks per channel at the unlimited wave, with runs that hold whole 16-byte
-// vectors and, for the 8-byte and 1-element widths, runs that do not.
+// vectors and, for the 8-byte and 1-element widths, runs that do not. Channels alternate
+// between means +mean and -mean, so a channel that took another's values would show.
 std::vector<at::Tensor> inputs(at::ScalarType dtype, double mean) {
   const auto make = [&](at::IntArrayRef shape, bool channels_last) {
-    at::Tensor x = at::randn(shape, at::kDouble).add_(mean).to(dtype);
+    at::Tensor x = at::randn(shape, at::kDouble);
+    const at::Tensor sign = 1 - 2 * (at::arange(shape[1], at::kDouble).remainder(2));
+    x.add_(per_channel(sign * mean, x));
+    x = x.to(dtype);
     return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
   };
   return {make({3, 5, 4, 8}, false),
@@ -419,6 +441,15 @@ void expect_matches_cpu(at::ScalarType param_dtype, double mean) {
       SCOPED_TRACE(testing::Message() << "wave " << wave);
       const Emulated<scalar_t, VEC> gpu{wave};
       const Agreement tol = agreement(dtype);
+      // The statistics op (SyncBatchNorm's first step).
+      const auto [mean, m2] = gpu.stats(x);
+      const auto [mean_cpu, m2_cpu] =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("torch_batchnorm::batch_norm_stats", "")
+              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>()
+              .call(x);
+      EXPECT_TRUE(all_close(mean, mean_cpu, tol.stats)) << "batch_norm_stats mean";
+      EXPECT_TRUE(all_close(m2, m2_cpu, tol.stats)) << "batch_norm_stats M2";
       // Running statistics in a reduced dtype are rounded to it, like outputs.
       const Tolerance running =
           param_dtype == dtype && dtype != at::kFloat && dtype != at::kDouble ? tol.out : tol.stats;
@@ -509,6 +540,9 @@ void expect_stable_statistics() {
       const auto [y, save_mean, save_invstd] = Emulated<float, VEC>{wave}.forward(
           x, at::Tensor(), at::Tensor(), rm, rv, true, 0.1, 1e-5);
       EXPECT_LE(max_abs_diff(save_mean, mean), ulp);
+      const auto [stats_mean, m2] = Emulated<float, VEC>{wave}.stats(x);
+      EXPECT_LE(max_abs_diff(stats_mean, mean), ulp);
+      EXPECT_TRUE(all_close(m2.to(at::kDouble), var * n, {1e-5, 0}));
       EXPECT_TRUE(all_close(save_invstd.to(at::kDouble), invstd, {1e-5, 0}));
       EXPECT_TRUE(all_close(rv.to(at::kDouble), 0.9 + 0.1 * var * n / (n - 1), {1e-5, 0}));
       const at::Tensor y_exact = (x64 - per_channel(mean, x)) * per_channel(invstd, x);
