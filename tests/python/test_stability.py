@@ -1,8 +1,8 @@
 """Numerical stability: float32 inputs with mean 1e4 and standard deviation 1, where
 E[x^2] - E[x]^2 loses every digit of the variance and float32 running sums lose digits of
-the mean. Statistics and outputs are compared with a float64 computation on the same
-float32 values, in every layout and on every device. And the CPU reductions are split into
-a fixed set of pieces merged in a fixed order, so results are bitwise the same for any
+the mean. The op's statistics and outputs are compared with a float64 computation on the
+same float32 values, in every layout and on every device. And the CPU reductions are split
+into a fixed set of pieces merged in a fixed order, so results are bitwise the same for any
 thread count.
 
 (Measured with torch 2.13 on these inputs: torch's own float32 outputs are off by up to

@@ -8,8 +8,8 @@
 // [N * HW, C] with the channels adjacent (batch_norm_geometry.h: how blocks and threads
 // cover it). Every op is built from two kernels:
 //
-//   reduction    statistics: Welford mean and M2 of x (as deviations from the channel's
-//                first value); gradient: sum(dy), sum(dy * (x - mean)).
+//   reduction    statistics: Welford mean and M2 of x (as deviations from a centre, see
+//                StatsOp::centre); gradient: sum(dy), sum(dy * (x - mean)).
 //                A block reduces a slice of one channel (planes) or of a group of channels
 //                (rows). When one block per channel would leave SMs idle, channels are split
 //                over several blocks and the last block of each channel to finish merges
@@ -55,8 +55,26 @@ namespace {
 
 constexpr int kWarps = kThreads / 32;
 
+constexpr unsigned kFullMask = 0xffffffffu;
+
 static_assert(kWarps <= 32 && (kWarps & (kWarps - 1)) == 0,
               "block reduction needs a power-of-two warp count");
+
+// The value of lane (this lane ^ lane_mask), for each partial result an Op merges.
+template <typename T>
+__device__ math::Welford<T> shfl_xor(const math::Welford<T>& a, int lane_mask) {
+  math::Welford<T> o;
+  o.mean = __shfl_xor_sync(kFullMask, a.mean, lane_mask);
+  o.m2 = __shfl_xor_sync(kFullMask, a.m2, lane_mask);
+  o.count = __shfl_xor_sync(kFullMask, a.count, lane_mask);
+  return o;
+}
+
+template <typename T>
+__device__ GradSums<T> shfl_xor(const GradSums<T>& a, int lane_mask) {
+  return {__shfl_xor_sync(kFullMask, a.dy, lane_mask),
+          __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
+}
 
 // Blocks run in reverse order: the first to start cover what the reduction read last.
 template <typename scalar_t, int VEC>
@@ -79,13 +97,17 @@ __global__ void __launch_bounds__(kThreads) elementwise_rows_kernel(
   }
 }
 
+// The merge order of the reductions below (this function, block_reduce_rows and the last
+// block's merge of partial results) is emulated on the CPU by
+// tests/cpp/ops/cuda/test_batch_norm_thread.cpp: a change here goes there too.
+//
 // Merges every thread's value into thread 0 (all threads of the block call it). The tree
 // is fixed, so the result does not depend on timing.
 template <typename Op>
 __device__ typename Op::Acc block_reduce_all(typename Op::Acc v, typename Op::Acc* smem) {
   TBN_UNROLL
   for (int m = 16; m > 0; m >>= 1) {
-    v = Op::merge(v, Op::shfl_xor(v, m));
+    v = Op::merge(v, shfl_xor(v, m));
   }
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -97,7 +119,7 @@ __device__ typename Op::Acc block_reduce_all(typename Op::Acc v, typename Op::Ac
     v = lane < kWarps ? smem[lane] : Op::identity();
     TBN_UNROLL
     for (int m = kWarps / 2; m > 0; m >>= 1) {
-      v = Op::merge(v, Op::shfl_xor(v, m));
+      v = Op::merge(v, shfl_xor(v, m));
     }
   }
   __syncthreads();  // smem may be reused on return
@@ -112,7 +134,7 @@ __device__ void block_reduce_rows(typename Op::Acc (&acc)[K], int tx, typename O
   for (int m = 16; m >= tx; m >>= 1) {
     TBN_UNROLL
     for (int k = 0; k < K; ++k) {
-      acc[k] = Op::merge(acc[k], Op::shfl_xor(acc[k], m));
+      acc[k] = Op::merge(acc[k], shfl_xor(acc[k], m));
     }
   }
   const int lane = threadIdx.x & 31;
@@ -247,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
     total = owner ? smem[t] : Op::identity();
   }
   if (owner) {
-    Op::finalize(total, own_channel, row_centre<Op>(g, own_channel, args), args.fin, args.ch);
+    Op::finalize(total, own_channel, row_centre<Op, VEC>(g, own_channel, args), args.fin, args.ch);
   }
   if (args.out != nullptr) {
     __syncthreads();  // the finalized statistics are read back by every thread

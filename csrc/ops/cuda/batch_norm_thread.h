@@ -3,7 +3,7 @@
 // What one thread of the CUDA kernels (batch_norm_kernel.cu) computes: its loads, the
 // per-channel maps of the elementwise pass, and its share of a reduction with the merge
 // and finalization of partial results. Host-and-device code, so that tests run it on the
-// CPU (tests/cpp/ops/cuda); the warp shuffles and L2 loads of the Ops are device-only.
+// CPU (tests/cpp/ops/cuda). The warp shuffles are in batch_norm_kernel.cu.
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -16,7 +16,15 @@
 namespace torch_batchnorm {
 namespace cuda {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+// A value another block wrote: on the device loaded from L2, past this SM's L1.
+template <typename T>
+TBN_HOST_DEVICE T load_from_l2(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
 
 // Elements of one 16-byte load.
 template <typename scalar_t>
@@ -224,6 +232,24 @@ TBN_HOST_DEVICE void elementwise_rows(const RowGeom& g,
 // Reductions. An Op says what a thread accumulates from a tile, how two partial results
 // merge, and what the final result of a channel writes.
 
+// Where the values of a channel lie: value i at first + (i / run) * stride + i % run, for
+// i < count (planes: runs of HW values, C * HW apart; rows: runs of one, C apart).
+struct ChannelValues {
+  int64_t first;
+  int64_t run;
+  int64_t stride;
+  int64_t count;
+
+  TBN_HOST_DEVICE int64_t at(int64_t i) const {
+    return first + (i / run) * stride + i % run;
+  }
+};
+
+template <typename T>
+TBN_HOST_DEVICE T magnitude(T v) {
+  return v < T(0) ? -v : v;
+}
+
 // Outputs written once a channel's reduction is complete; a null pointer is an output
 // not asked for.
 template <typename scalar_t>
@@ -255,29 +281,30 @@ struct StatsOp {
   TBN_HOST_DEVICE static Acc merge(const Acc& a, const Acc& b) {
     return math::welford_merge(a, b);
   }
-#if defined(__CUDACC__)
-  __device__ static Acc shfl_xor(const Acc& a, int lane_mask) {
-    Acc o;
-    o.mean = __shfl_xor_sync(kFullMask, a.mean, lane_mask);
-    o.m2 = __shfl_xor_sync(kFullMask, a.m2, lane_mask);
-    o.count = __shfl_xor_sync(kFullMask, a.count, lane_mask);
-    return o;
-  }
-#endif
 
-  // Statistics are gathered as deviations from a centre: the channel's first value, where
-  // it is finite. Every mean a thread, block or merge holds is then small next to the
-  // values (those near the centre differ from it exactly), so sums and merges of means
-  // keep the digits that float32 means of values like 1e4 would round away; finalize
-  // adds the centre back. Every block of a channel reads the same value. `first` is the
-  // element offset of the channel's first value, `count` its number of values.
+  // Statistics are gathered as deviations from a centre, so that the means that threads,
+  // blocks and merges hold stay small next to values far from zero (a mean of 1e4 with a
+  // spread of 1, say), whose own float32 sums and merged means would round away the
+  // spread's digits. The centre is the median of the channel's first three values where
+  // another of them agrees with it to a sixteenth of its size (values far from zero next
+  // to their spread), else 0 (values around zero, where centring gains nothing, and which
+  // are then reduced exactly as without it). One outlier among the three never becomes
+  // the centre; two equal ones would (a centre far from the mean costs the accuracy that
+  // centring buys). Every block of a channel computes the same centre.
   template <typename Args>
-  TBN_HOST_DEVICE static acc_t centre(const Args& args, int64_t, int64_t first, int64_t count) {
-    if (count == 0) {
+  TBN_HOST_DEVICE static acc_t centre(const Args& args, int64_t, const ChannelValues& v) {
+    if (v.count < 3) {
       return acc_t(0);
     }
-    const acc_t v = static_cast<acc_t>(args.x[first]);
-    return v - v == acc_t(0) ? v : acc_t(0);  // inf - inf and NaN - NaN are NaN
+    const acc_t a = static_cast<acc_t>(args.x[v.at(0)]);
+    const acc_t b = static_cast<acc_t>(args.x[v.at(1)]);
+    const acc_t d = static_cast<acc_t>(args.x[v.at(2)]);
+    const acc_t m = a < b ? (b < d ? b : (a < d ? d : a)) : (a < d ? a : (b < d ? d : b));
+    const acc_t near = magnitude(m) / acc_t(16);
+    // Comparisons with a NaN are false; m - m is NaN unless m is finite.
+    const int agree =
+        (magnitude(a - m) <= near) + (magnitude(b - m) <= near) + (magnitude(d - m) <= near);
+    return m - m == acc_t(0) && agree >= 2 ? m : acc_t(0);
   }
 
   // Folds a tile into K slots: slot k takes x(i * S + k) for i < n, as deviations from
@@ -305,13 +332,11 @@ struct StatsOp {
       tile.mean = sum * inv_n;
       tile.m2 = 0;
       tile.count = n;
-      // M2 about the tile's mean rounded once: off by less than half a unit, which adds
-      // n * (that)^2, below M2's own rounding.
-      const acc_t mean = centre[k] + tile.mean;
+      // Deviations from the centre are exact for values near it.
       TBN_UNROLL
       for (int i = 0; i < LEN; ++i) {
         if (i < n) {
-          const acc_t t = x(i * S + k) - mean;
+          const acc_t t = (x(i * S + k) - centre[k]) - tile.mean;
           tile.m2 += t * t;
         }
       }
@@ -323,16 +348,16 @@ struct StatsOp {
     p0[i] = a.mean;
     p1[i] = a.m2;
   }
-#if defined(__CUDACC__)
-  // Partials are read by a different block than wrote them: load from L2, not L1.
-  __device__ static Acc load_partial(const acc_t* p0, const acc_t* p1, int64_t i, int64_t count) {
+  TBN_HOST_DEVICE static Acc load_partial(const acc_t* p0,
+                                          const acc_t* p1,
+                                          int64_t i,
+                                          int64_t count) {
     Acc a;
-    a.mean = __ldcg(p0 + i);
-    a.m2 = __ldcg(p1 + i);
+    a.mean = load_from_l2(p0 + i);
+    a.m2 = load_from_l2(p1 + i);
     a.count = count;
     return a;
   }
-#endif
 
   // `a` holds the mean as a deviation from `centre`. Also finalizes statistics gathered
   // elsewhere (batch_norm_forward_with_stats), with centre 0.
@@ -380,16 +405,10 @@ struct GradOp {
   TBN_HOST_DEVICE static Acc merge(const Acc& a, const Acc& b) {
     return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
   }
-#if defined(__CUDACC__)
-  __device__ static Acc shfl_xor(const Acc& a, int lane_mask) {
-    return {__shfl_xor_sync(kFullMask, a.dy, lane_mask),
-            __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
-  }
-#endif
 
   // The sums are taken about the channel's saved mean (evaluation: its running mean).
   template <typename Args>
-  TBN_HOST_DEVICE static acc_t centre(const Args& args, int64_t c, int64_t, int64_t) {
+  TBN_HOST_DEVICE static acc_t centre(const Args& args, int64_t c, const ChannelValues&) {
     return args.ch.mean.load(c, acc_t(0));
   }
 
@@ -417,11 +436,9 @@ struct GradOp {
     p0[i] = a.dy;
     p1[i] = a.dy_xmu;
   }
-#if defined(__CUDACC__)
-  __device__ static Acc load_partial(const acc_t* p0, const acc_t* p1, int64_t i, int64_t) {
-    return {__ldcg(p0 + i), __ldcg(p1 + i)};
+  TBN_HOST_DEVICE static Acc load_partial(const acc_t* p0, const acc_t* p1, int64_t i, int64_t) {
+    return {load_from_l2(p0 + i), load_from_l2(p1 + i)};
   }
-#endif
 
   TBN_HOST_DEVICE static void finalize(const Acc& a,
                                        int64_t c,
@@ -462,21 +479,21 @@ struct TileView {
   }
 };
 
-// Op's centre for channel c of planes and of rows (StatsOp: the channel's first value;
-// GradOp: its mean), the same for every thread and block of the channel and for its
-// finalization.
+// Op's centre (StatsOp::centre, GradOp::centre) for channel c of planes and of rows: the
+// same for every thread and block of the channel and for its finalization.
 template <typename Op, int VEC, typename scalar_t>
 TBN_HOST_DEVICE at::opmath_type<scalar_t> plane_centre(const PlaneGeom& g,
                                                        int64_t c,
                                                        const ReduceArgs<scalar_t>& args) {
-  return Op::centre(args, c, c * g.plane * VEC, g.per_channel);
+  const int64_t hw = g.plane * VEC;
+  return Op::centre(args, c, ChannelValues{c * hw, hw, g.channels * hw, g.per_channel * VEC});
 }
 
-template <typename Op, typename scalar_t>
+template <typename Op, int VEC, typename scalar_t>
 TBN_HOST_DEVICE at::opmath_type<scalar_t> row_centre(const RowGeom& g,
                                                      int64_t c,
                                                      const ReduceArgs<scalar_t>& args) {
-  return Op::centre(args, c, c, g.rows);
+  return Op::centre(args, c, ChannelValues{c, 1, g.vecs * VEC, g.rows});
 }
 
 // A thread's share of a planes reduction: its vectors of channel c in [v0, v1).
@@ -516,7 +533,7 @@ TBN_HOST_DEVICE void thread_reduce_rows(const RowGeom& g,
   TBN_UNROLL
   for (int k = 0; k < VEC; ++k) {
     acc[k] = Op::identity();
-    centre[k] = row_centre<Op>(g, cv * VEC + k, args);
+    centre[k] = row_centre<Op, VEC>(g, cv * VEC + k, args);
   }
   for_each_row_tile<false>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
     Pack<scalar_t, VEC> xs[kUnroll];
