@@ -232,15 +232,9 @@ void emulate_reduce(const Layout& l,
   }
 }
 
-template <typename T>
-const T* data_of(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 // batch_norm_forward and batch_norm_backward as the CUDA ops set up their launches.
 template <typename scalar_t, int VEC>
 struct Emulated {
-  using acc_t = at::opmath_type<scalar_t>;
   int64_t wave;
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
@@ -254,7 +248,7 @@ struct Emulated {
     Layout l{};
     const at::Tensor x = kernel_layout(input, l);
     at::Tensor out = at::empty_like(x);
-    const auto acc = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const auto acc = x.options().dtype(at::toOpMathType(x.scalar_type()));
     ChannelTensors ch;
     ch.weight = weight;
     ch.bias = bias;
@@ -266,7 +260,7 @@ struct Emulated {
           wave,
           channel_args<scalar_t>(Pass::kNormalizeEval, ch, l.per_channel(), eps),
           static_cast<const scalar_t*>(nullptr),
-          data_of<scalar_t>(x),
+          ptr_of<const scalar_t>(x),
           out.mutable_data_ptr<scalar_t>());
       return {out, at::Tensor(), at::Tensor()};
     }
@@ -279,7 +273,7 @@ struct Emulated {
     ch.mean = fin.save_mean;
     ch.spread = fin.save_invstd;
     ReduceArgs<scalar_t> args{};
-    args.x = data_of<scalar_t>(x);
+    args.x = ptr_of<const scalar_t>(x);
     args.fin = finalize_args<scalar_t>(fin);
     args.ch = channel_args<scalar_t>(Pass::kNormalizeTraining, ch, l.per_channel(), eps);
     emulate_reduce<StatsOp<scalar_t>, VEC>(l, wave, args, out.mutable_data_ptr<scalar_t>());
@@ -291,11 +285,10 @@ struct Emulated {
     Layout l{};
     const at::Tensor x = kernel_layout(input, l);
     FinalizeTensors fin;
-    fin.save_mean =
-        at::empty({l.channels}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    fin.save_mean = at::empty({l.channels}, x.options().dtype(at::toOpMathType(x.scalar_type())));
     fin.m2 = at::empty_like(fin.save_mean);
     ReduceArgs<scalar_t> args{};
-    args.x = data_of<scalar_t>(x);
+    args.x = ptr_of<const scalar_t>(x);
     args.fin = finalize_args<scalar_t>(fin);
     args.ch =
         channel_args<scalar_t>(Pass::kNormalizeTraining, ChannelTensors(), l.per_channel(), 0.0);
@@ -314,7 +307,7 @@ struct Emulated {
     const at::Tensor x = kernel_layout(input, l);
     const at::Tensor dy = same_layout(grad_out, l);
     at::Tensor grad_input = at::empty_like(x);
-    const auto acc = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const auto acc = x.options().dtype(at::toOpMathType(x.scalar_type()));
     ChannelTensors ch;
     ch.mean = mean;
     ch.spread = spread;
@@ -327,8 +320,8 @@ struct Emulated {
       fin.sum_dy_xmu = ch.sum_dy_xmu = at::empty({l.channels}, acc);
     }
     ReduceArgs<scalar_t> args{};
-    args.x = data_of<scalar_t>(x);
-    args.dy = data_of<scalar_t>(dy);
+    args.x = ptr_of<const scalar_t>(x);
+    args.dy = ptr_of<const scalar_t>(dy);
     args.fin = finalize_args<scalar_t>(fin);
     args.ch = channel_args<scalar_t>(
         training ? Pass::kGradTraining : Pass::kGradEval, ch, l.per_channel(), eps);
