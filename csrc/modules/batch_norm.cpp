@@ -1,7 +1,7 @@
 // The C++ BatchNorm modules. Their forward is Python's _BatchNorm.forward on the
 // torch_batchnorm operator, with one difference that only shows on failure:
 // num_batches_tracked advances after the operator succeeded, so an input that is
-// rejected leaves every buffer as it was.
+// rejected leaves every buffer as it was; and, as the Python modules, they can be frozen.
 
 #include "torch_batchnorm/modules.h"
 
@@ -83,7 +83,7 @@ template <size_t D, typename Derived>
 at::Tensor BatchNormImplBase<D, Derived>::forward(const at::Tensor& input) {
   check_input_dim(D, input);
 
-  const bool training = this->is_training();
+  const bool training = this->is_training() && !frozen_;
   const bool counts = training && options.track_running_stats() && num_batches_tracked.defined();
   double momentum = options.momentum().value_or(0.0);
   if (counts && !options.momentum().has_value()) {
@@ -111,6 +111,16 @@ at::Tensor BatchNormImplBase<D, Derived>::forward(const at::Tensor& input) {
 }
 
 template <size_t D, typename Derived>
+void BatchNormImplBase<D, Derived>::freeze(bool frozen) {
+  frozen_ = frozen;
+}
+
+template <size_t D, typename Derived>
+bool BatchNormImplBase<D, Derived>::is_frozen() const {
+  return frozen_;
+}
+
+template <size_t D, typename Derived>
 void BatchNormImplBase<D, Derived>::pretty_print(std::ostream& stream) const {
   stream << std::boolalpha << "torch_batchnorm::BatchNorm" << D << "d(" << options.num_features()
          << ", eps=" << options.eps() << ", momentum=";
@@ -120,7 +130,11 @@ void BatchNormImplBase<D, Derived>::pretty_print(std::ostream& stream) const {
     stream << "None";
   }
   stream << ", affine=" << options.affine()
-         << ", track_running_stats=" << options.track_running_stats() << ')';
+         << ", track_running_stats=" << options.track_running_stats();
+  if (frozen_) {
+    stream << ", frozen=true";
+  }
+  stream << ')';
 }
 
 template class BatchNormImplBase<1, BatchNorm1dImpl>;

@@ -16,12 +16,40 @@ from . import functional as F
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _BatchNormForward:
+class _Freezable:
+    """The frozen mode that fine-tuning asks for: a frozen BatchNorm normalises as in
+    evaluation, with its running statistics, which it leaves as they are, whether or not
+    the module is training. model.train() sets every module's training flag, so code that
+    freezes BatchNorm by calling eval() on it has to do so again after each train();
+    frozen survives that. Gradients still reach the input, weight and bias (set their
+    requires_grad to freeze those too). Not part of the state_dict: like training, it is
+    a mode of the module, not data."""
+
+    #: Whether the module normalises as in evaluation even while training (see freeze).
+    frozen: bool = False
+    # torch.jit.script compiles it as a constant, as it does eps and momentum: a module
+    # scripted before freeze() stays unfrozen.
+    __constants__ = [*torch.nn.modules.batchnorm._NormBase.__constants__, "frozen"]
+
+    def freeze(self, mode: bool = True):
+        """Freezes (or, with ``mode=False``, unfreezes) the module; returns it."""
+        if not isinstance(mode, bool):
+            raise ValueError("freeze mode is expected to be boolean")  # noqa: TRY004 (as train())
+        self.frozen = mode
+        return self
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + ", frozen=True" if self.frozen else text
+
+
+class _BatchNormForward(_Freezable):
     """The forward shared by the three classes: torch's _BatchNorm.forward, except that
     num_batches_tracked is only advanced once the op has updated the running statistics,
-    so a call that raises in validation leaves every buffer as it was, and that
-    momentum=None traces under torch.compile(fullgraph=True). torch.jit.script compiles
-    a TorchScript version of it."""
+    so a call that raises in validation leaves every buffer as it was, that
+    momentum=None traces under torch.compile(fullgraph=True), and that a frozen module
+    (see _Freezable) normalises as in evaluation. torch.jit.script compiles a TorchScript
+    version of it."""
 
     def forward(self, input: Tensor) -> Tensor:
         # torch.jit.script compiles _scripted_forward only: _eager_forward's Python (fx
@@ -48,12 +76,13 @@ class _BatchNormForward:
             ]
         running_mean_buffer, running_var_buffer, num_batches_tracked = buffers
 
-        track = self.training and self.track_running_stats
+        training = self.training and not self.frozen
+        track = training and self.track_running_stats
         # Batch statistics in training, and in eval when there are no buffers.
-        bn_training = self.training or (running_mean_buffer is None and running_var_buffer is None)
+        bn_training = training or (running_mean_buffer is None and running_var_buffer is None)
         # Buffers are passed only where they are updated (training with tracking) or
         # read (evaluation).
-        use_buffers = not self.training or self.track_running_stats
+        use_buffers = not training or self.track_running_stats
         running_mean = running_mean_buffer if use_buffers else None
         running_var = running_var_buffer if use_buffers else None
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -104,15 +133,16 @@ class _BatchNormForward:
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = self.num_batches_tracked
-        track = self.training and self.track_running_stats and num_batches_tracked is not None
+        training = self.training and not self.frozen
+        track = training and self.track_running_stats and num_batches_tracked is not None
         # (num_batches_tracked tested again: TorchScript refines an Optional only so.)
         if track and self.momentum is None and num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked + 1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        bn_training = training or (self.running_mean is None and self.running_var is None)
         if bn_training:
             torch.nn.functional._verify_batch_size(input.size())
         F._check_eps(bn_training, self.eps)
-        use_buffers = not self.training or self.track_running_stats
+        use_buffers = not training or self.track_running_stats
         out = torch.ops.torch_batchnorm.batch_norm_forward(
             input,
             self.weight,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
-from .modules import _count_batch
+from .modules import _count_batch, _Freezable
 
 __all__ = ["SyncBatchNorm"]
 
@@ -100,7 +100,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(_Freezable, torch.nn.modules.batchnorm._BatchNorm):
     """Drop-in for :class:`torch.nn.SyncBatchNorm` that also runs on CPU tensors (gloo).
 
     Same constructor (``process_group`` included), parameters, buffers, state_dict keys,
@@ -133,11 +133,12 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         self._check_non_zero_input_channels(input)
 
         momentum = 0.0 if self.momentum is None else self.momentum
-        track = self.training and self.track_running_stats
+        training = self.training and not self.frozen
+        track = training and self.track_running_stats
         if track and self.num_batches_tracked is not None and self.momentum is None:
             momentum = 1.0 / float(self.num_batches_tracked + 1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
+        bn_training = training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
 
@@ -201,6 +202,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             output.running_var = module.running_var
             output.num_batches_tracked = module.num_batches_tracked
             output.training = module.training
+            output.frozen = getattr(module, "frozen", False)
             if hasattr(module, "qconfig"):
                 output.qconfig = module.qconfig
         for name, child in module.named_children():

@@ -85,6 +85,27 @@ def test_compiled_eval():
         assert_close(compiled(x), ref(x), "output")
 
 
+@pytest.mark.parametrize("transform", ["compile", "script"])
+def test_frozen_training(transform):
+    """A frozen net trains, compiled (fullgraph=True) or scripted, as torch's does with
+    its BatchNorm layers in eval mode: running statistics stay, gradients flow."""
+    ref, ours = _trained_pair_in_eval()
+    ref.bn.eval()
+    ref.bn1d.eval()
+    ours.bn.freeze()
+    ours.bn1d.freeze()
+    ours.train()
+    if transform == "compile":
+        run = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    else:
+        run = torch.jit.script(ours)
+    for step in range(2):
+        x = torch.randn(6, 3, 5, 5) * 2 + 1
+        assert_close(_train_step(run, x), _train_step(ref, x), f"step {step} output")
+        _assert_same(ours, ref)
+    assert ours.bn1d.num_batches_tracked.item() == 1
+
+
 def test_export_eval():
     ref, ours = _trained_pair_in_eval()
     x = torch.randn(4, 3, 5, 5)

@@ -5,8 +5,10 @@ eval, momentum values, affine and tracking options, and memory layouts. Each cas
 several steps and compares outputs, gradients of input, weight and bias, the running
 statistics and num_batches_tracked."""
 
+import copy
 import functools
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -142,9 +144,9 @@ OPTION_CASES = [
 @pytest.mark.parametrize("track_running_stats", [True, False], ids=["track", "no_track"])
 @pytest.mark.parametrize("affine", list(AFFINE), ids=str)
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0, 0.8], ids=str)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
 def test_module_options(
-    training, momentum, affine, track_running_stats, shape, layout, precision, device
+    mode, momentum, affine, track_running_stats, shape, layout, precision, device
 ):
     ref, ours = make_pair(
         len(shape),
@@ -155,9 +157,33 @@ def test_module_options(
         track_running_stats=track_running_stats,
         **AFFINE[affine],
     )
-    ref.train(training)
-    ours.train(training)
+    ref.train(mode == "train")
+    # Frozen, ours in training mode computes what torch's computes in evaluation.
+    ours.train(mode != "eval")
+    ours.freeze(mode == "frozen")
     run_steps(ref, ours, shape, layout=layout, precision=precision, device=device, steps=3)
+
+
+def test_frozen_is_a_mode():
+    """Like training, frozen is kept by copies and modules converted to SyncBatchNorm,
+    printed by repr, and not part of the state_dict."""
+    bn = tbn.BatchNorm2d(3)
+    state = bn.state_dict().keys()
+    bn.freeze()
+    assert bn.frozen and bn.state_dict().keys() == state
+    assert repr(bn) == repr(torch.nn.BatchNorm2d(3))[:-1] + ", frozen=True)"
+    assert copy.deepcopy(bn).frozen and pickle.loads(pickle.dumps(bn)).frozen
+    assert tbn.SyncBatchNorm.convert_sync_batchnorm(bn).frozen
+    assert not tbn.SyncBatchNorm.convert_sync_batchnorm(tbn.BatchNorm2d(3)).frozen
+    assert not tbn.convert_batchnorm(torch.nn.BatchNorm2d(3)).frozen
+    with pytest.raises(ValueError, match="freeze mode is expected to be boolean"):
+        bn.freeze(1)
+    assert bn.frozen
+    bn(torch.randn(2, 3, 2, 2))
+    assert bn.num_batches_tracked == 0
+    assert bn.freeze(False) is bn
+    bn(torch.randn(2, 3, 2, 2))
+    assert bn.num_batches_tracked == 1
 
 
 GRAD_LAYOUT_CASES = [

@@ -104,9 +104,7 @@ def _ddp_worker(rank, world, port, case, path):
         local = slice(start, start + case["sizes"][rank])
         ddp(x[local]).backward(grad[local])
         # DDP averages gradients: the sum over ranks divided by the world size.
-        torch.save(
-            {"weight": module.weight.grad * world, "state": module.state_dict()}, path
-        )
+        torch.save({"weight": module.weight.grad * world, "state": module.state_dict()}, path)
     finally:
         dist.destroy_process_group()
 
@@ -173,8 +171,16 @@ def test_sync_batchnorm_matches_batchnorm_on_the_whole_batch(name):
     case = dict(dtype=torch.float64, channels_last=False, momentum=0.1, steps=2)
     case.update(CASES[name])
     results = _run_distributed(case)
-    tol = dict(rtol=1e-5, atol=1e-5) if case["dtype"] == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    groups = [case["group"], [r for r in range(len(case["sizes"])) if r not in case["group"]]] if case.get("group") else [list(range(len(case["sizes"])))]
+    tol = (
+        dict(rtol=1e-5, atol=1e-5)
+        if case["dtype"] == torch.float32
+        else dict(rtol=1e-10, atol=1e-10)
+    )
+    groups = (
+        [case["group"], [r for r in range(len(case["sizes"])) if r not in case["group"]]]
+        if case.get("group")
+        else [list(range(len(case["sizes"])))]
+    )
     for ranks in groups:
         ((record, state), starts) = _expected(case, ranks)
         offset = 0
@@ -208,6 +214,42 @@ def test_sync_batchnorm_without_process_group_is_batchnorm():
     sync.eval()
     ref.eval()
     torch.testing.assert_close(sync(x), ref(x))
+
+
+def _frozen_worker(rank, world, port, case, path):
+    """A frozen SyncBatchNorm, training: each rank normalises with the running statistics,
+    with no collective."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        x, grad, module = _case_data(case)
+        sync = tbn.SyncBatchNorm.convert_sync_batchnorm(module).freeze()
+        start = sum(case["sizes"][:rank])
+        local = x[start : start + case["sizes"][rank]].clone().requires_grad_()
+        out = sync(local)
+        out.backward(grad[start : start + case["sizes"][rank]])
+        torch.save(
+            {"out": out.detach(), "grad_input": local.grad, "state": sync.state_dict()}, path
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_frozen_sync_batchnorm_is_batchnorm_in_evaluation():
+    case = dict(sizes=[5, 3], channels=3, spatial=(2, 2), dtype=torch.float64, momentum=0.1)
+    results = _run_distributed(case, worker=_frozen_worker)
+    x, grad, module = _case_data(case)
+    module.eval()
+    for rank, got in enumerate(results):
+        start = sum(case["sizes"][:rank])
+        local = x[start : start + case["sizes"][rank]].clone().requires_grad_()
+        out = module(local)
+        out.backward(grad[start : start + case["sizes"][rank]])
+        torch.testing.assert_close(got["out"], out.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["grad_input"], local.grad, rtol=1e-12, atol=1e-12)
+        for key, value in module.state_dict().items():
+            assert torch.equal(got["state"][key], value), key
 
 
 def test_convert_sync_batchnorm_keeps_state_and_modes():

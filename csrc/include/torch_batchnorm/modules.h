@@ -35,9 +35,18 @@ class TBN_API BatchNormImplBase : public torch::nn::Cloneable<Derived> {
   void reset_parameters();
 
   /// Normalises `input` with batch statistics in training mode (updating the running
-  /// statistics, if tracked) and with the running statistics in evaluation mode; throws
-  /// c10::Error, leaving every buffer untouched, on an input that does not fit.
+  /// statistics, if tracked) and with the running statistics in evaluation mode or when
+  /// frozen; throws c10::Error, leaving every buffer untouched, on an input that does not
+  /// fit.
   at::Tensor forward(const at::Tensor& input);
+
+  /// Freezes the module (or unfreezes it, given false): frozen, it normalises as in
+  /// evaluation mode, with the running statistics and leaving them as they are, even
+  /// while training, which train() does not undo. Gradients still flow, as in evaluation.
+  void freeze(bool frozen = true);
+
+  /// Whether the module is frozen (see freeze()).
+  bool is_frozen() const;
 
   /// Prints e.g. `torch_batchnorm::BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=true,
   /// track_running_stats=true)`.
@@ -60,6 +69,9 @@ class TBN_API BatchNormImplBase : public torch::nn::Cloneable<Derived> {
 
   /// Number of training batches seen (int64 scalar); undefined unless track_running_stats.
   at::Tensor num_batches_tracked;
+
+ private:
+  bool frozen_ = false;
 };
 
 /// BatchNorm over 2D (N, C) or 3D (N, C, L) input; see torch::nn::BatchNorm1d.

@@ -348,6 +348,56 @@ TEST(Module, TrainEvalSwitchesStatistics) {
   EXPECT_TRUE(all_close(untracked(x), (x - batch_mean) / (batch_var + 1e-5).sqrt()));
 }
 
+// A frozen module in training mode computes what torch's module computes in evaluation,
+// gradients included, and keeps its buffers; train() does not unfreeze it.
+TEST(Module, FrozenNormalisesAsInEvaluation) {
+  torch::manual_seed(10);
+  for (const auto& [label, options] : option_variants(3)) {
+    SCOPED_TRACE(label);
+    torch_batchnorm::BatchNorm2d ours(options);
+    torch::nn::BatchNorm2d theirs(options);
+    ours(torch::randn({4, 3, 5, 5}).mul_(2).add_(1));
+    copy_state(ours, theirs);
+    ours->freeze();
+    ours->train();
+    theirs->eval();
+    EXPECT_TRUE(ours->is_frozen());
+    const std::vector<at::Tensor> buffers = [&] {
+      std::vector<at::Tensor> copies;
+      for (const auto& b : ours->buffers()) {
+        copies.push_back(b.clone());
+      }
+      return copies;
+    }();
+    for (int step = 0; step < 2; ++step) {
+      const at::Tensor xa = torch::randn({4, 3, 5, 5}).requires_grad_();
+      const at::Tensor xb = xa.detach().clone().requires_grad_();
+      ours->zero_grad();
+      theirs->zero_grad();
+      const at::Tensor out = ours(xa);
+      const at::Tensor expected = theirs(xb);
+      EXPECT_TRUE(all_close(out, expected));
+      const at::Tensor grad_out = torch::randn_like(out);
+      out.backward(grad_out);
+      expected.backward(grad_out);
+      EXPECT_TRUE(all_close(xa.grad(), xb.grad()));
+      expect_same_state(ours, theirs, "step " + std::to_string(step));
+    }
+    const auto now = ours->buffers();
+    ASSERT_EQ(now.size(), buffers.size());
+    for (size_t i = 0; i < now.size(); ++i) {
+      EXPECT_TRUE(identical(now[i], buffers[i])) << i;
+    }
+    // Unfrozen, it trains again.
+    ours->freeze(false);
+    EXPECT_FALSE(ours->is_frozen());
+    if (options.track_running_stats()) {
+      ours(torch::randn({4, 3, 5, 5}));
+      EXPECT_EQ(ours->num_batches_tracked.item<int64_t>(), 2);
+    }
+  }
+}
+
 TEST(Module, ResetRunningStatsAndParameters) {
   torch::manual_seed(7);
   torch_batchnorm::BatchNorm3d bn(2);
@@ -390,21 +440,29 @@ TEST(Module, PrettyPrint) {
     theirs.replace(0, std::string("torch::nn::").size(), "torch_batchnorm::");
     EXPECT_EQ(text(*torch_batchnorm::BatchNorm3d(options)), theirs) << label;
   }
+  torch_batchnorm::BatchNorm2d frozen(3);
+  frozen->freeze();
+  EXPECT_EQ(text(*frozen),
+            "torch_batchnorm::BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=true, "
+            "track_running_stats=true, frozen=true)");
   std::ostringstream ss;
   ss << torch::nn::Sequential(torch_batchnorm::BatchNorm2d(2));
   EXPECT_NE(ss.str().find("(0): torch_batchnorm::BatchNorm2d(2, eps=1e-05"), std::string::npos)
       << ss.str();
 }
 
-// clone() is a deep copy: equal values, own storage, same mode; also inside a container.
+// clone() is a deep copy: equal values, own storage, same modes; also inside a container.
 TEST(Module, Clone) {
   torch::manual_seed(8);
   torch_batchnorm::BatchNorm2d bn(torch_batchnorm::BatchNorm2dOptions(3).momentum(0.3));
   bn(torch::randn({4, 3, 2, 2}));
   bn->eval();
+  bn->freeze();
   auto copy = std::dynamic_pointer_cast<torch_batchnorm::BatchNorm2dImpl>(bn->clone());
   ASSERT_NE(copy, nullptr);
   EXPECT_FALSE(copy->is_training());
+  EXPECT_TRUE(copy->is_frozen());
+  copy->freeze(false);
   EXPECT_EQ(copy->options.momentum(), 0.3);
   for (const auto& item : bn->named_buffers()) {
     const at::Tensor other = copy->named_buffers()[item.key()];
