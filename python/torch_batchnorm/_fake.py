@@ -2,13 +2,20 @@
 torch.export trace them without running the kernels."""
 
 import torch
-from torch._prims_common import suggest_memory_format
+from torch._prims_common import check_same_device, suggest_memory_format
 
 _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _acc_dtype(dtype):
     return _ACC.get(dtype, dtype)
+
+
+def _same_device(input, *others):
+    """torch's meta kernels' device check, in its words. A CPU input with a weight or
+    statistics on the meta device dispatches to these kernels, not to the CPU kernel
+    (Meta outranks CPU), so without it that call would return an empty CPU tensor."""
+    check_same_device(input, *(t for t in others if t is not None), allow_cpu_scalar_tensors=False)
 
 
 def _like_input(input):
@@ -32,6 +39,7 @@ def _like_input(input):
 def _batch_norm_forward_fake(
     input, weight, bias, running_mean, running_var, training, momentum, eps
 ):
+    _same_device(input, weight, bias, running_mean, running_var)
     channels = input.shape[1] if training else 0
     stats = input.new_empty((channels,), dtype=_acc_dtype(input.dtype))
     return _like_input(input), stats, stats.clone()
@@ -50,6 +58,7 @@ def _batch_norm_backward_fake(
     eps,
     output_mask,
 ):
+    _same_device(input, grad_out, weight, running_mean, running_var, save_mean, save_invstd)
     channels = input.shape[1]
     mixed = input.dtype in _ACC and any(
         t is not None and t.dtype == torch.float32 for t in (weight, running_mean, running_var)
@@ -75,11 +84,13 @@ def _batch_norm_stats_fake(input):
 def _batch_norm_forward_with_stats_fake(
     input, weight, bias, running_mean, running_var, mean, m2, count, momentum, eps
 ):
+    _same_device(input, weight, bias, running_mean, running_var, mean, m2)
     return (_like_input(input), *_channel_stats(input))
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_backward_reduce")
 def _batch_norm_backward_reduce_fake(grad_out, input, mean, invstd):
+    _same_device(input, grad_out, mean, invstd)
     return _channel_stats(input)
 
 
@@ -87,4 +98,5 @@ def _batch_norm_backward_reduce_fake(grad_out, input, mean, invstd):
 def _batch_norm_backward_elemt_fake(
     grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count
 ):
+    _same_device(input, grad_out, weight, mean, invstd, sum_dy, sum_dy_xmu)
     return _like_input(input)
