@@ -41,7 +41,8 @@ def _parser_accepts(kind: str, value) -> bool:
         if numpy is not None and isinstance(value, numpy.generic):
             return value.dtype.kind in "biufcm"
         return isinstance(value, (int, float))
-    return isinstance(value, Tensor) or (kind == "Tensor?" and value is None)
+    tensor = isinstance(value, (Tensor, torch.fx.Proxy))
+    return tensor or (kind == "Tensor?" and value is None)
 
 
 def _type_name(value) -> str:
@@ -70,7 +71,8 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
     with a float), then its argument parser's TypeError for the first argument of a type
     it rejects. Returns if there is none."""
     args = locals()
-    if training:
+    # (A torch.fx.Proxy's size is not known while tracing.)
+    if training and not isinstance(input, torch.fx.Proxy):
         torch.nn.functional._verify_batch_size(input.size())
     _check_eps(training, eps)
     for position, (name, kind) in enumerate(_TORCH_PARAMETERS, start=1):
@@ -108,33 +110,37 @@ def batch_norm(
     statistics are updated in place with ``momentum``. Otherwise the running statistics
     normalise it. Validation happens in the op, before anything is modified.
     """
-    # Eager calls take the direct binding, which skips torch.ops' generic argument
-    # conversion; tracing, tensor subclasses and modes with __torch_function__ see the op.
-    if torch.compiler.is_compiling() or has_torch_function_variadic(
-        input, running_mean, running_var, weight, bias
-    ):
-        out, _, _ = _batch_norm_forward(
-            input,
-            _channel_vector(weight),
-            _channel_vector(bias),
-            running_mean,
-            running_var,
-            training,
-            float(momentum),
-            float(eps),
-        )
-        return out
-    # The binding would take any object as a bool and anything with __float__ as a float,
-    # and words its TypeError its own way: training, momentum and eps of other types than
-    # bool and float are checked as torch checks them (its messages print them as given),
-    # and a tensor argument the binding rejects is reported in torch's words.
+    # The op takes a bool and floats. The binding would take any object as a bool and
+    # anything with __float__ as a float, and torch.ops would take ints: training,
+    # momentum and eps of other types than bool and float are checked as torch checks
+    # them (its messages print them as given).
     if type(training) is not bool or type(momentum) is not float or type(eps) is not float:
         _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
         momentum, eps = float(momentum), float(eps)
+    compiling = torch.compiler.is_compiling()
     try:
+        # Eager calls take the direct binding, which skips torch.ops' generic argument
+        # conversion; tracing, tensor subclasses and modes with __torch_function__ (as
+        # torch.device(...) is) see the op.
+        if compiling or has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+            return _batch_norm_forward(
+                input,
+                _channel_vector(weight),
+                _channel_vector(bias),
+                running_mean,
+                running_var,
+                training,
+                momentum,
+                eps,
+            )[0]
         return _C.batch_norm(
             input, weight, bias, running_mean, running_var, training, momentum, eps
         )
-    except TypeError:
-        _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    except (TypeError, RuntimeError):
+        # A tensor argument of a type that the binding or torch.ops rejects, reported in
+        # torch's words; other errors are the op's own.
+        if not compiling:
+            _check_arguments(
+                input, running_mean, running_var, weight, bias, training, momentum, eps
+            )
         raise
