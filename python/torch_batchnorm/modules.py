@@ -60,11 +60,18 @@ class _BatchNormForward(_Freezable):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        # torch.fx.symbolic_trace records this forward (it keeps torch's own modules whole,
-        # as leaves): the input's rank is unknown then, and the buffers become nodes of the
-        # graph, so that the graph updates them each time it runs.
         symbolic = isinstance(input, torch.fx.Proxy)
         if symbolic:
+            tracer = input.tracer
+            path = tracer.path_of_module(self)
+            if path:
+                # torch.fx.symbolic_trace keeps torch's BatchNorm layers whole, as leaves,
+                # so that the graph module's train() and eval() still switch them; it
+                # keeps ours whole too.
+                return tracer.create_proxy("call_module", path, (input,), {})
+            # Traced as the root module, the forward is recorded in the mode it is traced
+            # in, as torch's is: the input's rank is unknown then, and the buffers become
+            # nodes of the graph, so that the graph updates them each time it runs.
             buffers = [_graph_buffer(self, name, input) for name in _BUFFERS]
         else:
             self._check_input_dim(input)

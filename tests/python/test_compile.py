@@ -135,18 +135,45 @@ def test_export_train():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fx_symbolic_trace(training):
     """torch.fx.symbolic_trace (as torchvision's feature extraction and FX passes use it)
-    records our modules' forward, buffers as graph nodes: tracing changes no buffer, and
-    the graph then trains (running statistics, momentum=None included) as the module."""
+    keeps our modules whole, as it keeps torch's: tracing changes no buffer, the graph
+    trains (running statistics, momentum=None included) as the module, and the graph
+    module's train() and eval() still switch its BatchNorm layers."""
     ref, ours = _pair()
     ref.train(training)
     ours.train(training)
     state = copy.deepcopy(ours.state_dict())
     graph = torch.fx.symbolic_trace(ours)
     assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
+    leaves = [n.target for n in graph.graph.nodes if n.op == "call_module"]
+    assert leaves == [
+        n.target for n in torch.fx.symbolic_trace(ref).graph.nodes if n.op == "call_module"
+    ]
+    assert {"bn", "bn1d"} <= set(leaves)
+    for mode in (training, not training):
+        graph.train(mode)
+        ref.train(mode)
+        for step in range(2):
+            x = torch.randn(6, 3, 5, 5) * 2 + 1
+            assert_close(_train_step(graph, x), _train_step(ref, x), f"{mode} step {step} output")
+            _assert_same(graph, ref)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace_root(training):
+    """A BatchNorm traced as the root module is recorded in the mode it is traced in, as
+    torch's is, with its buffers as nodes of the graph, which updates them."""
+    ref, ours = _pair()
+    ref.bn1d.train(training)
+    ours.bn1d.train(training)
+    graph = torch.fx.symbolic_trace(ours.bn1d)
     for step in range(3):
-        x = torch.randn(6, 3, 5, 5) * 2 + 1
-        assert_close(_train_step(graph, x), _train_step(ref, x), f"step {step} output")
-        _assert_same(graph, ref)
+        x = torch.randn(6, 5) * 2 + 1
+        assert_close(graph(x), ref.bn1d(x), f"step {step} output")
+        for name, buffer in ref.bn1d.named_buffers():
+            if buffer.is_floating_point():
+                assert_close(graph.get_buffer(name), buffer, name)
+            else:
+                assert torch.equal(graph.get_buffer(name), buffer), name
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
