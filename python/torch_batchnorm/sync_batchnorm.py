@@ -119,9 +119,19 @@ class SyncBatchNorm(_Freezable, torch.nn.modules.batchnorm._BatchNorm):
         process_group: Optional[Any] = None,
         device=None,
         dtype=None,
+        **kwargs,
     ) -> None:
+        # kwargs: the keyword-only arguments of the installed torch's BatchNorm classes
+        # (bias, in newer releases), which its SyncBatchNorm takes too.
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            **kwargs,
         )
         self.process_group = process_group
 

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from torch.utils.checkpoint import checkpoint
 
 import torch_batchnorm as tbn
+from conftest import BN_TAKES_BIAS
 
 TIMEOUT_S = 120
 
@@ -250,6 +251,23 @@ def test_frozen_sync_batchnorm_is_batchnorm_in_evaluation():
         torch.testing.assert_close(got["grad_input"], local.grad, rtol=1e-12, atol=1e-12)
         for key, value in module.state_dict().items():
             assert torch.equal(got["state"][key], value), key
+
+
+def test_constructor_takes_torchs_arguments():
+    """Every argument of torch.nn.SyncBatchNorm, by position or keyword (bias included,
+    where the installed torch has it), gives the module torch's gives."""
+    arguments = {"eps": 1e-3, "momentum": None, "affine": False, "track_running_stats": False}
+    if BN_TAKES_BIAS:
+        arguments["bias"] = False
+    for name, value in arguments.items():
+        ours, theirs = (
+            tbn.SyncBatchNorm(3, **{name: value}),
+            torch.nn.SyncBatchNorm(3, **{name: value}),
+        )
+        assert repr(ours) == repr(theirs), name
+        assert ours.state_dict().keys() == theirs.state_dict().keys(), name
+    positional = (4, 1e-3, 0.3, True, False, None)
+    assert repr(tbn.SyncBatchNorm(*positional)) == repr(torch.nn.SyncBatchNorm(*positional))
 
 
 def test_convert_sync_batchnorm_keeps_state_and_modes():
