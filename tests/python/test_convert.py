@@ -117,6 +117,31 @@ def test_shares_parameters_hooks_and_repr():
     assert isinstance(converted[1], torch.nn.modules.batchnorm._BatchNorm)
 
 
+def test_shared_batchnorm_stays_shared():
+    """A BatchNorm registered in several places (twice in one container, and in another)
+    becomes one module of ours everywhere, as it was one module of torch's."""
+    bn = torch.nn.BatchNorm2d(3)
+    inner = torch.nn.Sequential(bn)
+    model = torch.nn.Sequential(bn, torch.nn.ReLU(), bn, inner)
+    tbn.convert_batchnorm(model)
+    assert type(model[0]) is tbn.BatchNorm2d
+    assert model[0] is model[2] is model[3][0]
+
+
+def test_hooks_registered_after_conversion_are_the_new_modules():
+    bn = torch.nn.BatchNorm2d(3)
+    before = []
+    bn.register_forward_hook(lambda *args: before.append(1))
+    ours = tbn.convert_batchnorm(bn)
+    after = []
+    ours.register_forward_hook(lambda *args: after.append(1))
+    x = torch.randn(2, 3, 2, 2)
+    bn(x)
+    assert (before, after) == ([1], [])
+    ours(x)
+    assert (before, after) == ([1, 1], [1])
+
+
 @pytest.mark.parametrize(
     "torch_cls,our_cls",
     [
