@@ -41,8 +41,14 @@ def _parser_accepts(kind: str, value) -> bool:
         if numpy is not None and isinstance(value, numpy.generic):
             return value.dtype.kind in "biufcm"
         return isinstance(value, (int, float))
-    tensor = isinstance(value, (Tensor, torch.fx.Proxy))
+    tensor = isinstance(value, Tensor) or _tensor_like(value)
     return tensor or (kind == "Tensor?" and value is None)
+
+
+def _tensor_like(value) -> bool:
+    """Whether `value` is no tensor but has __torch_function__ (a torch.fx.Proxy, say):
+    torch's argument parser takes those for tensors and hands the call to them."""
+    return not isinstance(value, Tensor) and hasattr(type(value), "__torch_function__")
 
 
 def _type_name(value) -> str:
@@ -71,8 +77,8 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
     with a float), then its argument parser's TypeError for the first argument of a type
     it rejects. Returns if there is none."""
     args = locals()
-    # (A torch.fx.Proxy's size is not known while tracing.)
-    if training and not isinstance(input, torch.fx.Proxy):
+    # (torch hands a call with a tensor-like to it before this check.)
+    if training and not _tensor_like(input):
         torch.nn.functional._verify_batch_size(input.size())
     _check_eps(training, eps)
     for position, (name, kind) in enumerate(_TORCH_PARAMETERS, start=1):
@@ -138,9 +144,13 @@ def batch_norm(
         )
     except (TypeError, RuntimeError):
         # A tensor argument of a type that the binding or torch.ops rejects, reported in
-        # torch's words; other errors are the op's own.
+        # torch's words (and alone: the binding's error is no part of it); other errors
+        # are the op's own.
         if not compiling:
-            _check_arguments(
-                input, running_mean, running_var, weight, bias, training, momentum, eps
-            )
+            try:
+                _check_arguments(
+                    input, running_mean, running_var, weight, bias, training, momentum, eps
+                )
+            except TypeError as error:
+                raise error from None
         raise

@@ -554,6 +554,9 @@ BACKWARD_OP_CASES = [
         {"input": torch.ones(4, C, 3, dtype=i64), "grad_out": torch.ones(4, C, 3, dtype=i64)},
         "not implemented for 'Long'",
     ),
+    # Reaching the fake kernel, as torch's meta kernels word it.
+    ("weight_on_meta", {"weight": torch.ones(C, device="meta")}, "on device meta is not on"),
+    ("save_invstd_on_meta", {"save_invstd": torch.ones(C, device="meta")}, "on device meta"),
 ]
 
 
