@@ -22,14 +22,14 @@ class _Freezable:
     the module is training. model.train() sets every module's training flag, so code that
     freezes BatchNorm by calling eval() on it has to do so again after each train();
     frozen survives that. Gradients still reach the input, weight and bias (set their
-    requires_grad to freeze those too). Not part of the state_dict: like training, it is
-    a mode of the module, not data."""
+    requires_grad to freeze those too, as torchvision's FrozenBatchNorm2d does). Not part
+    of the state_dict: like training, it is a mode of the module, not data."""
 
     #: Whether the module normalises as in evaluation even while training (see freeze).
     frozen: bool = False
     # torch.jit.script compiles it as a constant, as it does eps and momentum: a module
     # scripted before freeze() stays unfrozen.
-    __constants__ = [*torch.nn.modules.batchnorm._NormBase.__constants__, "frozen"]
+    __constants__ = (*torch.nn.modules.batchnorm._NormBase.__constants__, "frozen")
 
     def freeze(self, mode: bool = True):
         """Freezes (or, with ``mode=False``, unfreezes) the module; returns it."""
@@ -62,13 +62,9 @@ class _BatchNormForward(_Freezable):
     def _eager_forward(self, input: Tensor) -> Tensor:
         symbolic = isinstance(input, torch.fx.Proxy)
         if symbolic:
-            tracer = input.tracer
-            path = tracer.path_of_module(self)
-            if path:
-                # torch.fx.symbolic_trace keeps torch's BatchNorm layers whole, as leaves,
-                # so that the graph module's train() and eval() still switch them; it
-                # keeps ours whole too.
-                return tracer.create_proxy("call_module", path, (input,), {})
+            leaf = _fx_leaf(self, input)
+            if leaf is not None:
+                return leaf
             # Traced as the root module, the forward is recorded in the mode it is traced
             # in, as torch's is: the input's rank is unknown then, and the buffers become
             # nodes of the graph, so that the graph updates them each time it runs.
@@ -168,15 +164,46 @@ class _BatchNormForward(_Freezable):
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _graph_buffer(module: torch.nn.Module, name: str, input: torch.fx.Proxy):
-    """The buffer `name` of `module` as a node of the graph torch.fx is recording `input`
-    into (None stays None)."""
-    buffer = getattr(module, name)
-    if buffer is None or isinstance(buffer, torch.fx.Proxy):
-        return buffer
+def _fx_leaf(module: torch.nn.Module, input: torch.fx.Proxy) -> Optional[torch.fx.Proxy]:
+    """torch.fx.symbolic_trace keeps torch's BatchNorm layers whole, as leaves (call_module
+    nodes), so that the graph module's train() and eval() still switch them; this keeps
+    ours whole too, returning the node's value. None for the root module, which is
+    traced, not called."""
     tracer = input.tracer
     path = tracer.path_of_module(module)
-    return tracer.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
+    if not path:
+        return None
+    if not _has_hooks(module):
+        return tracer.create_proxy("call_module", path, (input,), {})
+    # The tracer takes torch.nn's classes for leaves by their module name, so it has
+    # entered this one's __call__ already: the hooks ran on the traced values, into the
+    # graph, and a call_module node would run them again. This node calls forward alone.
+    layer = tracer.create_proxy("get_attr", path, (), {})
+    return tracer.create_proxy("call_method", "forward", (layer, input), {})
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling `module` runs hooks (Module._call_impl's own test)."""
+    hooks = torch.nn.modules.module
+    return bool(
+        module._backward_hooks
+        or module._backward_pre_hooks
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_backward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
+
+
+def _graph_buffer(root: torch.nn.Module, name: str, input: torch.fx.Proxy):
+    """The buffer `name` of the `root` module torch.fx is tracing `input` through, as a
+    node of the graph (None stays None)."""
+    buffer = getattr(root, name)
+    if buffer is None or isinstance(buffer, torch.fx.Proxy):
+        return buffer
+    return input.tracer.create_proxy("get_attr", name, (), {})
 
 
 def _count_batch(

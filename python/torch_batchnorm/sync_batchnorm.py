@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
-from .modules import _count_batch, _Freezable
+from .modules import _count_batch, _Freezable, _fx_leaf
 
 __all__ = ["SyncBatchNorm"]
 
@@ -119,10 +119,11 @@ class SyncBatchNorm(_Freezable, torch.nn.modules.batchnorm._BatchNorm):
         process_group: Optional[Any] = None,
         device=None,
         dtype=None,
-        **kwargs,
+        *,
+        bias: bool = True,
     ) -> None:
-        # kwargs: the keyword-only arguments of the installed torch's BatchNorm classes
-        # (bias, in newer releases), which its SyncBatchNorm takes too.
+        # Only passed to drop the bias: torch releases before bias= have no such argument.
+        no_bias = {} if bias else {"bias": False}
         super().__init__(
             num_features,
             eps,
@@ -131,7 +132,7 @@ class SyncBatchNorm(_Freezable, torch.nn.modules.batchnorm._BatchNorm):
             track_running_stats,
             device=device,
             dtype=dtype,
-            **kwargs,
+            **no_bias,
         )
         self.process_group = process_group
 
@@ -139,6 +140,10 @@ class SyncBatchNorm(_Freezable, torch.nn.modules.batchnorm._BatchNorm):
     _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            leaf = _fx_leaf(self, input)
+            if leaf is not None:
+                return leaf
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
 
@@ -153,8 +158,10 @@ class SyncBatchNorm(_Freezable, torch.nn.modules.batchnorm._BatchNorm):
         running_var = self.running_var if use_buffers else None
 
         group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
+        # Batch statistics outside training (no running statistics) are the rank's own.
         synchronise = (
             bn_training
+            and training
             and dist.is_available()
             and dist.is_initialized()
             and dist.get_world_size(group) > 1

@@ -158,6 +158,39 @@ def test_fx_symbolic_trace(training):
             _assert_same(graph, ref)
 
 
+def _hooked(bn):
+    bn.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    bn.register_forward_hook(lambda module, args, out: out * 2)
+    return bn
+
+
+@pytest.mark.parametrize("cls", [tbn.BatchNorm2d, tbn.SyncBatchNorm])
+@pytest.mark.parametrize("hooks", [False, True], ids=["plain", "hooks"])
+def test_fx_symbolic_trace_layer(hooks, cls):
+    """Traced in a network, a BatchNorm layer (SyncBatchNorm included) gives the graph
+    what torch's gives, mode switches and hooks included (they run once). Without hooks
+    it is a leaf, as torch's is; with them, the graph runs the hooks and calls its
+    forward."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 3, 1)
+    ref = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(3))
+    ours = torch.nn.Sequential(copy.deepcopy(conv), cls(3))
+    if hooks:
+        _hooked(ref[1])
+        _hooked(ours[1])
+    graph = torch.fx.symbolic_trace(ours)
+    leaves = [n.target for n in graph.graph.nodes if n.op == "call_module"]
+    assert ("1" in leaves) != hooks
+    for mode in (True, False, True):
+        graph.train(mode)
+        ref.train(mode)
+        x = torch.randn(6, 3, 5, 5) * 2 + 1
+        assert_close(graph(x), ref(x), f"training={mode}")
+        for name, buffer in ref[1].named_buffers():
+            if buffer.is_floating_point():
+                assert_close(graph.get_buffer(f"1.{name}"), buffer, name)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fx_symbolic_trace_root(training):
     """A BatchNorm traced as the root module is recorded in the mode it is traced in, as

@@ -1,6 +1,7 @@
 """SyncBatchNorm over gloo on loopback: every rank must see exactly what plain BatchNorm
 computes on the concatenation of all ranks' batches."""
 
+import inspect
 import os
 import socket
 import sys
@@ -217,15 +218,26 @@ def test_sync_batchnorm_without_process_group_is_batchnorm():
     torch.testing.assert_close(sync(x), ref(x))
 
 
-def _frozen_worker(rank, world, port, case, path):
-    """A frozen SyncBatchNorm, training: each rank normalises with the running statistics,
+def _local_module(case):
+    """The case's module, in the mode of the case ("eval" or "frozen", which normalises
+    with the rank's own data when there are no running statistics)."""
+    x, grad, module = _case_data(case)
+    if not case["track"]:
+        module.track_running_stats = False
+        module.running_mean = module.running_var = module.num_batches_tracked = None
+    return x, grad, module
+
+
+def _local_worker(rank, world, port, case, path):
+    """SyncBatchNorm evaluating, or frozen and training: each rank normalises on its own,
     with no collective."""
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        x, grad, module = _case_data(case)
-        sync = tbn.SyncBatchNorm.convert_sync_batchnorm(module).freeze()
+        x, grad, module = _local_module(case)
+        sync = tbn.SyncBatchNorm.convert_sync_batchnorm(module)
+        sync.train(case["mode"] == "frozen").freeze(case["mode"] == "frozen")
         start = sum(case["sizes"][:rank])
         local = x[start : start + case["sizes"][rank]].clone().requires_grad_()
         out = sync(local)
@@ -237,10 +249,22 @@ def _frozen_worker(rank, world, port, case, path):
         dist.destroy_process_group()
 
 
-def test_frozen_sync_batchnorm_is_batchnorm_in_evaluation():
-    case = dict(sizes=[5, 3], channels=3, spatial=(2, 2), dtype=torch.float64, momentum=0.1)
-    results = _run_distributed(case, worker=_frozen_worker)
-    x, grad, module = _case_data(case)
+@pytest.mark.parametrize("track", [True, False], ids=["track", "no_track"])
+@pytest.mark.parametrize("mode", ["eval", "frozen"])
+def test_no_synchronisation_outside_training(mode, track):
+    """Evaluating or frozen, a SyncBatchNorm is the BatchNorm of its rank's batch in
+    evaluation: running statistics, or without them the rank's own batch statistics."""
+    case = dict(
+        sizes=[5, 3],
+        channels=3,
+        spatial=(2, 2),
+        dtype=torch.float64,
+        momentum=0.1,
+        mode=mode,
+        track=track,
+    )
+    results = _run_distributed(case, worker=_local_worker)
+    x, grad, module = _local_module(case)
     module.eval()
     for rank, got in enumerate(results):
         start = sum(case["sizes"][:rank])
@@ -268,6 +292,8 @@ def test_constructor_takes_torchs_arguments():
         assert ours.state_dict().keys() == theirs.state_dict().keys(), name
     positional = (4, 1e-3, 0.3, True, False, None)
     assert repr(tbn.SyncBatchNorm(*positional)) == repr(torch.nn.SyncBatchNorm(*positional))
+    if BN_TAKES_BIAS:
+        assert inspect.signature(tbn.SyncBatchNorm) == inspect.signature(torch.nn.SyncBatchNorm)
 
 
 def test_convert_sync_batchnorm_keeps_state_and_modes():
