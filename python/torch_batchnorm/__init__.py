@@ -22,7 +22,14 @@ from . import _fake  # noqa: E402,F401  (fake kernels for torch.compile / export
 from . import _vmap  # noqa: E402,F401  (batching rules for torch.vmap)
 from . import functional  # noqa: E402
 from .convert import convert_batchnorm  # noqa: E402
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d  # noqa: E402
+from .modules import (  # noqa: E402
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
 from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 #: CMake prefix for LibTorch programs: find_package(TorchBatchNorm) looks here.
@@ -37,6 +44,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "functional",
     "convert_batchnorm",

@@ -2,20 +2,21 @@
 
 import torch
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from . import modules
 
 __all__ = ["convert_batchnorm"]
 
 _REPLACEMENTS = {
-    torch.nn.BatchNorm1d: BatchNorm1d,
-    torch.nn.BatchNorm2d: BatchNorm2d,
-    torch.nn.BatchNorm3d: BatchNorm3d,
+    getattr(torch.nn, name): getattr(modules, name)
+    for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
+    + ("LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d")
 }
 
 
 def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Return ``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` inside turned into the
-    torch_batchnorm equivalent, in place: the same objects, with their parameters,
+    """Return ``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` (and
+    ``LazyBatchNorm1d/2d/3d``, which then become ours when they take their size) inside
+    turned into the torch_batchnorm equivalent, in place: the same objects, with their parameters,
     buffers, hooks, train/eval mode and every reference to them kept (a BatchNorm used in
     several places stays one module). Subclasses of torch's classes (SyncBatchNorm,
     custom variants) are left alone. A BatchNorm passed directly is converted and

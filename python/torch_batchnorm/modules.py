@@ -1,4 +1,4 @@
-"""Drop-in modules for torch.nn.BatchNorm1d/2d/3d.
+"""Drop-in modules for torch.nn.BatchNorm1d/2d/3d and LazyBatchNorm1d/2d/3d.
 
 Each subclasses torch's own class, so it takes the same constructor arguments with the
 same defaults, has the same parameters, buffers, state_dict keys, input-dim checks and
@@ -13,7 +13,14 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+]
 
 
 class _Freezable:
@@ -257,3 +264,24 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     """Drop-in for :class:`torch.nn.BatchNorm3d` on 5D ``(N, C, D, H, W)`` input."""
+
+
+class LazyBatchNorm1d(_BatchNormForward, torch.nn.LazyBatchNorm1d):
+    """Drop-in for :class:`torch.nn.LazyBatchNorm1d`: takes num_features from the first
+    input, then becomes a :class:`BatchNorm1d` of ours."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_BatchNormForward, torch.nn.LazyBatchNorm2d):
+    """Drop-in for :class:`torch.nn.LazyBatchNorm2d`: takes num_features from the first
+    input, then becomes a :class:`BatchNorm2d` of ours."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_BatchNormForward, torch.nn.LazyBatchNorm3d):
+    """Drop-in for :class:`torch.nn.LazyBatchNorm3d`: takes num_features from the first
+    input, then becomes a :class:`BatchNorm3d` of ours."""
+
+    cls_to_become = BatchNorm3d

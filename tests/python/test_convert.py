@@ -159,6 +159,14 @@ def test_converts_a_batchnorm_itself(torch_cls, our_cls):
     assert (converted.eps, converted.momentum, converted.affine) == (1e-3, None, False)
 
 
+def test_converts_lazy_batchnorms():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LazyBatchNorm2d())
+    tbn.convert_batchnorm(model)
+    assert type(model[1]) is tbn.LazyBatchNorm2d
+    model(torch.randn(2, 3, 5, 5))
+    assert type(model[1]) is tbn.BatchNorm2d and model[1].num_features == 4
+
+
 def test_leaves_other_batchnorms_alone():
     class CustomBatchNorm(torch.nn.BatchNorm2d):
         pass

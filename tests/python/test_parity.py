@@ -7,6 +7,7 @@ statistics and num_batches_tracked."""
 
 import copy
 import functools
+import inspect
 import itertools
 import pickle
 
@@ -413,6 +414,31 @@ def test_statistics_made_in_inference_mode(device):
         results.append((batch_norm(x, *stats, training=True), *stats))
     for name, expected, actual in zip(["output", "running_mean", "running_var"], *results):
         assert_close(actual, expected, name)
+
+
+LAZY = {
+    2: (torch.nn.LazyBatchNorm1d, tbn.LazyBatchNorm1d, tbn.BatchNorm1d),
+    4: (torch.nn.LazyBatchNorm2d, tbn.LazyBatchNorm2d, tbn.BatchNorm2d),
+    5: (torch.nn.LazyBatchNorm3d, tbn.LazyBatchNorm3d, tbn.BatchNorm3d),
+}
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (2, 3, 6, 6), (2, 3, 4, 4, 4)], ids=_ids)
+def test_lazy_modules(shape, device):
+    """The lazy classes take torch's arguments, take their size from the first input and
+    become our BatchNorm classes, training as torch's do from the first call."""
+    torch_cls, lazy_cls, our_cls = LAZY[len(shape)]
+    assert inspect.signature(lazy_cls) == inspect.signature(torch_cls)
+    ref, ours = torch_cls(momentum=None, device=device), lazy_cls(momentum=None, device=device)
+    assert repr(ours) == repr(ref)
+    x = torch.randn(shape, device=device) * 2 + 1
+    assert_close(ours(x), ref(x), "first call")
+    assert type(ours) is our_cls and ours.num_features == shape[1]
+    assert_same_state(ours, ref)
+    run_steps(ref, ours, shape, device=device, steps=2)
+    ref.eval()
+    ours.eval()
+    run_steps(ref, ours, shape, device=device, steps=1)
 
 
 def test_functional_defaults_match_torch():
