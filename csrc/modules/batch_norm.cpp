@@ -90,6 +90,12 @@ at::Tensor BatchNormImplBase<D, Derived>::forward(const at::Tensor& input) {
     // Cumulative moving average over the batches seen, this one included.
     momentum = 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>() + 1);
   }
+  if (counts && num_batches_tracked.is_inference()) {
+    // A count made in inference mode cannot be updated outside it. This adds nothing and
+    // throws torch's error where the update would, before the operator changes anything.
+    torch::NoGradGuard no_grad;
+    num_batches_tracked.add_(0);
+  }
   // Batch statistics in training, and in evaluation when there are no running ones.
   const bool use_batch_stats = training || (!running_mean.defined() && !running_var.defined());
   // Running statistics are passed where they are updated (training with tracking) or

@@ -226,15 +226,20 @@ def _count_batch(
     This relies on the op bumping the version with the update (batch_norm_forward's
     autograd kernel does, under no_grad too; torch's own op does not). (Inference tensors
     have no version, and nothing runs again in inference mode; compiled and symbolically
-    traced graphs recompute without exceptions.)"""
+    traced graphs recompute without exceptions.)
+
+    A count made in inference mode cannot be updated outside it; torch finds out before
+    its op runs, and so does this, with torch's error, before anything has changed."""
     version = None
-    if (
+    eager = (
         num_batches_tracked is not None
-        and running_mean is not None
         and not torch.compiler.is_compiling()
-        and not isinstance(running_mean, torch.fx.Proxy)
-        and not running_mean.is_inference()
-    ):
+        and not isinstance(num_batches_tracked, torch.fx.Proxy)
+    )
+    if eager and num_batches_tracked.is_inference():
+        # Adds nothing, and raises where the update would (outside inference mode).
+        num_batches_tracked.add_(0)
+    if eager and running_mean is not None and not running_mean.is_inference():
         version = running_mean._version
     try:
         out = op()

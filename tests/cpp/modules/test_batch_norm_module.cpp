@@ -294,6 +294,21 @@ TEST(Module, RejectedInputChangesNoBuffer) {
   EXPECT_NO_THROW(bn(torch::randn({1, 4, 1, 1})));
 }
 
+// A module made in inference mode has an inference tensor for its count, which refuses an
+// in-place update outside inference mode: torch's error, before any buffer changes.
+TEST(Module, MadeInInferenceModeTrainedOutside) {
+  torch_batchnorm::BatchNorm2d bn = [] {
+    c10::InferenceMode inference;
+    return torch_batchnorm::BatchNorm2d(3);
+  }();
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(throws_c10_error([&] { bn(torch::randn({4, 3, 2, 2})); },
+                               "Inplace update to inference tensor outside InferenceMode"));
+  EXPECT_TRUE(identical(bn->running_mean, torch::zeros({3})));
+  EXPECT_TRUE(identical(bn->running_var, torch::ones({3})));
+  EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 0);
+}
+
 // momentum = nullopt: the running statistics are the plain average over the batches seen.
 TEST(Module, CumulativeAverageWithoutMomentum) {
   torch::manual_seed(5);
