@@ -16,11 +16,11 @@ _REPLACEMENTS = {
 def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """Return ``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` (and
     ``LazyBatchNorm1d/2d/3d``, which then become ours when they take their size) inside
-    turned into the torch_batchnorm equivalent, in place: the same objects, with their parameters,
-    buffers, hooks, train/eval mode and every reference to them kept (a BatchNorm used in
-    several places stays one module). Subclasses of torch's classes (SyncBatchNorm,
-    custom variants) are left alone. A BatchNorm passed directly is converted and
-    returned."""
+    turned into the torch_batchnorm equivalent, in place: the same objects, with their
+    parameters, buffers, hooks, train/eval mode and every reference to them kept (a
+    BatchNorm used in several places stays one module). Subclasses of torch's classes
+    (SyncBatchNorm, custom variants) are left alone. A BatchNorm passed directly is
+    converted and returned."""
     for m in module.modules():
         cls = _REPLACEMENTS.get(type(m))
         if cls is not None:

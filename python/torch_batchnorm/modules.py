@@ -3,7 +3,8 @@
 Each subclasses torch's own class, so it takes the same constructor arguments with the
 same defaults, has the same parameters, buffers, state_dict keys, input-dim checks and
 repr, and passes isinstance checks that code written for torch's modules makes. Only
-forward differs: it runs the torch_batchnorm ops.
+forward differs: it runs the torch_batchnorm ops. They also have a frozen mode (see
+_Freezable).
 """
 
 from typing import Callable, Optional
