@@ -1,9 +1,9 @@
 """torch.compile(fullgraph=True) and torch.export trace the ops through their fake kernels
 and the C++ autograd kernel: a compiled training step (forward, backward, running
 statistics, momentum=None included) and a compiled evaluation match torch's BatchNorm
-run eagerly, compiled autograd records the backward of an eager forward, and
-torch.fx.symbolic_trace and torch.jit.script record the modules. Few cases, since every compilation takes
-seconds."""
+run eagerly, compiled autograd records the backward of an eager forward,
+torch.fx.symbolic_trace keeps the layers whole as it keeps torch's, and torch.jit.script
+compiles the modules. Few cases, since every compilation takes seconds."""
 
 import copy
 import io
