@@ -22,6 +22,13 @@ namespace torch_batchnorm {
 namespace cuda {
 
 constexpr int kThreads = 256;
+// Vectors of a row in one group of the channels-last kernels: one 128-byte line of 16-byte
+// vectors (a 32-byte sector of the narrowest, single float16 values), which a warp's load
+// still uses whole. Wider groups mean fewer of them, so more slices of the rows per group
+// (up to a wave of blocks) and fewer threads along the rows to merge the slices' partial
+// results: the last block's merge grows with the square of the width, and at 32 vectors
+// it took longer than the reduction itself (benchmarks/results/cuda-h200.md).
+constexpr int kMaxGroupWidth = 8;
 // Vectors each thread loads before it uses any: enough bytes in flight per SM to cover
 // DRAM latency at the occupancy these kernels reach.
 constexpr int kUnroll = 4;
@@ -47,7 +54,7 @@ struct PlaneGeom {
 struct RowGeom {
   int64_t rows;
   int64_t vecs;    // vectors per row: C / VEC
-  int tx;          // a power of two <= 32, so a warp holds whole columns of threads
+  int tx;          // a power of two <= kMaxGroupWidth, so a warp holds whole columns of threads
   int ty;          // kThreads / tx
   int64_t groups;  // ceil(vecs / tx)
   int64_t splits;  // blocks per group; block b covers slice b / groups of group b % groups
@@ -156,7 +163,7 @@ inline RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
   g.rows = l.outer;
   g.vecs = l.channels / vec;
   g.tx = 1;
-  while (g.tx < 32 && g.tx < g.vecs) {
+  while (g.tx < kMaxGroupWidth && g.tx < g.vecs) {
     g.tx *= 2;
   }
   g.ty = kThreads / g.tx;

@@ -183,7 +183,8 @@ TEST(CudaGeometry, RowsCoverEveryVectorOnce) {
         EXPECT_EQ(g.rows, rows);
         EXPECT_EQ(g.vecs, vecs);
         EXPECT_EQ(g.tx * g.ty, kThreads);
-        EXPECT_TRUE(g.tx >= 1 && g.tx <= 32 && (g.tx & (g.tx - 1)) == 0) << "tx " << g.tx;
+        EXPECT_TRUE(g.tx >= 1 && g.tx <= kMaxGroupWidth && (g.tx & (g.tx - 1)) == 0)
+            << "tx " << g.tx;
         EXPECT_EQ(g.groups, (vecs + g.tx - 1) / g.tx);
         EXPECT_LE(g.splits * g.groups, std::max(wave, g.groups)) << "more than one wave";
         expect_rows_cover(g);
