@@ -22,13 +22,6 @@ namespace torch_batchnorm {
 namespace cuda {
 
 constexpr int kThreads = 256;
-// Vectors of a row in one group of the channels-last kernels: one 128-byte line of 16-byte
-// vectors (a 32-byte sector of the narrowest, single float16 values), which a warp's load
-// still uses whole. Wider groups mean fewer of them, so more slices of the rows per group
-// (up to a wave of blocks) and fewer threads along the rows to merge the slices' partial
-// results: the last block's merge grows with the square of the width, and at 32 vectors
-// it took longer than the reduction itself (benchmarks/results/cuda-h200.md).
-constexpr int kMaxGroupWidth = 8;
 // Vectors each thread loads before it uses any: enough bytes in flight per SM to cover
 // DRAM latency at the occupancy these kernels reach.
 constexpr int kUnroll = 4;
@@ -54,7 +47,7 @@ struct PlaneGeom {
 struct RowGeom {
   int64_t rows;
   int64_t vecs;    // vectors per row: C / VEC
-  int tx;          // a power of two <= kMaxGroupWidth, so a warp holds whole columns of threads
+  int tx;          // a power of two <= 32, so a warp holds whole columns of threads
   int ty;          // kThreads / tx
   int64_t groups;  // ceil(vecs / tx)
   int64_t splits;  // blocks per group; block b covers slice b / groups of group b % groups
@@ -158,18 +151,32 @@ inline PlaneGeom plane_geom(const Layout& l, int vec, int64_t wave) {
   return g;
 }
 
-inline RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
+inline RowGeom row_geom_of_width(const Layout& l, int vec, int64_t wave, int max_tx) {
   RowGeom g{};
   g.rows = l.outer;
   g.vecs = l.channels / vec;
   g.tx = 1;
-  while (g.tx < kMaxGroupWidth && g.tx < g.vecs) {
+  while (g.tx < max_tx && g.tx < g.vecs) {
     g.tx *= 2;
   }
   g.ty = kThreads / g.tx;
   g.groups = ceil_div(g.vecs, g.tx);
   g.splits = choose_splits(g.groups, ceil_div(g.rows, static_cast<int64_t>(g.ty) * kUnroll), wave);
   return g;
+}
+
+// Groups a warp wide (32 vectors) where the last block of a group merges at most two
+// partial results per thread, else at most 8 vectors (one 128-byte line of 16-byte ones,
+// still a whole 32-byte sector of any narrower) wide. Wide groups are few, so each is split
+// over many slices of the rows, and the last block's ty = kThreads / tx threads merge all
+// of them, one after another: the merge grows with the square of the width. On an H100
+// (benchmarks/results/cuda-h100.md) narrow groups took the GPU time of a channels-last
+// training forward from 74 to 25 us at [32, 128, 28, 28] float32 and from 72 to 25 us at
+// [32, 256, 14, 14] bfloat16, but from 16.5 to 20.9 us at [256, 4096] float32, whose wide
+// groups merged one partial result per thread.
+inline RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
+  const RowGeom wide = row_geom_of_width(l, vec, wave, 32);
+  return wide.splits <= 2 * wide.ty ? wide : row_geom_of_width(l, vec, wave, 8);
 }
 
 }  // namespace cuda

@@ -183,8 +183,7 @@ TEST(CudaGeometry, RowsCoverEveryVectorOnce) {
         EXPECT_EQ(g.rows, rows);
         EXPECT_EQ(g.vecs, vecs);
         EXPECT_EQ(g.tx * g.ty, kThreads);
-        EXPECT_TRUE(g.tx >= 1 && g.tx <= kMaxGroupWidth && (g.tx & (g.tx - 1)) == 0)
-            << "tx " << g.tx;
+        EXPECT_TRUE(g.tx >= 1 && g.tx <= 32 && (g.tx & (g.tx - 1)) == 0) << "tx " << g.tx;
         EXPECT_EQ(g.groups, (vecs + g.tx - 1) / g.tx);
         EXPECT_LE(g.splits * g.groups, std::max(wave, g.groups)) << "more than one wave";
         expect_rows_cover(g);
@@ -209,6 +208,22 @@ TEST(CudaGeometry, VectorWidths) {
   const RowGeom r = row_geom(Layout{6272, 256, 1, true}, 8, 264);
   EXPECT_EQ(r.vecs, 32);
   EXPECT_EQ(r.rows, 6272);
+}
+
+// Groups are a warp wide unless their last block would merge more than two partial
+// results per thread; then one line (8 vectors) wide.
+TEST(CudaGeometry, RowGroupWidth) {
+  // [32, 128, 28, 28] float32 on an H100 (3 blocks per SM): 396 slices of one group.
+  const RowGeom narrow = row_geom(Layout{32 * 28 * 28, 128, 1, true}, 4, 396);
+  EXPECT_EQ(narrow.tx, 8);
+  EXPECT_EQ(narrow.groups, 4);
+  EXPECT_EQ(narrow.splits, 99);
+  // [256, 4096] float32: 32 groups of 8 slices, one merge per thread.
+  const RowGeom wide = row_geom(Layout{256, 4096, 1, true}, 4, 396);
+  EXPECT_EQ(wide.tx, 32);
+  EXPECT_EQ(wide.splits, 8);
+  // Fewer vectors than a group holds: as many as there are.
+  EXPECT_EQ(row_geom(Layout{1000, 12, 1, true}, 4, 396).tx, 4);
 }
 
 // No vector to cover (an empty batch): one slice, which the kernels use to finalize the
