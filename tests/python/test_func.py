@@ -22,7 +22,7 @@ from torch.func import (
     vjp,
     vmap,
 )
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 SHAPES = [(6, 3), (3, 4, 5), (2, 3, 4, 3), (2, 3, 2, 3, 2)]
 
@@ -68,6 +68,8 @@ def test_transform_matches_torch(shape, layout, training, transform, device):
             return functional_call(module, {**params, **passed}, (x,))
 
         result = _transforms(x, tangent, params)[transform](call)
+        tensors = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+        assert all(t.device == x.device for t in tensors)
         return tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, result)
 
     torch.testing.assert_close(run(ours, device), run(ref, "cpu"))

@@ -165,11 +165,11 @@ inline RowGeom row_geom_of_width(const Layout& l, int vec, int64_t wave, int max
   return g;
 }
 
-// Groups a warp wide (32 vectors) where the last block of a group merges at most two
-// partial results per thread, else at most 8 vectors (one 128-byte line of 16-byte ones,
-// still a whole 32-byte sector of any narrower) wide. Wide groups are few, so each is split
-// over many slices of the rows, and the last block's ty = kThreads / tx threads merge all
-// of them, one after another: the merge grows with the square of the width. On an H100
+// Groups up to a warp wide (32 vectors) where the last block of a group merges at most two
+// partial results per thread, else up to 8 vectors (one 128-byte line of 16-byte ones)
+// wide. Wide groups are few, so each is split over many slices of the rows, and the last
+// block's ty = kThreads / tx threads merge all of them, one after another: the merge grows
+// with the square of the width. On an H100
 // (benchmarks/results/cuda-h100.md) narrow groups took the GPU time of a channels-last
 // training forward from 74 to 25 us at [32, 128, 28, 28] float32 and from 72 to 25 us at
 // [32, 256, 14, 14] bfloat16, but from 16.5 to 20.9 us at [256, 4096] float32, whose wide
