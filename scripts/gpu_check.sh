@@ -22,31 +22,13 @@ begin=$SECONDS
 budget="${TBN_GPU_CHECK_BUDGET:-400}"
 out="${OUT:-$root/build/gpu-check/out}"
 mkdir -p "$out"
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=python3
-  [ -x /opt/torch/.venv/bin/python ] && PYTHON=/opt/torch/.venv/bin/python
-fi
-export PYTHON
-export MAX_JOBS="${MAX_JOBS:-16}"
 export TBN_BUILD_DIR="$root/build/gpu-check/cmake"
 # The build installs into the source package, as an editable install does.
 export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
 export TBN_OUT="$out"
 
-# The CUDA toolkit: CUDA_HOME, else /usr/local/cuda, else the nvcc on PATH.
-if [ -z "${CUDA_HOME:-}" ]; then
-  if [ -x /usr/local/cuda/bin/nvcc ]; then
-    CUDA_HOME=/usr/local/cuda
-  elif command -v nvcc >/dev/null; then
-    CUDA_HOME="$(cd "$(dirname "$(readlink -f "$(command -v nvcc)")")/.." && pwd)"
-  fi
-fi
-export CUDA_HOME="${CUDA_HOME:-}"
-[ -n "$CUDA_HOME" ] && export PATH="$CUDA_HOME/bin:$PATH"
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | sort -u | paste -sd';' -)"
-fi
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+# PYTHON, MAX_JOBS, CUDA_HOME, TORCH_CUDA_ARCH_LIST and build_extension.
+source "$root/scripts/gpu_env.sh"
 
 names=()
 results=()
@@ -96,19 +78,8 @@ step_env() {
 }
 
 step_build() {
-  set -e
-  local prefix opts=()
-  prefix="$("$PYTHON" -c 'import torch, pybind11; print(torch.utils.cmake_prefix_path + ";" + pybind11.get_cmake_dir())')"
-  command -v ninja >/dev/null && opts=(-G Ninja)
-  [ -f "$TBN_BUILD_DIR/CMakeCache.txt" ] && opts=()  # keep the generator of an earlier run
-  [ -n "$CUDA_HOME" ] && opts+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME")
-  set -x
-  cmake -S "$ROOT" -B "$TBN_BUILD_DIR" "${opts[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_PREFIX_PATH="$prefix" -DPython_EXECUTABLE="$PYTHON" \
-    -DTBN_BUILD_PYTHON=ON -DTBN_WITH_CUDA=ON -DTORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"
-  cmake --build "$TBN_BUILD_DIR" --parallel "$MAX_JOBS"
-  cmake --install "$TBN_BUILD_DIR" --prefix "$ROOT/python/torch_batchnorm" >/dev/null
-  "$PYTHON" -c 'import torch_batchnorm as t; assert t.with_cuda, "built without CUDA kernels"; print("torch_batchnorm", t.__version__, "from", t.__file__, "with_cuda", t.with_cuda)'
+  source "$ROOT/scripts/gpu_env.sh"
+  build_extension "$ROOT" "$TBN_BUILD_DIR" "$MAX_JOBS"
 }
 
 step_test_cuda() {

@@ -1,0 +1,209 @@
+"""GPU time of BatchNorm on CUDA, ours and torch's, per shape: the sum of the device time
+of the kernels of one call, from torch's profiler.
+
+Wall-clock timings of small layers measure the host: issuing a training step takes longer
+than its kernels run on the GPU. This measures the GPU's share, which is what a step costs
+once the host runs ahead of the GPU (CUDA graphs, a model whose other layers keep the GPU
+busy), and it sets builds side by side:
+
+    python benchmarks/gpu_time.py                    # the torch_batchnorm on sys.path
+    python benchmarks/gpu_time.py --compare A B ...  # source trees, each with a built
+                                                     # python/torch_batchnorm (gpu_ab.sh)
+
+Modes: "fwd" is the training forward alone (no autograd), "step" the module's training
+forward and backward for input, weight and bias. "torch" is whatever torch picks (cuDNN
+for 4D input). Each is warmed up, then profiled over several calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# ResNet-50's BatchNorm shapes at batch 32, a large activation and an MLP layer.
+RESNET50 = [
+    (64, 112),
+    (64, 56),
+    (256, 56),
+    (128, 56),
+    (128, 28),
+    (512, 28),
+    (256, 28),
+    (256, 14),
+    (1024, 14),
+    (512, 14),
+    (512, 7),
+    (2048, 7),
+]
+SHAPES = [(32, c, hw, hw) for c, hw in RESNET50] + [(64, 256, 56, 56), (256, 4096)]
+MODES = ("fwd", "step")
+
+
+def case_name(shape, dtype: str, channels_last: bool) -> str:
+    layout = "2d" if len(shape) == 2 else "cl" if channels_last else "nchw"
+    return f"[{'x'.join(map(str, shape))}] {dtype} {layout}"
+
+
+def measure(calls: int) -> dict:
+    """{case: {impl: {mode: us}}} for this process's torch_batchnorm."""
+    import torch
+    import torch_batchnorm as tbn
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def gpu_us(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        return (
+            sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+            / calls
+        )
+
+    def modes(module, x):
+        m = module(x.shape[1]).cuda()
+        xg = x.clone().requires_grad_()
+        g = torch.randn_like(x)
+        inputs = [xg, *m.parameters()]
+
+        def fwd():
+            with torch.no_grad():
+                m(x)
+
+        def step():
+            torch.autograd.grad(m(xg), inputs, g)
+
+        return {"fwd": gpu_us(fwd), "step": gpu_us(step)}
+
+    torch.manual_seed(0)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):  # bfloat16 input, float32 parameters
+        for shape in SHAPES:
+            ours, ref = (
+                (tbn.BatchNorm1d, torch.nn.BatchNorm1d)
+                if len(shape) == 2
+                else (tbn.BatchNorm2d, torch.nn.BatchNorm2d)
+            )
+            for channels_last in (False, True) if len(shape) == 4 else (False,):
+                x = torch.randn(shape, device="cuda").to(dtype)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                name = case_name(shape, str(dtype)[6:], channels_last)
+                results[name] = {"ours": modes(ours, x), "torch": modes(ref, x)}
+    return results
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def table(results: dict[str, dict]) -> str:
+    """Markdown: GPU us per call of each build and of torch (from the first build's run),
+    then geometric means of torch / ours per build, by layout."""
+    names = list(results)
+    first = results[names[0]]
+    cases = [c for c in first if all(c in r for r in results.values())]
+    lines = [
+        "| case | " + " | ".join(f"{n} {m}" for n in names + ["torch"] for m in MODES) + " |",
+        "|---|" + "---|" * (len(MODES) * (len(names) + 1)),
+    ]
+    for c in cases:
+        cells = [f"{results[n][c]['ours'][m]:.1f}" for n in names for m in MODES]
+        cells += [f"{first[c]['torch'][m]:.1f}" for m in MODES]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| build | layout | cases | " + " | ".join(f"torch/ours {m}" for m in MODES) + " |",
+        "|---|---|---|" + "---|" * len(MODES),
+    ]
+    for n in names:
+        for layout in ("nchw", "cl", "2d"):
+            picked = [c for c in cases if c.endswith(" " + layout)]
+            if not picked:
+                continue
+            cells = []
+            for m in MODES:
+                r = [results[n][c]["torch"][m] / results[n][c]["ours"][m] for c in picked]
+                cells.append(f"{geomean(r):.2f}x (min {min(r):.2f}x)")
+            lines.append(f"| {n} | {layout} | {len(picked)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="TREE",
+        help="source trees with a built python/torch_batchnorm, measured one process each",
+    )
+    parser.add_argument("--calls", type=int, default=8, help="profiled calls per measurement")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    # --compare's check that each run imports the tree it was given
+    parser.add_argument("--expect-under", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    status = 0
+    if args.compare:
+        results = {}
+        for tree in args.compare:
+            tree = tree.resolve()
+            env = {**os.environ, "PYTHONPATH": str(tree / "python")}
+            done = subprocess.run(
+                [sys.executable, __file__, "--calls", str(args.calls), "--expect-under", str(tree)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            raw = [line for line in done.stdout.splitlines() if line.startswith("JSON ")]
+            if done.returncode or not raw:
+                print(
+                    f"{tree}: failed (rc {done.returncode})\n{done.stderr[-3000:]}", file=sys.stderr
+                )
+                status = 1
+                continue
+            label = tree.name if tree.name not in results else str(tree)
+            results[label] = json.loads(raw[0][5:])
+        if not results:
+            return 1
+    else:
+        import torch
+        import torch_batchnorm
+
+        if args.expect_under is not None:
+            where = Path(torch_batchnorm.__file__).resolve()
+            if args.expect_under.resolve() not in where.parents:
+                print(
+                    f"gpu_time.py: torch_batchnorm from {where}, not from {args.expect_under}",
+                    file=sys.stderr,
+                )
+                return 2
+        if not torch.cuda.is_available():
+            print("gpu_time.py: no CUDA device", file=sys.stderr)
+            return 77
+        results = {"ours": measure(args.calls)}
+        print("JSON " + json.dumps(results["ours"]))
+    print(
+        "GPU time per call in us (sum of the kernels' device time); torch's from the first build's run\n"
+    )
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
