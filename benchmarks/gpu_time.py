@@ -177,6 +177,8 @@ def main(argv=None):
                 continue
             label = tree.name if tree.name not in results else str(tree)
             results[label] = json.loads(raw[0][5:])
+            if args.json:  # what is measured so far survives a run cut short
+                args.json.write_text(json.dumps(results, indent=1))
         if not results:
             return 1
     else:

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: builds each git revision given (a branch, a tag, a commit) from
-# this repository side by side, all at once, and sets their GPU time per call next to each
-# other and to torch's (benchmarks/gpu_time.py --compare), the first revision as the
-# baseline. For trying kernel changes in the few minutes a GPU is lent:
+# One call on a GPU machine: builds each version given side by side, all at once, and sets
+# their GPU time per call next to each other and to torch's (benchmarks/gpu_time.py
+# --compare), the first as the baseline. A version is a git revision of this repository
+# with patch files of the working tree, if any, applied on top: REV[+PATCH...]. Only the
+# checked-out commit can be relied on to exist on a GPU machine (a copy of the working tree
+# need not carry other branches), so candidates travel as patches:
 #
-#   scripts/gpu_ab.sh main my-candidate other-candidate
+#   scripts/gpu_ab.sh HEAD HEAD+candidates/a.patch HEAD+candidates/a.patch+candidates/b.patch
 #
-# Writes build logs and gpu_ab.md to $OUT (default build/gpu-ab/out). Environment as for
-# gpu_check.sh (scripts/gpu_env.sh); the compile jobs are shared among the builds. The
-# builds that succeed are measured even when another fails; the exit status is then 1.
+# Three versions build in about 150 s on 16 cores; each then measures in about 15 s. Writes
+# build logs, gpu_ab.json (after each version is measured) and gpu_ab.md to $OUT (default
+# build/gpu-ab/out). Environment as for gpu_check.sh (scripts/gpu_env.sh); the compile jobs
+# are shared among the builds. The builds that succeed are measured even when another
+# fails; the exit status is then 1.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,11 +20,18 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   echo "usage: $0 REVISION..." >&2
   exit 2
 }
-for rev in "$@"; do
+for version in "$@"; do
+  IFS=+ read -r rev patches <<<"$version"
   git -C "$root" rev-parse -q --verify "$rev^{commit}" >/dev/null || {
     echo "$rev: not a revision of $root" >&2
     exit 2
   }
+  for patch in ${patches//+/ }; do
+    [ -f "$root/$patch" ] || {
+      echo "$patch: no such patch file in $root" >&2
+      exit 2
+    }
+  done
 done
 out="${OUT:-$root/build/gpu-ab/out}"
 mkdir -p "$out"
@@ -30,14 +41,25 @@ jobs=$((MAX_JOBS / $# > 0 ? MAX_JOBS / $# : 1))
 trees=()
 pids=()
 i=0
-for rev in "$@"; do
-  # Numbered, so that revisions whose names sanitise alike (main~1, main^1) stay apart.
+for version in "$@"; do
+  IFS=+ read -r rev patches <<<"$version"
+  # Numbered, so that versions whose names sanitise alike (main~1, main^1) stay apart.
   i=$((i + 1))
-  name="$i-$(printf '%s' "$rev" | tr -c 'A-Za-z0-9._-' '_')"
+  name="$i-$rev"
+  for patch in ${patches//+/ }; do
+    name+="+$(basename "$patch" .patch)"
+  done
+  name="$(printf '%s' "$name" | tr -c 'A-Za-z0-9._+-' '_')"
   tree="$root/build/gpu-ab/trees/$name"
   rm -rf "$tree"
   mkdir -p "$tree"
-  git -C "$root" archive "$rev" | tar -x -C "$tree"
+  git -C "$root" archive "$rev" | tar -x -C "$tree" || exit 1
+  for patch in ${patches//+/ }; do
+    git -C "$root" apply --directory="build/gpu-ab/trees/$name" "$root/$patch" || {
+      echo "$version: $patch does not apply to $rev" >&2
+      exit 1
+    }
+  done
   trees+=("$tree")
   build_extension "$tree" "$tree/build" "$jobs" >"$out/build-$name.log" 2>&1 &
   pids+=($!)
@@ -57,5 +79,6 @@ for i in "${!pids[@]}"; do
 done
 echo "builds: $((SECONDS - begin)) s"
 ((${#built[@]} > 0)) || exit 1
-"$PYTHON" "$root/benchmarks/gpu_time.py" --compare "${built[@]}" | tee "$out/gpu_ab.md" || status=1
+"$PYTHON" "$root/benchmarks/gpu_time.py" --compare "${built[@]}" --json "$out/gpu_ab.json" |
+  tee "$out/gpu_ab.md" || status=1
 exit $status
