@@ -115,7 +115,8 @@ step_bench() {
 }
 
 # Kernel probe: ours against torch (whatever torch picks) on ResNet-50 shapes at batch 32
-# and on large tensors, with a check of the results, and a profile of the kernels.
+# and on large tensors, with a check of the results, a profile of the kernels, and the GPU
+# time per call over benchmarks/gpu_time.py's cases.
 step_probe() {
   "$PYTHON" - <<'EOF'
 import statistics
@@ -327,6 +328,19 @@ their NCHW counterparts"""
                   f"{sum(r[0] for r in rows):7.1f} us per step")
             for t, n, k in rows[:6]:
                 print(f"   {t:8.1f} us {n:3g}x  {k}")
+
+
+@section
+def gpu_time():
+    """GPU time per call, ours and torch's: the kernels' device time (benchmarks/gpu_time.py),
+which the wall-clock timings of small layers hide behind the host's"""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.environ["ROOT"], "benchmarks"))
+    import gpu_time as gt
+
+    print(gt.table({"ours": gt.measure(calls=8)}))
 
 
 if failed:
