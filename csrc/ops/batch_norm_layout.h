@@ -4,6 +4,7 @@
 // shared by the CPU and CUDA kernels so that both backends return the same strides.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cstdint>
 
@@ -33,15 +34,25 @@ inline bool keeps_channels_last(const at::Tensor& t) {
                                 t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
 }
 
-// The memory format of the result by that rule (a channels_last / channels_last_3d input
-// suggests its own format).
+// The memory format of the result by that rule. A channels-last input is asked for its
+// format by name: suggest_memory_format can call one with size-1 dims contiguous
+// ([1, C, 1, W] with strides (1, 1, C, C) suggests contiguous) though it is not.
 inline at::MemoryFormat result_format(const at::Tensor& input) {
-  return input.is_contiguous() ? at::MemoryFormat::Contiguous : input.suggest_memory_format();
+  if (input.is_contiguous()) {
+    return at::MemoryFormat::Contiguous;
+  }
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return input.suggest_memory_format();
 }
 
 // Returns `input` in the layout of the result, copying only where the rule above asks
-// for another one, and sets how the kernels walk it. The result is allocated like the
-// returned tensor (empty_like), so both share its strides.
+// for another one, and sets how the kernels walk it. The result is allocated from the
+// returned tensor by empty_result, so both share its memory layout.
 //
 // A channels-last tensor is walked as rows, a contiguous one as planes, except where it
 // has no spatial extent ([N, C], [N, C, 1, 1]): its memory is then rows of C channels.
@@ -61,13 +72,25 @@ inline at::Tensor kernel_layout(const at::Tensor& input, Layout& layout) {
   return x;
 }
 
+// Storage for the result of `input`, in the memory layout kernel_layout walks, with the
+// standard strides of the result's format as torch's result and the fake kernels have
+// them. Not empty_like(x) on kernel_layout's tensor: that copies its strides, which on
+// size-1 dims can be anything ([1, C, 1, 1] viewed through a permute has strides
+// (1, 1, C, C), torch's result (C, 1, 1, 1)), nor its format: a copy of [N, C, 1, 1] into
+// channels_last also counts as contiguous. An empty input keeps its strides, as in the
+// fake kernels.
+inline at::Tensor empty_result(const at::Tensor& input) {
+  return at::empty_like(input,
+                        input.numel() == 0 ? at::MemoryFormat::Preserve : result_format(input));
+}
+
 // `t`, of the input's shape, in the layout kernel_layout gives the input's result. Only
 // out-of-place ops (movedim, contiguous): they also work on functorch's batched tensors,
 // where a clone into a memory format does not.
 inline at::Tensor in_result_layout(const at::Tensor& t, const at::Tensor& input) {
   return result_format(input) == at::MemoryFormat::Contiguous
-      ? t.contiguous()
-      : t.movedim(1, -1).contiguous().movedim(-1, 1);
+             ? t.contiguous()
+             : t.movedim(1, -1).contiguous().movedim(-1, 1);
 }
 
 // Brings a second tensor of the input's shape (grad_out) into the walked layout of the

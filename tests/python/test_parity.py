@@ -29,6 +29,7 @@ from conftest import (
     run_steps,
     single_threaded,
 )
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 SHAPES = [
     # BatchNorm1d on [N, C]
@@ -245,6 +246,70 @@ def test_output_keeps_channels_last(layout, memory_format, training, device):
     x3d = make_input((2, 3, 3, 4, 2), "channels_last", torch.float32, device)[0]
     _, ours3d = make_pair(5, 3, device=device)
     assert ours3d(x3d).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+# Views whose size-1 dims have strides other than the standard ones (through a permute or
+# a slice), and copies that count as both contiguous and channels-last: the output and the
+# input's gradient take the strides torch's CPU kernels give them (see
+# conftest.torch_result_layout), and the fake kernels agree with ours.
+SIZE_ONE_SHAPES = [
+    (1, 3),
+    (1, 3, 1),
+    (1, 3, 1, 1),
+    (1, 1, 1, 1),
+    (2, 3, 1, 1),
+    (1, 3, 1, 4),
+    (1, 3, 1, 1, 1),
+    (2, 3, 1, 1, 1),
+]
+
+
+def _output_and_input_grad(module, leaf, view, grad_out):
+    x = leaf.detach().clone().requires_grad_()
+    out = module(view(x))
+    out.backward(grad_out)
+    return out, x.grad
+
+
+@pytest.mark.parametrize("shape,layout", _cases(SIZE_ONE_SHAPES, LAYOUTS), ids=_ids)
+def test_strides_of_size_one_dims(shape, layout, device):
+    # Evaluation: the shapes with one value per channel cannot train.
+    ref, ours = make_pair(len(shape), shape[1], device=device)
+    leaf, view = make_input(shape, layout, torch.float32, device)
+    grad_out = torch.randn(shape, device=device)
+    out, grad = _output_and_input_grad(ours.eval(), leaf, view, grad_out)
+    expected_out, expected_grad = _output_and_input_grad(
+        ref.cpu().eval(), leaf.cpu(), view, grad_out.cpu()
+    )
+    assert_same_layout(out, expected_out, "output")
+    assert_same_layout(grad, expected_grad, "input grad")
+
+    ops = torch.ops.torch_batchnorm
+    x = view(leaf.detach())
+    stats = (ours.running_mean, ours.running_var)
+    with FakeTensorMode() as mode:
+        fake_x, fake_dy, fake_mean, fake_var = map(mode.from_tensor, (x, grad_out, *stats))
+        fake_out = ops.batch_norm_forward(
+            fake_x, None, None, fake_mean, fake_var, False, 0.1, 1e-5
+        )[0]
+        fake_grad = ops.batch_norm_backward(
+            fake_dy,
+            fake_x,
+            None,
+            fake_mean,
+            fake_var,
+            None,
+            None,
+            False,
+            1e-5,
+            [True, False, False],
+        )[0]
+    real_out = ops.batch_norm_forward(x, None, None, *stats, False, 0.1, 1e-5)[0]
+    real_grad = ops.batch_norm_backward(
+        grad_out, x, None, *stats, None, None, False, 1e-5, [True, False, False]
+    )[0]
+    assert fake_out.stride() == real_out.stride() == out.stride()
+    assert fake_grad.stride() == real_grad.stride()
 
 
 # ---------------------------------------------------------------------------------------

@@ -545,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
   check_batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
   Layout l{};
   const at::Tensor x = kernel_layout(input, l);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_result(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const int64_t saved = training ? l.channels : 0;
   // Every element is written by the kernel.
@@ -706,7 +706,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const auto pdtype = param_dtype(input, mixed);
   const int64_t C = l.channels;
   // Every element of each requested output is written by the kernel.
-  at::Tensor grad_input = mask[0] ? at::empty_like(x) : at::empty({0}, input.options());
+  at::Tensor grad_input = mask[0] ? empty_result(input) : at::empty({0}, input.options());
   at::Tensor grad_weight = at::empty({mask[1] ? C : 0}, input.options().dtype(pdtype));
   at::Tensor grad_bias = at::empty({mask[2] ? C : 0}, input.options().dtype(pdtype));
 
@@ -765,7 +765,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_with_stats_cpu
       input, weight, bias, running_mean, running_var, mean, m2, count, eps);
   Layout l{};
   const at::Tensor x = kernel_layout(input, l);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_result(input);
   at::Tensor save_mean = at::empty_like(mean, at::MemoryFormat::Contiguous);
   at::Tensor save_invstd = at::empty_like(mean, at::MemoryFormat::Contiguous);
   const bool mixed = is_mixed_type(input, {&weight, &bias, &running_mean, &running_var});
@@ -826,7 +826,7 @@ at::Tensor batch_norm_backward_elemt_cpu(
   Layout l{};
   const at::Tensor x = kernel_layout(input, l);
   const at::Tensor dy = grad_in_layout(grad_out, x, l);
-  at::Tensor grad_input = at::empty_like(x);
+  at::Tensor grad_input = empty_result(input);
   at::Tensor unused;
   const bool mixed = is_mixed_type(input, {&weight});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {

@@ -509,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   Layout l{};
   const at::Tensor x = kernel_layout(input, l);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_result(input);
   const auto acc_type = at::toOpMathType(input.scalar_type());
   at::Tensor save_mean = at::empty({training ? l.channels : 0}, x.options().dtype(acc_type));
   at::Tensor save_invstd = at::empty_like(save_mean);
@@ -557,7 +557,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   const bool mixed = is_mixed_type(input, {&weight, &running_mean, &running_var});
   const auto param_type = param_dtype(input, mixed);
   const int64_t C = l.channels;
-  at::Tensor grad_input = mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_input = mask[0] ? empty_result(input) : at::empty({0}, x.options());
   at::Tensor grad_weight = at::empty({mask[1] ? C : 0}, x.options().dtype(param_type));
   at::Tensor grad_bias = at::empty({mask[2] ? C : 0}, x.options().dtype(param_type));
 
@@ -617,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_with_stats_cud
   const c10::cuda::CUDAGuard guard(input.device());
   Layout l{};
   const at::Tensor x = kernel_layout(input, l);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_result(input);
   const int64_t C = l.channels;
   FinalizeTensors fin;
   fin.save_mean = at::empty({C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
@@ -688,7 +688,7 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_out,
   Layout l{};
   const at::Tensor x = kernel_layout(input, l);
   const at::Tensor dy = same_layout(grad_out, l);
-  at::Tensor grad_input = at::empty_like(x);
+  at::Tensor grad_input = empty_result(input);
   ChannelTensors ch;
   ch.mean = mean.contiguous();
   ch.spread = invstd.contiguous();
