@@ -12,7 +12,8 @@ busy), and it sets builds side by side:
 
 Modes: "fwd" is the training forward alone (no autograd), "step" the module's training
 forward and backward for input, weight and bias. "torch" is whatever torch picks (cuDNN
-for 4D input). Each is warmed up, then profiled over several calls.
+for 4D input). Each is warmed up, then profiled over several calls. --kernels also lists
+the costliest kernels of each call: which one a change should target.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +51,21 @@ def case_name(shape, dtype: str, channels_last: bool) -> str:
     return f"[{'x'.join(map(str, shape))}] {dtype} {layout}"
 
 
+def short_kernel_name(name: str) -> str:
+    """A kernel's name without namespaces and parameter list:
+    "reduce_rows_kernel<StatsOp<float>, float, 4>"; "Memset (Device)" stays."""
+    name = re.sub(r"\(anonymous namespace\)::|\b\w+::|^void ", "", name)
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0 and i > 0 and name[i - 1] != " ":
+            return name[:i][:90]
+    return name[:90]
+
+
 def measure(calls: int) -> dict:
-    """{case: {impl: {mode: us}}} for this process's torch_batchnorm."""
+    """{case: {impl: {mode: us, "kernels": {mode: [[us, launches, kernel], ...]}}}} for this
+    process's torch_batchnorm: GPU time per call, and its kernels, costliest first."""
     import torch
     import torch_batchnorm as tbn
     from torch.autograd import DeviceType
@@ -64,11 +79,15 @@ def measure(calls: int) -> dict:
             for _ in range(calls):
                 fn()
             torch.cuda.synchronize()
-        events = prof.key_averages()
-        return (
-            sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
-            / calls
+        kernels = sorted(
+            (
+                [e.self_device_time_total / calls, e.count / calls, short_kernel_name(e.key)]
+                for e in prof.key_averages()
+                if e.device_type == DeviceType.CUDA
+            ),
+            reverse=True,
         )
+        return sum(k[0] for k in kernels), kernels
 
     def modes(module, x):
         m = module(x.shape[1]).cuda()
@@ -83,7 +102,10 @@ def measure(calls: int) -> dict:
         def step():
             torch.autograd.grad(m(xg), inputs, g)
 
-        return {"fwd": gpu_us(fwd), "step": gpu_us(step)}
+        result = {"kernels": {}}
+        for mode, fn in (("fwd", fwd), ("step", step)):
+            result[mode], result["kernels"][mode] = gpu_us(fn)
+        return result
 
     torch.manual_seed(0)
     results = {}
@@ -140,6 +162,26 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def kernel_table(results: dict[str, dict], top: int = 4) -> str:
+    """Markdown: the costliest kernels of each call, per case, build and mode, and torch's
+    (from the first build's run): where the time of a case goes."""
+    names = list(results)
+    first = results[names[0]]
+    lines = [
+        "| case | build | mode | us | kernels: us per call (launches) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in first:
+        runs = [(n, results[n][c]["ours"]) for n in names if c in results[n]]
+        for n, r in runs + [("torch", first[c]["torch"])]:
+            for m in MODES:
+                kernels = "; ".join(
+                    f"`{k}` {us:.1f} ({count:g})" for us, count, k in r["kernels"][m][:top]
+                )
+                lines.append(f"| {c} | {n} | {m} | {r[m]:.1f} | {kernels} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -151,6 +193,9 @@ def main(argv=None):
     )
     parser.add_argument("--calls", type=int, default=8, help="profiled calls per measurement")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--kernels", type=Path, help="also write each case's costliest kernels here (markdown)"
+    )
     # --compare's check that each run imports the tree it was given
     parser.add_argument("--expect-under", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -204,6 +249,8 @@ def main(argv=None):
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.kernels:
+        args.kernels.write_text(kernel_table(results) + "\n")
     return status
 
 

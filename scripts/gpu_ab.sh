@@ -9,10 +9,10 @@
 #   scripts/gpu_ab.sh HEAD HEAD+candidates/a.patch HEAD+candidates/a.patch+candidates/b.patch
 #
 # Three versions build in about 150 s on 16 cores; each then measures in about 15 s. Writes
-# build logs, gpu_ab.json (after each version is measured) and gpu_ab.md to $OUT (default
-# build/gpu-ab/out). Environment as for gpu_check.sh (scripts/gpu_env.sh); the compile jobs
-# are shared among the builds. The builds that succeed are measured even when another
-# fails; the exit status is then 1.
+# build logs, gpu_ab.json (after each version is measured), gpu_ab.md and gpu_ab-kernels.md
+# (the costliest kernels of each case) to $OUT (default build/gpu-ab/out). Environment as
+# for gpu_check.sh (scripts/gpu_env.sh); the compile jobs are shared among the builds. The
+# builds that succeed are measured even when another fails; the exit status is then 1.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,6 +79,7 @@ for i in "${!pids[@]}"; do
 done
 echo "builds: $((SECONDS - begin)) s"
 ((${#built[@]} > 0)) || exit 1
-"$PYTHON" "$root/benchmarks/gpu_time.py" --compare "${built[@]}" --json "$out/gpu_ab.json" |
+"$PYTHON" "$root/benchmarks/gpu_time.py" --compare "${built[@]}" --json "$out/gpu_ab.json" \
+  --kernels "$out/gpu_ab-kernels.md" |
   tee "$out/gpu_ab.md" || status=1
 exit $status

@@ -284,63 +284,20 @@ host-bound; then the API calls and the host's costliest operations per step say 
 
 
 @section
-def kernels():
-    """CUDA kernels of a training step (forward+backward): device us and launches per step,
-ours and torch's, on the channels-last shapes whose forward trails torch's most and on
-their NCHW counterparts"""
-    import re
-
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    def short(name):
-        # Namespaces and the parameter list go: "reduce_rows_kernel<StatsOp<float>, float, 4>";
-        # "Memset (Device)" stays.
-        name = re.sub(r"\(anonymous namespace\)::|\b\w+::|^void ", "", name)
-        depth = 0
-        for i, ch in enumerate(name):
-            depth += {"<": 1, ">": -1}.get(ch, 0)
-            if ch == "(" and depth == 0 and i > 0 and name[i - 1] != " ":
-                name = name[:i]
-                break
-        return name[:90]
-
-    steps = 5
-    for shape, dtype, cl in (((32, 128, 28, 28), torch.float32, True),
-                             ((32, 128, 28, 28), torch.float32, False),
-                             ((32, 256, 14, 14), torch.bfloat16, True),
-                             ((32, 256, 14, 14), torch.bfloat16, False),
-                             ((32, 64, 112, 112), torch.float32, True)):
-        x, g = make(shape, dtype, cl).requires_grad_(), make(shape, dtype, cl)
-        for name, m in (("ours", tbn.BatchNorm2d(shape[1])), ("torch", torch.nn.BatchNorm2d(shape[1]))):
-            m.to(dev)
-            inputs = [x, *m.parameters()]
-            for _ in range(3):
-                torch.autograd.grad(m(x), inputs, g)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    torch.autograd.grad(m(x), inputs, g)
-                torch.cuda.synchronize()
-            rows = sorted(((e.self_device_time_total / steps, e.count / steps, short(e.key))
-                           for e in prof.key_averages() if e.device_type == DeviceType.CUDA), reverse=True)
-            print(f"-- {name:5} {str(shape):>18} {str(dtype)[6:]:>8} {'CL' if cl else 'NCHW':>4}: "
-                  f"{sum(r[0] for r in rows):7.1f} us per step")
-            for t, n, k in rows[:6]:
-                print(f"   {t:8.1f} us {n:3g}x  {k}")
-
-
-@section
 def gpu_time():
     """GPU time per call, ours and torch's: the kernels' device time (benchmarks/gpu_time.py),
-which the wall-clock timings of small layers hide behind the host's"""
+which the wall-clock timings of small layers hide behind the host's, and the costliest
+kernels of each call"""
     import os
     import sys
 
     sys.path.insert(0, os.path.join(os.environ["ROOT"], "benchmarks"))
     import gpu_time as gt
 
-    print(gt.table({"ours": gt.measure(calls=8)}))
+    results = {"ours": gt.measure(calls=8)}
+    print(gt.table(results))
+    print()
+    print(gt.kernel_table(results))
 
 
 if failed:
