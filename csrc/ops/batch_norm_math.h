@@ -26,12 +26,30 @@ struct Welford {
   int64_t count = 0;
 };
 
+// x - x is 0 for a finite x, NaN for an infinity or a NaN.
+template <typename T>
+TBN_HOST_DEVICE bool is_finite(T x) {
+  return x - x == T(0);
+}
+
+// The mean of the union of two disjoint sets of values with means a and b, given the share
+// of b, b_frac: a + (b - a) * b_frac, except where a is not finite: then a + b, what the
+// sum of the values gives (inf + finite = inf, inf + -inf = NaN) and torch's sum-based
+// mean with it. The difference would make NaN of a's infinity (inf - inf), and a channel
+// with an infinity would get a NaN mean and running mean where torch's are infinite. A
+// finite a needs no such care: an infinite b gives b's infinity either way. (Nor does M2:
+// an infinity makes it NaN, as torch's variance.)
+template <typename T>
+TBN_HOST_DEVICE T merged_mean(T a, T b, T b_frac) {
+  return is_finite(a) ? a + (b - a) * b_frac : a + b;
+}
+
 // Adds one value.
 template <typename T>
 TBN_HOST_DEVICE void welford_step(Welford<T>& w, T x) {
   w.count += 1;
   const T delta = x - w.mean;
-  w.mean += delta / static_cast<T>(w.count);
+  w.mean = is_finite(w.mean) ? w.mean + delta / static_cast<T>(w.count) : w.mean + x;
   w.m2 += delta * (x - w.mean);
 }
 
@@ -42,7 +60,7 @@ template <typename T>
 TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b, T b_frac) {
   const T delta = b.mean - a.mean;
   Welford<T> out;
-  out.mean = a.mean + delta * b_frac;
+  out.mean = merged_mean(a.mean, b.mean, b_frac);
   out.m2 = a.m2 + b.m2 + delta * delta * static_cast<T>(a.count) * b_frac;
   out.count = a.count + b.count;
   return out;
@@ -56,6 +74,16 @@ TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& 
     return a;
   }
   return welford_merge(a, b, static_cast<T>(b.count) / static_cast<T>(count));
+}
+
+// The shift of a two-pass reduction from its first pass's mean: that mean where finite,
+// else 0. An infinity among the values makes their sum, and that mean, infinite; shifted
+// by it, every deviation would be NaN (inf - inf) and so would the mean. Shifted by 0,
+// the sums carry the infinity as a plain sum does: the mean is infinite (NaN with both
+// infinities, or a NaN, among the values) and M2 is NaN, as torch's.
+template <typename T>
+TBN_HOST_DEVICE T shift_from_mean(T mean) {
+  return is_finite(mean) ? mean : T(0);
 }
 
 // Statistics of `count` values given their mean and their sum of deviations `dsum`

@@ -170,16 +170,21 @@ NONFINITE_CASES = [
     ("channels_last_overlap", (6, 24, 5, 7), "channels_last"),
     ("2d_narrow", (300, 3), "contiguous"),
     ("2d_overlap", (300, 33), "contiguous"),
+    # Several cached groups of a channel (NCHW) and blocks of rows, whose merges meet the
+    # infinity of the first.
+    ("nchw_groups", (40, 3, 30, 30), "contiguous"),
+    ("2d_blocks", (2000, 33), "contiguous"),
 ]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name,shape,layout", NONFINITE_CASES, ids=[c[0] for c in NONFINITE_CASES])
-def test_nonfinite_stays_in_its_channel(name, shape, layout, training):
-    """A NaN or an infinity in the input spoils exactly the outputs and gradients that
-    torch's spoils: every path keeps a channel's values in that channel's sums, the lanes
-    of masked, overlapping and flat narrow-row vectors included, and the finite results
-    match torch's."""
+def test_nonfinite_stays_in_its_channel(name, shape, layout, training, device):
+    """A NaN or an infinity in the input spoils exactly the outputs, gradients and running
+    statistics that torch's spoils: every path keeps a channel's values in that channel's
+    sums, the lanes of masked, overlapping and flat narrow-row vectors included, and the
+    finite results match torch's. A channel with an infinity gets an infinite running mean,
+    as torch's sum-based mean gives it, and a NaN running variance."""
     generator = torch.Generator().manual_seed(0)
     leaf, view = make_input(shape, layout, torch.float32, "cpu", generator=generator)
     x = view(leaf).detach()
@@ -192,17 +197,21 @@ def test_nonfinite_stays_in_its_channel(name, shape, layout, training):
     grad_out = torch.randn(shape, generator=generator)
     stats = [torch.randn(C, generator=generator), torch.rand(C, generator=generator) + 0.5]
 
-    def run(fn):
-        xi = x.clone().requires_grad_()
-        weight = torch.linspace(0.5, 1.5, C).requires_grad_()
-        bias = torch.linspace(-1.0, 1.0, C).requires_grad_()
-        out = fn(xi, *[s.clone() for s in stats], weight, bias, training=training)
-        return [out, *torch.autograd.grad(out, (xi, weight, bias), grad_out)]
+    def run(fn, device):
+        xi = x.to(device).requires_grad_()
+        weight = torch.linspace(0.5, 1.5, C, device=device).requires_grad_()
+        bias = torch.linspace(-1.0, 1.0, C, device=device).requires_grad_()
+        running = [s.to(device) for s in stats]
+        out = fn(xi, *running, weight, bias, training=training)
+        grads = torch.autograd.grad(out, (xi, weight, bias), grad_out.to(device))
+        return [t.cpu() for t in (out, *grads, *running)]
 
     with single_threaded():
-        expected = run(torch.nn.functional.batch_norm)
-    actual = run(tbn.functional.batch_norm)
-    for label, a, e in zip(["output", "input grad", "weight grad", "bias grad"], actual, expected):
+        expected = run(torch.nn.functional.batch_norm, "cpu")
+    actual = run(tbn.functional.batch_norm, device)
+    labels = ["output", "input grad", "weight grad", "bias grad", "running mean", "running var"]
+    for label, a, e in zip(labels, actual, expected):
         finite = e.isfinite()
         assert torch.equal(a.isfinite(), finite), f"{label}: non-finite elsewhere than torch's"
+        assert torch.equal(a.isnan(), e.isnan()), f"{label}: NaN where torch's is infinite"
         assert_close(a[finite], e[finite], label)

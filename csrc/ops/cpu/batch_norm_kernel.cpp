@@ -235,7 +235,7 @@ void merge_channel_stats(
   const double weight = static_cast<double>(*n_a) * frac;
   for (int64_t c = 0; c < C; ++c) {
     const double delta = mean_b[c] - mean[c];
-    mean[c] += delta * frac;
+    mean[c] = math::merged_mean(mean[c], mean_b[c], frac);
     m2[c] += m2_b[c] + delta * delta * weight;
   }
   *n_a = n;

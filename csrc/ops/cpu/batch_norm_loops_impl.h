@@ -485,7 +485,8 @@ math::Welford<double> group_stats(
         },
         [&](int64_t i) { st += static_cast<acc_t>(p[i]); });
   }
-  const acc_t shift = (hsum((s0 + s1) + (s2 + s3)) + st) / static_cast<acc_t>(count);
+  const acc_t shift =
+      math::shift_from_mean((hsum((s0 + s1) + (s2 + s3)) + st) / static_cast<acc_t>(count));
   // Pass 2: sums of (x - shift) and its square, over data now in cache.
   V d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
   acc_t dt = 0;
@@ -841,7 +842,7 @@ void block_stats(
   });
   const acc_t inv_nb = acc_t(1) / static_cast<acc_t>(nb);
   for (int64_t c = 0; c < C; ++c) {
-    shift[c] *= inv_nb;
+    shift[c] = math::shift_from_mean(shift[c] * inv_nb);
   }
   row_blocks(nb, /*by_four=*/true, [&](int64_t r, auto rows_const) {
     constexpr int64_t R = decltype(rows_const)::value;
@@ -884,7 +885,7 @@ void narrow_block_stats(
   nr.fold(a.data(), shift);
   const acc_t inv_nb = acc_t(1) / static_cast<acc_t>(nb);
   for (int64_t c = 0; c < nr.C; ++c) {
-    shift[c] *= inv_nb;
+    shift[c] = math::shift_from_mean(shift[c] * inv_nb);
   }
   alignas(64) typename NarrowRows<acc_t>::Lanes sh;
   alignas(64) typename NarrowRows<acc_t>::Lanes b{};
@@ -940,8 +941,9 @@ void rows_stats(
       const double corr = dc * inv_nb_d;
       double m2_b = static_cast<double>(q[c]) - dc * corr;
       m2_b = m2_b < 0 ? 0 : m2_b;
-      const double delta = static_cast<double>(shift[c]) + corr - mean[c];
-      mean[c] += delta * frac;
+      const double mean_b = static_cast<double>(shift[c]) + corr;
+      const double delta = mean_b - mean[c];
+      mean[c] = math::merged_mean(mean[c], mean_b, frac);
       m2[c] += m2_b + delta * delta * weight;
     }
   }

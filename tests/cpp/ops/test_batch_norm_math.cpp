@@ -166,6 +166,35 @@ TYPED_TEST(WelfordTest, FromShiftedSums) {
   EXPECT_GE(flat.m2, T(0));
 }
 
+// An infinity makes the mean what the sum of the values gives (inf, or NaN next to the
+// opposite infinity or a NaN), however the values are stepped, merged or shifted, and M2
+// NaN: torch's mean is a sum, its variance NaN.
+TYPED_TEST(WelfordTest, InfinityGivesTheMeanOfTheSum) {
+  using T = TypeParam;
+  const T inf = std::numeric_limits<T>::infinity();
+  std::vector<T> x = random_values<T>(64, 2.0, 1.0, 6);
+  x[5] = inf;
+  EXPECT_EQ(steps(x, 0, x.size()).mean, inf);
+  EXPECT_TRUE(std::isnan(steps(x, 0, x.size()).m2));
+  for (const size_t cut : {size_t(5), size_t(6), size_t(40)}) {
+    const Welford<T> a = steps(x, 0, cut);
+    const Welford<T> b = steps(x, cut, x.size());
+    for (const Welford<T>& m : {welford_merge(a, b), welford_merge(b, a)}) {
+      EXPECT_EQ(m.mean, inf);
+      EXPECT_TRUE(std::isnan(m.m2));
+    }
+  }
+  // A first pass's infinite mean is no shift: by 0, the sums keep the infinity.
+  EXPECT_EQ(shift_from_mean(inf), T(0));
+  EXPECT_EQ(shift_from_mean(T(2.5)), T(2.5));
+  EXPECT_EQ(welford_from_shifted_sums(T(0), inf, inf, 4).mean, inf);
+  EXPECT_EQ(merged_mean(-inf, T(1), T(0.5)), -inf);
+  EXPECT_EQ(merged_mean(T(1), inf, T(0.5)), inf);
+  EXPECT_TRUE(std::isnan(merged_mean(inf, -inf, T(0.5))));
+  EXPECT_TRUE(std::isnan(merged_mean(inf, std::numeric_limits<T>::quiet_NaN(), T(0.5))));
+  // Finite means merge as before.
+  EXPECT_EQ(merged_mean(T(1), T(3), T(0.25)), T(1.5));
+}
 TEST(BatchNormMath, Invstd) {
   EXPECT_DOUBLE_EQ(batch_invstd(4.0, 0.0), 0.5);
   EXPECT_DOUBLE_EQ(batch_invstd(3.0, 1.0), 0.5);
