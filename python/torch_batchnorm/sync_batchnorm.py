@@ -33,7 +33,10 @@ def _merge_statistics(gathered: Tensor, channels: int):
         # A rank with no samples (or two empty ones) leaves the statistics as they are.
         frac = torch.where(total > 0, other_count / total.clamp_min(1), 0.0)
         delta = row[:channels] - mean
-        mean = mean + delta * frac
+        # As the kernels merge (batch_norm_math.h, merged_mean): a mean that is not finite
+        # (an infinity among its values) takes the other as a sum would, inf + finite = inf,
+        # where the difference would make it NaN.
+        mean = torch.where(mean.isfinite(), mean + delta * frac, mean + row[:channels])
         m2 = m2 + row[channels : 2 * channels] + delta * delta * count * frac
         count = total
     return mean, m2, count
