@@ -84,6 +84,35 @@ inline at::Tensor empty_result(const at::Tensor& input) {
                         input.numel() == 0 ? at::MemoryFormat::Preserve : result_format(input));
 }
 
+// The memory format of the input gradient by torch's rule (batch_norm_backward_cpu), which
+// also looks at grad_out: the result's format when input and grad_out are each dense in
+// some memory format and suggest the same one, else the input's suggested format. The
+// two name different memory orders only for an input that suggest_memory_format misnames
+// ([1, C, 1, W] with C innermost: channels-last, suggested contiguous) where the rule
+// falls back to that suggestion; elsewhere they differ at most in the strides of size-1
+// dims.
+inline at::MemoryFormat grad_input_format(const at::Tensor& input, const at::Tensor& grad_out) {
+  const auto dense = [](const at::Tensor& t) {
+    return t.is_contiguous() || keeps_channels_last(t);
+  };
+  const bool same = dense(input) && dense(grad_out) &&
+                    input.suggest_memory_format() == grad_out.suggest_memory_format();
+  return same ? result_format(input) : input.suggest_memory_format();
+}
+
+// kernel_layout and empty_result for the backward: `input` walked in the layout of its
+// gradient (a copy where the two memory orders differ), and storage for the gradient.
+inline at::Tensor backward_kernel_layout(const at::Tensor& input,
+                                         const at::Tensor& grad_out,
+                                         Layout& layout) {
+  return kernel_layout(input.contiguous(grad_input_format(input, grad_out)), layout);
+}
+
+inline at::Tensor empty_grad_input(const at::Tensor& input, const at::Tensor& grad_out) {
+  return at::empty_like(
+      input, input.numel() == 0 ? at::MemoryFormat::Preserve : grad_input_format(input, grad_out));
+}
+
 // `t`, of the input's shape, in the layout kernel_layout gives the input's result. Only
 // out-of-place ops (movedim, contiguous): they also work on functorch's batched tensors,
 // where a clone into a memory format does not.

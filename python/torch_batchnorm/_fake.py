@@ -35,6 +35,29 @@ def _like_input(input):
     return torch.empty_like(input, memory_format=memory_format)
 
 
+def _grad_like_input(input, grad_out):
+    # The input gradient's layout by torch's rule (batch_norm_backward_cpu), as the kernels
+    # give it (batch_norm_layout.h, grad_input_format): the result's layout when input and
+    # grad_out are each dense in some memory format and suggest the same one, else the
+    # input's suggested format.
+    if input.numel() == 0:
+        return torch.empty_like(input)
+
+    def dense(t):
+        return t.is_contiguous() or any(
+            t.dim() == dim and t.is_contiguous(memory_format=memory_format)
+            for dim, memory_format in ((4, torch.channels_last), (5, torch.channels_last_3d))
+        )
+
+    if (
+        dense(input)
+        and dense(grad_out)
+        and (suggest_memory_format(input) == suggest_memory_format(grad_out))
+    ):
+        return _like_input(input)
+    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+
+
 @torch.library.register_fake("torch_batchnorm::batch_norm_forward")
 def _batch_norm_forward_fake(
     input, weight, bias, running_mean, running_var, training, momentum, eps
@@ -64,7 +87,7 @@ def _batch_norm_backward_fake(
         t is not None and t.dtype == torch.float32 for t in (weight, running_mean, running_var)
     )
     pdtype = torch.float32 if mixed else input.dtype
-    grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
+    grad_input = _grad_like_input(input, grad_out) if output_mask[0] else input.new_empty((0,))
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=pdtype)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=pdtype)
     return grad_input, grad_weight, grad_bias
