@@ -113,13 +113,17 @@ inline at::Tensor empty_grad_input(const at::Tensor& input, const at::Tensor& gr
       input, input.numel() == 0 ? at::MemoryFormat::Preserve : grad_input_format(input, grad_out));
 }
 
-// `t`, of the input's shape, in the layout kernel_layout gives the input's result. Only
-// out-of-place ops (movedim, contiguous): they also work on functorch's batched tensors,
-// where a clone into a memory format does not.
-inline at::Tensor in_result_layout(const at::Tensor& t, const at::Tensor& input) {
-  return result_format(input) == at::MemoryFormat::Contiguous
-             ? t.contiguous()
-             : t.movedim(1, -1).contiguous().movedim(-1, 1);
+// `t` with the standard strides of `format`, as the kernels' results have them. Only
+// out-of-place and view ops (movedim, contiguous, flatten, view): they also work on
+// functorch's batched tensors, where a clone into a memory format does not. contiguous()
+// alone keeps a contiguous tensor's strides on size-1 dims; flattened and viewed back, it
+// takes the standard ones.
+inline at::Tensor with_standard_strides(const at::Tensor& t, at::MemoryFormat format) {
+  if (format == at::MemoryFormat::Contiguous) {
+    return t.contiguous().flatten().view(t.sizes());
+  }
+  const at::Tensor channels_innermost = t.movedim(1, -1).contiguous();
+  return channels_innermost.flatten().view(channels_innermost.sizes()).movedim(-1, 1);
 }
 
 // Brings a second tensor of the input's shape (grad_out) into the walked layout of the

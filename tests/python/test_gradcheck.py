@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch_batchnorm as tbn
 
 C = 3
@@ -137,6 +138,47 @@ def test_recorded_backward_has_the_kernels_values(mode):
     assert all(g.grad_fn.name() == "BatchNormBackwardBackward" for g in recorded)
     for a, b in zip(recorded, plain):
         assert torch.equal(a, b)
+
+
+# Inputs viewed through a permute, with strides other than the standard ones on size-1
+# dims, and one channels-last [1, C, 1, W] that suggest_memory_format calls contiguous.
+def _permuted(*shape_in_memory, order):
+    return torch.randn(shape_in_memory, dtype=torch.float64).permute(*order)
+
+
+FORWARD_OVER_REVERSE_INPUTS = {
+    "size_one_spatial": lambda: _permuted(3, 1, 3, C, order=(0, 3, 1, 2)),
+    "one_channel": lambda: _permuted(4, 3, 3, 1, order=(0, 3, 1, 2)),
+    "one_sample": lambda: _permuted(4, 1, C, 1, order=(3, 2, 1, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_OVER_REVERSE_INPUTS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_over_reverse_backward_matches_the_kernels(mode, name):
+    """With a tangent on the input, batch_norm_backward runs as ATen ops (its primal too):
+    the same values as the kernels, and the same strides, size-1 dims included."""
+    torch.manual_seed(0)
+    x = FORWARD_OVER_REVERSE_INPUTS[name]()
+    ops = torch.ops.torch_batchnorm
+    channels = x.shape[1]
+    stats = [torch.randn(channels, dtype=x.dtype) * 0.1, torch.rand(channels, dtype=x.dtype) + 0.5]
+    _, save_mean, save_invstd = ops.batch_norm_forward(
+        x, None, None, *[s.clone() for s in stats], mode == "train", 0.1, 1e-5
+    )
+    grad_out = torch.randn(x.shape, dtype=x.dtype)
+
+    def grad_input(x):
+        args = (save_mean, save_invstd) if mode == "train" else (None, None)
+        return ops.batch_norm_backward(
+            grad_out, x, None, *stats, *args, mode == "train", 1e-5, [True, False, False]
+        )[0]
+
+    expected = grad_input(x)
+    with fwAD.dual_level():
+        actual = fwAD.unpack_dual(grad_input(fwAD.make_dual(x, torch.randn_like(x)))).primal
+    assert actual.stride() == expected.stride()
+    torch.testing.assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("outer", ["jacrev", "jacfwd"])

@@ -291,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_composite(
   const auto dims = reduced_dims(input);
   const auto params = input.options().dtype(
       param_dtype(input, is_mixed_type(input, {&weight, &running_mean, &running_var})));
-  return {mask[0] ? in_result_layout(grad_input.to(input.scalar_type()), input)
+  return {mask[0] ? with_standard_strides(grad_input.to(input.scalar_type()),
+                                          grad_input_format(input, grad_out))
                   : at::empty({0}, input.options()),
           mask[1] ? (dy * x_hat).sum(dims).to(params) : at::empty({0}, params),
           mask[2] ? dy.sum(dims).to(params) : at::empty({0}, params)};
