@@ -37,8 +37,9 @@ TBN_HOST_DEVICE bool is_finite(T x) {
 // sum of the values gives (inf + finite = inf, inf + -inf = NaN) and torch's sum-based
 // mean with it. The difference would make NaN of a's infinity (inf - inf), and a channel
 // with an infinity would get a NaN mean and running mean where torch's are infinite. A
-// finite a needs no such care: an infinite b gives b's infinity either way. (Nor does M2:
-// an infinity makes it NaN, as torch's variance.)
+// finite a needs no such care: an infinite b gives b's infinity either way (b_frac is 0
+// only for an empty b, whose mean is 0). Nor does M2: an infinity makes it NaN, as
+// torch's variance.
 template <typename T>
 TBN_HOST_DEVICE T merged_mean(T a, T b, T b_frac) {
   return is_finite(a) ? a + (b - a) * b_frac : a + b;
