@@ -51,8 +51,8 @@ inline at::MemoryFormat result_format(const at::Tensor& input) {
 }
 
 // Returns `input` in the layout of the result, copying only where the rule above asks
-// for another one, and sets how the kernels walk it. The result is allocated from the
-// returned tensor by empty_result, so both share its memory layout.
+// for another one, and sets how the kernels walk it. empty_result(input) allocates the
+// result in the same memory order.
 //
 // A channels-last tensor is walked as rows, a contiguous one as planes, except where it
 // has no spatial extent ([N, C], [N, C, 1, 1]): its memory is then rows of C channels.
