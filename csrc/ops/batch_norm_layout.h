@@ -72,16 +72,20 @@ inline at::Tensor kernel_layout(const at::Tensor& input, Layout& layout) {
   return x;
 }
 
+// Storage of `input`'s shape in `format`, with its standard strides; an empty input keeps
+// its strides, as in the fake kernels.
+inline at::Tensor empty_in_format(const at::Tensor& input, at::MemoryFormat format) {
+  return at::empty_like(input, input.numel() == 0 ? at::MemoryFormat::Preserve : format);
+}
+
 // Storage for the result of `input`, in the memory layout kernel_layout walks, with the
 // standard strides of the result's format as torch's result and the fake kernels have
 // them. Not empty_like(x) on kernel_layout's tensor: that copies its strides, which on
 // size-1 dims can be anything ([1, C, 1, 1] viewed through a permute has strides
 // (1, 1, C, C), torch's result (C, 1, 1, 1)), nor its format: a copy of [N, C, 1, 1] into
-// channels_last also counts as contiguous. An empty input keeps its strides, as in the
-// fake kernels.
+// channels_last also counts as contiguous.
 inline at::Tensor empty_result(const at::Tensor& input) {
-  return at::empty_like(input,
-                        input.numel() == 0 ? at::MemoryFormat::Preserve : result_format(input));
+  return empty_in_format(input, result_format(input));
 }
 
 // The memory format of the input gradient by torch's rule (batch_norm_backward_cpu), which
@@ -90,7 +94,8 @@ inline at::Tensor empty_result(const at::Tensor& input) {
 // two name different memory orders only for an input that suggest_memory_format misnames
 // ([1, C, 1, W] with C innermost: channels-last, suggested contiguous) where the rule
 // falls back to that suggestion; elsewhere they differ at most in the strides of size-1
-// dims.
+// dims. The backward walks the input in this format, copying it where the memory orders
+// differ, and allocates the gradient with empty_in_format.
 inline at::MemoryFormat grad_input_format(const at::Tensor& input, const at::Tensor& grad_out) {
   const auto dense = [](const at::Tensor& t) {
     return t.is_contiguous() || keeps_channels_last(t);
@@ -98,19 +103,6 @@ inline at::MemoryFormat grad_input_format(const at::Tensor& input, const at::Ten
   const bool same = dense(input) && dense(grad_out) &&
                     input.suggest_memory_format() == grad_out.suggest_memory_format();
   return same ? result_format(input) : input.suggest_memory_format();
-}
-
-// kernel_layout and empty_result for the backward: `input` walked in the layout of its
-// gradient (a copy where the two memory orders differ), and storage for the gradient.
-inline at::Tensor backward_kernel_layout(const at::Tensor& input,
-                                         const at::Tensor& grad_out,
-                                         Layout& layout) {
-  return kernel_layout(input.contiguous(grad_input_format(input, grad_out)), layout);
-}
-
-inline at::Tensor empty_grad_input(const at::Tensor& input, const at::Tensor& grad_out) {
-  return at::empty_like(
-      input, input.numel() == 0 ? at::MemoryFormat::Preserve : grad_input_format(input, grad_out));
 }
 
 // `t` with the standard strides of `format`, as the kernels' results have them. Only

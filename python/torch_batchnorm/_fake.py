@@ -18,19 +18,25 @@ def _same_device(input, *others):
     check_same_device(input, *(t for t in others if t is not None), allow_cpu_scalar_tensors=False)
 
 
+def _dense_format(t):
+    """The memory format `t` is dense in, contiguous first (batch_norm_layout.h,
+    result_format); None where it is dense in none."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    for dim, memory_format in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == dim and t.is_contiguous(memory_format=memory_format):
+            return memory_format
+    return None
+
+
 def _like_input(input):
     # The kernels return torch's layout (batch_norm_cpu): a contiguous input stays
     # contiguous, a channels_last / channels_last_3d one keeps that format, anything else
     # takes its suggested memory format (3D [N, C, L] with C innermost: contiguous).
     if input.numel() == 0:
         return torch.empty_like(input)  # any strides; the kernels keep the input's
-    if input.is_contiguous():
-        memory_format = torch.contiguous_format
-    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        memory_format = torch.channels_last
-    elif input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
-        memory_format = torch.channels_last_3d
-    else:
+    memory_format = _dense_format(input)
+    if memory_format is None:
         memory_format = suggest_memory_format(input)
     return torch.empty_like(input, memory_format=memory_format)
 
@@ -42,17 +48,10 @@ def _grad_like_input(input, grad_out):
     # input's suggested format.
     if input.numel() == 0:
         return torch.empty_like(input)
-
-    def dense(t):
-        return t.is_contiguous() or any(
-            t.dim() == dim and t.is_contiguous(memory_format=memory_format)
-            for dim, memory_format in ((4, torch.channels_last), (5, torch.channels_last_3d))
-        )
-
     if (
-        dense(input)
-        and dense(grad_out)
-        and (suggest_memory_format(input) == suggest_memory_format(grad_out))
+        _dense_format(input) is not None
+        and _dense_format(grad_out) is not None
+        and suggest_memory_format(input) == suggest_memory_format(grad_out)
     ):
         return _like_input(input)
     return torch.empty_like(input, memory_format=suggest_memory_format(input))

@@ -699,15 +699,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     std::array<bool, 3> mask) {
   check_batch_norm_backward(
       grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  const at::MemoryFormat grad_format = grad_input_format(input, grad_out);
   Layout l{};
-  const at::Tensor x = backward_kernel_layout(input, grad_out, l);
+  const at::Tensor x = kernel_layout(input.contiguous(grad_format), l);
   const at::Tensor dy = grad_in_layout(grad_out, x, l);
   const bool mixed = is_mixed_type(input, {&weight, &running_mean, &running_var});
   const auto pdtype = param_dtype(input, mixed);
   const int64_t C = l.channels;
   // Every element of each requested output is written by the kernel.
   at::Tensor grad_input =
-      mask[0] ? empty_grad_input(input, grad_out) : at::empty({0}, input.options());
+      mask[0] ? empty_in_format(input, grad_format) : at::empty({0}, input.options());
   at::Tensor grad_weight = at::empty({mask[1] ? C : 0}, input.options().dtype(pdtype));
   at::Tensor grad_bias = at::empty({mask[2] ? C : 0}, input.options().dtype(pdtype));
 

@@ -551,13 +551,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   check_batch_norm_backward(
       grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   const c10::cuda::CUDAGuard guard(input.device());
+  const at::MemoryFormat grad_format = grad_input_format(input, grad_out);
   Layout l{};
-  const at::Tensor x = backward_kernel_layout(input, grad_out, l);
+  const at::Tensor x = kernel_layout(input.contiguous(grad_format), l);
   const at::Tensor dy = same_layout(grad_out, l);
   const bool mixed = is_mixed_type(input, {&weight, &running_mean, &running_var});
   const auto param_type = param_dtype(input, mixed);
   const int64_t C = l.channels;
-  at::Tensor grad_input = mask[0] ? empty_grad_input(input, grad_out) : at::empty({0}, x.options());
+  at::Tensor grad_input =
+      mask[0] ? empty_in_format(input, grad_format) : at::empty({0}, x.options());
   at::Tensor grad_weight = at::empty({mask[1] ? C : 0}, x.options().dtype(param_type));
   at::Tensor grad_bias = at::empty({mask[2] ? C : 0}, x.options().dtype(param_type));
 
