@@ -8,7 +8,7 @@
 #
 #   scripts/gpu_ab.sh HEAD HEAD+candidates/a.patch HEAD+candidates/a.patch+candidates/b.patch
 #
-# Three versions build in about 150 s on 16 cores; each then measures in about 15 s. Writes
+# The versions build at once, sharing the cores; each then measures in about 15 s. Writes
 # build logs, gpu_ab.json (after each version is measured), gpu_ab.md and gpu_ab-kernels.md
 # (the costliest kernels of each case) to $OUT (default build/gpu-ab/out). Environment as
 # for gpu_check.sh (scripts/gpu_env.sh); the compile jobs are shared among the builds. The

@@ -1,6 +1,6 @@
 #pragma once
 
-// How the CUDA kernels (batch_norm_kernel.cu) cover their input: the blocks and threads of
+// How the CUDA kernels (batch_norm_launch_impl.cuh) cover their input: the blocks and threads of
 // a launch, and the vectors each thread walks. Plain host-and-device C++ with no CUDA
 // runtime, so that the index arithmetic is tested on the CPU (tests/cpp/ops/cuda).
 

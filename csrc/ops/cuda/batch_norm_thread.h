@@ -1,9 +1,9 @@
 #pragma once
 
-// What one thread of the CUDA kernels (batch_norm_kernel.cu) computes: its loads, the
+// What one thread of the CUDA kernels (batch_norm_launch_impl.cuh) computes: its loads, the
 // per-channel maps of the elementwise pass, and its share of a reduction with the merge
 // and finalization of partial results. Host-and-device code, so that tests run it on the
-// CPU (tests/cpp/ops/cuda). The warp shuffles are in batch_norm_kernel.cu.
+// CPU (tests/cpp/ops/cuda). The warp shuffles are in batch_norm_launch_impl.cuh.
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>

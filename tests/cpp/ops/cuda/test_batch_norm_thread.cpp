@@ -87,7 +87,7 @@ void emulate_elementwise(const Layout& l,
   }
 }
 
-// The merges below follow batch_norm_kernel.cu's block_reduce_all, block_reduce_rows and
+// The merges below follow batch_norm_launch_impl.cuh's block_reduce_all, block_reduce_rows and
 // the last block's merge of partial results, step for step: a change there comes here too.
 constexpr int kWarps = kThreads / 32;
 
