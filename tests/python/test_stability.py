@@ -215,3 +215,88 @@ def test_nonfinite_stays_in_its_channel(name, shape, layout, training, device):
         assert torch.equal(a.isfinite(), finite), f"{label}: non-finite elsewhere than torch's"
         assert torch.equal(a.isnan(), e.isnan()), f"{label}: NaN where torch's is infinite"
         assert_close(a[finite], e[finite], label)
+
+
+# ---------------------------------------------------------------------------------------
+# float16 sums past float16's range
+
+# A million values per channel, as in torch's float16 overflow test (4 x 80 x 500 x 500),
+# with fewer channels.
+HALF_SHAPE = (4, 8, 500, 500)
+# Each float16 result is the exact value rounded once (half a unit: 2**-11 relative), after
+# float32 arithmetic (1e-5 relative, and 1e-6 absolute where terms of about 1 cancel).
+HALF_RTOL, HALF_ATOL = 2**-11 + 1e-5, 1e-6
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float16_sums_past_its_range(layout, device):
+    """float16 input, parameters and running statistics whose per-channel sums leave
+    float16's range (65504) on the way: sum(x) is about 1e6, and sum(dy) climbs to 5e5 over
+    the first half of the batch and back to about 0 over the second. The statistics,
+    outputs and gradients match a float64 computation on the same float16 values to one
+    rounding. (torch 2.13's own CPU kernel misses the saved mean here by up to 3e-4
+    relative: its float32 sums over a million values lose digits.)"""
+    generator = torch.Generator().manual_seed(0)
+    leaf, view = make_input(
+        HALF_SHAPE, layout, torch.float16, device, mean=1.0, std=1.0, generator=generator
+    )
+    x = view(leaf)
+    g_leaf, g_view = make_input(
+        HALF_SHAPE,
+        layout,
+        torch.float16,
+        device,
+        mean=0.0,
+        std=1.0,
+        channel_offset=False,
+        generator=generator,
+    )
+    grad_out = g_view(g_leaf)
+    half = HALF_SHAPE[0] // 2
+    with torch.no_grad():
+        grad_out[:half] += 1
+        grad_out[half:] -= 1
+    C = HALF_SHAPE[1]
+    weight = torch.linspace(0.5, 1.5, C).half()
+    bias = torch.linspace(-0.5, 0.5, C).half()
+    running_mean, running_var = torch.zeros(C).half(), torch.ones(C).half()
+    momentum, eps = 0.1, 1e-5
+    out_ref, mean_ref, invstd_ref, rm_ref, rv_ref = _reference(
+        x.cpu(), running_mean, running_var, weight, bias, momentum, eps
+    )
+
+    params = [t.to(device) for t in (weight, bias, running_mean, running_var)]
+    out, save_mean, save_invstd = ops.batch_norm_forward(x, *params, True, momentum, eps)
+    grad_input, grad_weight, grad_bias = ops.batch_norm_backward(
+        grad_out, x, params[0], *params[2:], save_mean, save_invstd, True, eps, [True] * 3
+    )
+
+    # The saved statistics are float32: float32 accuracy, for the mean relative to the
+    # values' size (about 1), as some channels' means are near 0.
+    torch.testing.assert_close(save_mean.cpu().double(), mean_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(save_invstd.cpu().double(), invstd_ref, rtol=1e-5, atol=0)
+    dims = [0, 2, 3]
+    x64, dy64 = x.cpu().double(), grad_out.cpu().double()
+    shape = (1, -1, 1, 1)
+    xhat = (x64 - mean_ref.view(shape)) * invstd_ref.view(shape)
+    sum_dy, sum_dy_xhat = dy64.sum(dims), (dy64 * xhat).sum(dims)
+    count = x.numel() // C
+    grad_input_ref = (weight.double() * invstd_ref).view(shape) * (
+        dy64 - (sum_dy / count).view(shape) - xhat * (sum_dy_xhat / count).view(shape)
+    )
+    for label, actual, expected in [
+        ("output", out, out_ref),
+        ("running_mean", params[2], rm_ref),
+        ("running_var", params[3], rv_ref),
+        ("grad_input", grad_input, grad_input_ref),
+        ("grad_weight", grad_weight, sum_dy_xhat),
+        ("grad_bias", grad_bias, sum_dy),
+    ]:
+        assert actual.dtype == torch.float16, label
+        torch.testing.assert_close(
+            actual.cpu().double(),
+            expected,
+            rtol=HALF_RTOL,
+            atol=HALF_ATOL,
+            msg=lambda m: f"{label}: {m}",
+        )
