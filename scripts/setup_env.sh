@@ -20,10 +20,11 @@ if [ ! -x "$TBN_VENV/bin/python" ]; then
   echo "[setup] creating $TBN_VENV"
   python3 -m venv "$TBN_VENV"
 fi
-# torch 2.13.0 is the CPU build; the others are the build and test tools.
+# torch 2.13.0 is the CPU build; the others are the build and test tools (onnx, onnxscript
+# and onnxruntime for the ONNX export test).
 "$TBN_VENV/bin/pip" install -q --disable-pip-version-check \
   "torch==2.13.0" pybind11 cmake ninja setuptools wheel \
-  pytest hypothesis expecttest numpy scikit-learn matplotlib
+  pytest hypothesis expecttest numpy scikit-learn matplotlib onnx onnxscript onnxruntime
 
 echo "[setup] building torch_batchnorm (log: $TBN_VENV/build.log)"
 if ! (cd "$TBN_ROOT" && MAX_JOBS="${MAX_JOBS:-$(nproc)}" \

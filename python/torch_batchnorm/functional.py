@@ -14,6 +14,8 @@ __all__ = ["batch_norm"]
 # The overload itself, looked up once: on small inputs the lookups through torch.ops
 # on every call are a measurable part of the cost.
 _batch_norm_forward = torch.ops.torch_batchnorm.batch_norm_forward.default
+# torch.jit.is_tracing without its TorchScript branch, for the same reason.
+_is_tracing = torch._C._is_tracing
 
 # torch.batch_norm's parameters as torch's argument parser checks them, in its order: the
 # parser, not torch.nn.functional.batch_norm's, numbers the positions in its messages.
@@ -124,6 +126,13 @@ def batch_norm(
         _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
         momentum, eps = float(momentum), float(eps)
     compiling = torch.compiler.is_compiling()
+    if (compiling or _is_tracing()) and torch.onnx.is_in_onnx_export():
+        # An ONNX graph runs on another runtime, which has BatchNormalization but not our
+        # op: both of torch.onnx's exporters (torch.export and torch.jit.trace underneath)
+        # translate torch's op into it, so the graph gets that.
+        return torch.nn.functional.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     try:
         # Eager calls take the direct binding, which skips torch.ops' generic argument
         # conversion; tracing, tensor subclasses and modes with __torch_function__ (as

@@ -3,10 +3,12 @@ and the C++ autograd kernel: a compiled training step (forward, backward, runnin
 statistics, momentum=None included) and a compiled evaluation match torch's BatchNorm
 run eagerly, compiled autograd records the backward of an eager forward,
 torch.fx.symbolic_trace keeps the layers whole as it keeps torch's, and torch.jit.script
-compiles the modules. Few cases, since every compilation takes seconds."""
+compiles the modules; torch.onnx.export writes ONNX's batch normalization for them. Few
+cases, since every compilation takes seconds."""
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -130,6 +132,47 @@ def test_export_train():
         assert_close(_train_step(exported, x), _train_step(ref, x), f"step {step} output")
         _assert_same(exported, ref)
     assert exported.bn1d.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["torch.export", "torch.jit.trace"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_onnx_export(training, dynamo):
+    """torch.onnx.export, with either of its exporters, writes for our layers the graph it
+    writes for torch's (which the exporters fold into the convolutions), onnxruntime runs it
+    to the same outputs, and exporting changes no buffer. In training both export what
+    evaluation computes, as torch's exporters do for torch's layers."""
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    ref, ours = _trained_pair_in_eval()
+    # torch's own layer cannot export a momentum=None average in training (see Net).
+    ref.bn1d.momentum = ours.bn1d.momentum = 0.1
+    x = torch.randn(4, 3, 5, 5)
+
+    def run_exported(model):
+        model.train(training)
+        state = copy.deepcopy(model.state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporters' notes on training and deprecation
+            if dynamo:
+                proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+            else:
+                f = io.BytesIO()
+                torch.onnx.export(model, (x,), f, dynamo=False)
+                proto = onnx.load_from_string(f.getvalue())
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        session = onnxruntime.InferenceSession(proto.SerializeToString())
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        return [node.op_type for node in proto.graph.node], torch.from_numpy(out)
+
+    nodes, out = run_exported(ours)
+    nodes_ref, out_ref = run_exported(ref)
+    assert nodes == nodes_ref
+    assert_close(out, out_ref, "output")
+    if not training:
+        with torch.no_grad():
+            assert_close(out, ours(x), "output of the module")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
