@@ -198,6 +198,15 @@ def make_input(
     return leaf, view
 
 
+def make_grad_out(shape, layout: str, dtype: torch.dtype, device, generator=None):
+    """A random grad_out of logical `shape` in `layout`: standard normal, with zero mean per
+    channel (see run_steps)."""
+    leaf, view = make_input(
+        shape, layout, dtype, device, mean=0.0, std=1.0, channel_offset=False, generator=generator
+    )
+    return view(leaf)
+
+
 def layout_applies(layout: str, ndim: int) -> bool:
     """channels_last_sliced needs a spatial dim to slice; the others apply to all."""
     return not (layout == "channels_last_sliced" and ndim < 3)
@@ -390,17 +399,7 @@ def run_steps(
         leaf, view = make_input(shape, layout, precision.dtype, device, generator=generator)
         grad_out = None
         if backward:
-            g_leaf, g_view = make_input(
-                shape,
-                grad_layout,
-                precision.dtype,
-                device,
-                mean=0.0,
-                std=1.0,
-                channel_offset=False,
-                generator=generator,
-            )
-            grad_out = g_view(g_leaf)
+            grad_out = make_grad_out(shape, grad_layout, precision.dtype, device, generator)
         compare_step(
             ref, ours, leaf, view, precision=precision, grad_out=grad_out, msg=f"step {step}: "
         )

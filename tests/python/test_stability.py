@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch_batchnorm as tbn
-from conftest import assert_close, make_input, single_threaded
+from conftest import assert_close, make_grad_out, make_input, single_threaded
 
 ops = torch.ops.torch_batchnorm
 
@@ -241,17 +241,7 @@ def test_float16_sums_past_its_range(layout, device):
         HALF_SHAPE, layout, torch.float16, device, mean=1.0, std=1.0, generator=generator
     )
     x = view(leaf)
-    g_leaf, g_view = make_input(
-        HALF_SHAPE,
-        layout,
-        torch.float16,
-        device,
-        mean=0.0,
-        std=1.0,
-        channel_offset=False,
-        generator=generator,
-    )
-    grad_out = g_view(g_leaf)
+    grad_out = make_grad_out(HALF_SHAPE, layout, torch.float16, device, generator)
     half = HALF_SHAPE[0] // 2
     with torch.no_grad():
         grad_out[:half] += 1
