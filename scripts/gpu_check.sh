@@ -69,10 +69,13 @@ finish_steps() {
   local i rc end limit status
   for i in "${!step_pid[@]}"; do
     wait "${step_pid[$i]}"
-    read -r rc end limit <"$step_status/$i"
+    # (A step that died before writing its status reports as such.)
+    rc=lost end=$SECONDS limit=0
+    read -r rc end limit <"$step_status/$i" || true
     status="PASS"
     case $rc in
       0) ;;
+      lost) status="FAIL (no status)" ;;
       124 | 137) status="TIMEOUT after ${limit}s" ;;
       5) status="NO TESTS (pytest rc 5)" ;;
       77) status="SKIP" ;;

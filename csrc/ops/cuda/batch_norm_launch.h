@@ -4,8 +4,9 @@
 // (batch_norm_kernel.cpp) dispatch on the dtype and call these; each dtype's kernels are
 // compiled in a file of their own (batch_norm_launch_<dtype>.cu, from
 // batch_norm_launch_impl.cuh), so that the four compile in parallel. In one file they were
-// the build's longest step: 58 s of nvcc for sm_90 alone, against 25 s for the slowest
-// C++ file.
+// the build's longest step: 58 s of nvcc for sm_90 alone, against 27 s for the slowest
+// C++ file. The callers return early for inputs without channels and outputs without
+// elements, which these do not expect.
 
 #include <ATen/core/Tensor.h>
 
