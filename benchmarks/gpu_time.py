@@ -13,7 +13,9 @@ busy), and it sets builds side by side:
 Modes: "fwd" is the training forward alone (no autograd), "step" the module's training
 forward and backward for input, weight and bias. "torch" is whatever torch picks (cuDNN
 for 4D input). Each is warmed up, then profiled over several calls. --kernels also lists
-the costliest kernels of each call: which one a change should target.
+the costliest kernels of each call: which one a change should target. Every case also
+compares one training step's results with torch's, so that a build that computes wrong
+results is flagged in the same run (WRONG in the table's last lines).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ RESNET50 = [
 ]
 SHAPES = [(32, c, hw, hw) for c, hw in RESNET50] + [(64, 256, 56, 56), (256, 4096)]
 MODES = ("fwd", "step")
+# Differences from torch's results (difference) past which a build is wrong,
+# not rounded otherwise: far above rounding, far below a wrong kernel's.
+DIFFERENCE_LIMITS = {"float32": 1e-3, "bfloat16": 5e-2}
 
 
 def case_name(shape, dtype: str, channels_last: bool) -> str:
@@ -63,9 +68,34 @@ def short_kernel_name(name: str) -> str:
     return name[:90]
 
 
+def difference(ours, ref, x):
+    """The largest difference between ours and torch's in one training step (output,
+    the three gradients, the running statistics), each relative to the largest
+    magnitude of torch's: rounding makes it about 1e-6 in float32 and 1e-2 in bfloat16,
+    a wrong kernel about 1."""
+    import torch
+
+    C = x.shape[1]
+    g = torch.randn_like(x)
+    results = []
+    for module in (ours, ref):
+        m = module(C, device=x.device)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 1.5, C))
+            m.bias.copy_(torch.linspace(-0.5, 0.5, C))
+        xg = x.clone().requires_grad_()
+        y = m(xg)
+        grads = torch.autograd.grad(y, (xg, m.weight, m.bias), g)
+        results.append([t.float() for t in (y, *grads, m.running_mean, m.running_var)])
+    return max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*results)
+    )
+
+
 def measure(calls: int) -> dict:
-    """{case: {impl: {mode: us, "kernels": {mode: [[us, launches, kernel], ...]}}}} for this
-    process's torch_batchnorm: GPU time per call, and its kernels, costliest first."""
+    """{case: {impl: {mode: us, "kernels": {mode: [[us, launches, kernel], ...]}},
+    "difference": float}} for this process's torch_batchnorm: GPU time per call, and its
+    kernels, costliest first; and how far its results are from torch's (difference)."""
     import torch
     import torch_batchnorm as tbn
     from torch.autograd import DeviceType
@@ -121,7 +151,11 @@ def measure(calls: int) -> dict:
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 name = case_name(shape, str(dtype)[6:], channels_last)
-                results[name] = {"ours": modes(ours, x), "torch": modes(ref, x)}
+                results[name] = {
+                    "ours": modes(ours, x),
+                    "torch": modes(ref, x),
+                    "difference": difference(ours, ref, x),
+                }
     return results
 
 
@@ -159,6 +193,19 @@ def table(results: dict[str, dict]) -> str:
                 r = [results[n][c]["torch"][m] / results[n][c]["ours"][m] for c in picked]
                 cells.append(f"{geomean(r):.2f}x (min {min(r):.2f}x)")
             lines.append(f"| {n} | {layout} | {len(picked)} | " + " | ".join(cells) + " |")
+    if any("difference" in results[n][c] for n in names for c in cases):
+        lines += ["", "Largest difference from torch's results (difference), per build:"]
+    for n in names:
+        cells = []
+        for dtype, limit in DIFFERENCE_LIMITS.items():
+            picked = [c for c in cases if f" {dtype} " in c and "difference" in results[n][c]]
+            if picked:
+                worst = max(picked, key=lambda c: results[n][c]["difference"])
+                value = results[n][worst]["difference"]
+                flag = "" if value <= limit else f" WRONG (over {limit:g})"
+                cells.append(f"{dtype} {value:.2g} at {worst}{flag}")
+        if cells:
+            lines.append(f"- {n}: " + "; ".join(cells))
     return "\n".join(lines)
 
 
