@@ -36,8 +36,9 @@ class _Freezable:
     #: Whether the module normalises as in evaluation even while training (see freeze).
     frozen: bool = False
     # torch.jit.script compiles it as a constant, as it does eps and momentum: a module
-    # scripted before freeze() stays unfrozen.
-    __constants__ = (*torch.nn.modules.batchnorm._NormBase.__constants__, "frozen")
+    # scripted before freeze() stays unfrozen. A list, as torch's, which subclasses extend
+    # with +.
+    __constants__ = [*torch.nn.modules.batchnorm._NormBase.__constants__, "frozen"]  # noqa: RUF012
 
     def freeze(self, mode: bool = True):
         """Freezes (or, with ``mode=False``, unfreezes) the module; returns it."""

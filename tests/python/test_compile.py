@@ -277,11 +277,14 @@ def test_torchscript(training):
 
 
 class _WiderBatchNorm2d(tbn.BatchNorm2d):
-    """A subclass that also takes 3-D input and adds a method, as subclasses of torch's
-    modules in the wild do."""
+    """A subclass that also takes 3-D input and adds a constant and a method, as subclasses
+    of torch's modules in the wild do."""
+
+    __constants__ = tbn.BatchNorm2d.__constants__ + ["min_dim"]
+    min_dim = 3
 
     def _check_input_dim(self, input):
-        if input.dim() not in (3, 4):
+        if input.dim() < self.min_dim or input.dim() > 4:
             raise ValueError(f"expected 3D or 4D input (got {input.dim()}D input)")
 
     @torch.jit.export
@@ -290,7 +293,7 @@ class _WiderBatchNorm2d(tbn.BatchNorm2d):
 
 
 def test_torchscript_subclass():
-    """Scripted, a subclass of ours keeps its overrides and methods."""
+    """Scripted, a subclass of ours keeps its overrides, constants and methods."""
     ours = _WiderBatchNorm2d(3)
     ref = torch.nn.BatchNorm1d(3)
     scripted = torch.jit.script(ours)
