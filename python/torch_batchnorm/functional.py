@@ -65,7 +65,7 @@ def _type_name(value) -> str:
 
 def _check_eps(training: bool, eps: float) -> None:
     """torch.nn.functional.batch_norm's eps checks, in its words: they print eps as it was
-    given (an int, a 0-d tensor). Also compiled by torch.jit.script for the modules."""
+    given (an int, a 0-d tensor). Also compiled by torch.jit.script, in batch_norm."""
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
@@ -118,6 +118,39 @@ def batch_norm(
     statistics are updated in place with ``momentum``. Otherwise the running statistics
     normalise it. Validation happens in the op, before anything is modified.
     """
+    if torch.jit.is_scripting():
+        # Compiled by torch.jit.script (the modules' scripted forward calls it too): the
+        # checks of torch's scripted functional, in its words, then the op, which takes its
+        # weight and bias 1-D.
+        if training:
+            torch.nn.functional._verify_batch_size(input.size())
+        _check_eps(training, eps)
+        if weight is not None and weight.dim() != 1:
+            weight = weight.reshape(-1)
+        if bias is not None and bias.dim() != 1:
+            bias = bias.reshape(-1)
+        return torch.ops.torch_batchnorm.batch_norm_forward(
+            input, weight, bias, running_mean, running_var, training, momentum, eps
+        )[0]
+    return _eager_batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+
+
+@torch.jit.unused
+def _eager_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """batch_norm called from Python: its arguments checked as torch's Python and argument
+    parser check them, and the op reached through the direct binding where nothing
+    intercepts the call (TorchScript does not compile this)."""
     # The op takes a bool and floats. The binding would take any object as a bool and
     # anything with __float__ as a float, and torch.ops would take ints: training,
     # momentum and eps of other types than bool and float are checked as torch checks

@@ -139,9 +139,9 @@ class _BatchNormForward(_Freezable):
         return out
 
     def _scripted_forward(self, input: Tensor) -> Tensor:
-        # torch's forward with the checks of its scripted functional (which raise its
-        # TorchScript errors), then the op; the batch is counted after the op, so that a
-        # call that raises in validation changes no buffer.
+        # torch's forward through our functional's scripted form (torch's checks, which
+        # raise its TorchScript errors, then the op); the batch is counted after the op, so
+        # that a call that raises in validation changes no buffer.
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = self.num_batches_tracked
@@ -151,20 +151,17 @@ class _BatchNormForward(_Freezable):
         if track and self.momentum is None and num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked + 1)
         bn_training = training or (self.running_mean is None and self.running_var is None)
-        if bn_training:
-            torch.nn.functional._verify_batch_size(input.size())
-        F._check_eps(bn_training, self.eps)
         use_buffers = not training or self.track_running_stats
-        out = torch.ops.torch_batchnorm.batch_norm_forward(
+        out = F.batch_norm(
             input,
-            self.weight,
-            self.bias,
             self.running_mean if use_buffers else None,
             self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
             bn_training,
             momentum,
             self.eps,
-        )[0]
+        )
         if track and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return out

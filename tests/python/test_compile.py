@@ -331,6 +331,69 @@ def test_torchscript_errors(dims, kwargs, shape):
     assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
 
 
+class _OwnLayer(torch.nn.Module):
+    """A layer of one's own over our functional form, with running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 3))
+        self.bias = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 3))
+        self.register_buffer("running_mean", torch.zeros(3))
+        self.register_buffer("running_var", torch.ones(3))
+
+    def forward(self, x):
+        return tbn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.3
+        )
+
+
+class _OwnTorchLayer(_OwnLayer):
+    """The same over torch's functional form."""
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.3
+        )
+
+
+def test_torchscript_functional():
+    """torch.jit.script compiles a layer over our functional form as it compiles one over
+    torch's: the same outputs, gradients and running statistics in training and
+    evaluation, and the same error for one value per channel. Parameters of other shapes
+    than [C] are reshaped as in eager mode (torch's backward refuses those)."""
+    ours, ref = torch.jit.script(_OwnLayer()), torch.jit.script(_OwnTorchLayer())
+    for step, training in enumerate((True, True, False)):
+        x = torch.randn(4, 3, 5, 5) * 2 + 1
+        results = []
+        for m in (ours, ref):
+            m.train(training)
+            m.zero_grad()
+            out = m(x)
+            out.pow(2).sum().backward()
+            results.append([out, m.weight.grad, m.bias.grad, m.running_mean, m.running_var])
+        names = ["output", "weight grad", "bias grad", "running_mean", "running_var"]
+        for name, a, b in zip(names, *results):
+            assert_close(a, b, f"step {step} {name}")
+    errors = []
+    for m in (ours, ref):
+        m.train()
+        with pytest.raises(Exception) as info:
+            m(torch.randn(1, 3))
+        errors.append((type(info.value), str(info.value).strip().splitlines()[-1]))
+    assert errors[0] == errors[1]
+    shaped = _ShapedAffine()
+    scripted = torch.jit.script(shaped)
+    x = torch.randn(4, 3, 5, 5)
+    results = []
+    for m in (shaped, scripted):
+        shaped.zero_grad()
+        out = m(x)
+        out.pow(2).sum().backward()
+        results.append([out, shaped.weight.grad.clone(), shaped.bias.grad.clone()])
+    for name, a, b in zip(["output", "weight grad", "bias grad"], *results):
+        assert_close(a, b, f"[1, C, 1, 1] parameters: {name}")
+
+
 class _ShapedAffine(torch.nn.Module):
     """The functional form with parameters kept as [1, C, 1, 1]."""
 
