@@ -23,6 +23,7 @@ from conftest import (
     assert_close,
     assert_same_layout,
     assert_same_state,
+    compare_step,
     layout_applies,
     make_input,
     make_pair,
@@ -223,6 +224,21 @@ def test_grad_out_layout(shape, layout, grad_layout, training, precision, device
         device=device,
         steps=2,
     )
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_image_made_a_batch_of_one(training, device):
+    """An HWC image made [1, C, H, W] by permute(2, 0, 1).unsqueeze(0) (channels-last, with
+    C as the batch dim's stride) next to a contiguous grad_out: the gradients match
+    float64. (torch 2.13's CPU backward reads grad_out with the input's strides here: its
+    input, weight and bias gradients are off by about 1 to 10.)"""
+    ref, ours = make_pair(4, 3, FLOAT32, device)
+    ref.train(training)
+    ours.train(training)
+    generator = torch.Generator().manual_seed(0)
+    leaf = torch.randn(4, 5, 3, generator=generator).to(device)
+    grad_out = torch.randn(1, 3, 4, 5, generator=generator).to(device)
+    compare_step(ref, ours, leaf, lambda t: t.permute(2, 0, 1).unsqueeze(0), grad_out=grad_out)
 
 
 @pytest.mark.parametrize(
