@@ -21,7 +21,7 @@ except ImportError as _err:  # pragma: no cover - only reached on a broken insta
 from . import _fake  # noqa: E402,F401  (fake kernels for torch.compile / export)
 from . import _vmap  # noqa: E402,F401  (batching rules for torch.vmap)
 from . import functional  # noqa: E402
-from .convert import convert_batchnorm  # noqa: E402
+from .convert import convert_batchnorm, revert_batchnorm  # noqa: E402
 from .modules import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
@@ -50,6 +50,7 @@ __all__ = [
     "SyncBatchNorm",
     "functional",
     "convert_batchnorm",
+    "revert_batchnorm",
     "cmake_prefix_path",
     "with_cuda",
 ]

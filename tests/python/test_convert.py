@@ -209,3 +209,43 @@ def test_conv_bn_folding_for_inference():
         fuse_custom_config_dict={"additional_fuser_method_mapping": mapping},
     )
     torch.testing.assert_close(fused(x), expected)
+
+
+def test_revert_for_fx_fusion():
+    """FX-based fusion looks torch's classes up exactly and leaves ours alone; reverted, our
+    layers fold into the convolutions as torch's do, and convert_batchnorm takes them back.
+    A frozen layer is refused, and nothing changes."""
+    from torch.fx.experimental.optimization import fuse
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), tbn.BatchNorm2d(4), torch.nn.ReLU(), tbn.BatchNorm2d(4)
+    ).eval()
+    for bn in (model[1], model[3]):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    assert sum(isinstance(m, tbn.BatchNorm2d) for m in fuse(model).modules()) == 2
+
+    model[3].freeze()
+    with pytest.raises(ValueError, match="1 frozen BatchNorm layer"):
+        tbn.revert_batchnorm(model)
+    assert type(model[1]) is tbn.BatchNorm2d
+    model[3].freeze(False)
+
+    assert tbn.revert_batchnorm(model) is model
+    assert [type(m) for m in model] == [
+        torch.nn.Conv2d,
+        torch.nn.BatchNorm2d,
+        torch.nn.ReLU,
+        torch.nn.BatchNorm2d,
+    ]
+    fused = fuse(model)
+    # The first folds into the convolution; the second, after the ReLU, stays.
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) == 1
+    torch.testing.assert_close(fused(x), expected)
+    tbn.convert_batchnorm(model)
+    assert type(model[1]) is tbn.BatchNorm2d and type(model[3]) is tbn.BatchNorm2d
+    torch.testing.assert_close(model(x), expected)
