@@ -239,6 +239,13 @@ def main(argv=None):
         help="source trees with a built python/torch_batchnorm, measured one process each",
     )
     parser.add_argument("--calls", type=int, default=8, help="profiled calls per measurement")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120,
+        help="seconds each --compare build may take (one measures in about 15 s): a build "
+        "whose kernels hang is reported and the others still measured",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
         "--kernels", type=Path, help="also write each case's costliest kernels here (markdown)"
@@ -253,13 +260,26 @@ def main(argv=None):
         for tree in args.compare:
             tree = tree.resolve()
             env = {**os.environ, "PYTHONPATH": str(tree / "python")}
-            done = subprocess.run(
-                [sys.executable, __file__, "--calls", str(args.calls), "--expect-under", str(tree)],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            try:
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--calls",
+                        str(args.calls),
+                        "--expect-under",
+                        str(tree),
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    timeout=args.timeout,
+                )
+            except subprocess.TimeoutExpired:
+                print(f"{tree}: no result within {args.timeout:g} s", file=sys.stderr)
+                status = 1
+                continue
             raw = [line for line in done.stdout.splitlines() if line.startswith("JSON ")]
             if done.returncode or not raw:
                 print(
