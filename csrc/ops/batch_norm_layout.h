@@ -7,6 +7,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace torch_batchnorm {
 
@@ -29,25 +30,25 @@ struct Layout {
 // channels_last / channels_last_3d input that is not also contiguous keeps that format;
 // anything else takes its suggested memory format. So a 3D [N, C, L] input with C
 // innermost, or a transposed 2D one, gives a contiguous result.
-inline bool keeps_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() && (t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
-                                t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+//
+// The memory format `t` is dense in, contiguous first; none where it is dense in none
+// (the fake kernels' _dense_format).
+inline std::optional<at::MemoryFormat> dense_format(const at::Tensor& t) {
+  for (const auto format : {at::MemoryFormat::Contiguous,
+                            at::MemoryFormat::ChannelsLast,
+                            at::MemoryFormat::ChannelsLast3d}) {
+    if (t.is_contiguous(format)) {
+      return format;
+    }
+  }
+  return std::nullopt;
 }
 
 // The memory format of the result by that rule. A channels-last input is asked for its
 // format by name: suggest_memory_format can call one with size-1 dims contiguous
 // ([1, C, 1, W] with strides (1, 1, C, C) suggests contiguous) though it is not.
 inline at::MemoryFormat result_format(const at::Tensor& input) {
-  if (input.is_contiguous()) {
-    return at::MemoryFormat::Contiguous;
-  }
-  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    return at::MemoryFormat::ChannelsLast3d;
-  }
-  return input.suggest_memory_format();
+  return dense_format(input).value_or(input.suggest_memory_format());
 }
 
 // Returns `input` in the layout of the result, copying only where the rule above asks
@@ -58,7 +59,7 @@ inline at::MemoryFormat result_format(const at::Tensor& input) {
 // has no spatial extent ([N, C], [N, C, 1, 1]): its memory is then rows of C channels.
 inline at::Tensor kernel_layout(const at::Tensor& input, Layout& layout) {
   at::Tensor x = input;
-  if (!x.is_contiguous() && !keeps_channels_last(x)) {
+  if (!dense_format(x)) {
     x = x.contiguous(result_format(x));
   }
   int64_t spatial = 1;
@@ -97,10 +98,7 @@ inline at::Tensor empty_result(const at::Tensor& input) {
 // dims. The backward walks the input in this format, copying it where the memory orders
 // differ, and allocates the gradient with empty_in_format.
 inline at::MemoryFormat grad_input_format(const at::Tensor& input, const at::Tensor& grad_out) {
-  const auto dense = [](const at::Tensor& t) {
-    return t.is_contiguous() || keeps_channels_last(t);
-  };
-  const bool same = dense(input) && dense(grad_out) &&
+  const bool same = dense_format(input) && dense_format(grad_out) &&
                     input.suggest_memory_format() == grad_out.suggest_memory_format();
   return same ? result_format(input) : input.suggest_memory_format();
 }
