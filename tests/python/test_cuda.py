@@ -421,6 +421,48 @@ def test_current_stream_is_used(shape, layout):
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((8, 3, 64, 64), "contiguous"),
+        ((2, 3000, 4, 4), "contiguous"),
+        ((8, 32, 16, 16), "channels_last"),
+        ((16, 256), "contiguous"),
+    ],
+)
+def test_cuda_graph_replay(shape, layout):
+    # A training step captured in a CUDA graph (as torch.compile's "reduce-overhead" mode
+    # captures one) replays on new input as eager calls run: the same results bit for bit,
+    # and the running statistics updated in place by every replay.
+    x = _make_input(shape, layout, torch.float32, "cuda")
+    w, b, rm, rv = _params(shape[1], torch.float32, "cuda")
+    g = torch.randn_like(x)
+
+    def step(x, rm, rv):
+        out, sm, si = forward_op(x, w, b, rm, rv, True, 0.1, 1e-5)
+        grads = backward_op(g, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True])
+        return (out, sm, si) + tuple(grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(x, rm, rv)  # one-time initialisation happens outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(x, rm, rv)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    for seed in (1, 2):
+        x.copy_(_make_input(shape, layout, torch.float32, "cuda", seed=seed))
+        expected = step(x.clone(), rm_ref, rv_ref)
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, e in zip(captured, expected):
+            assert torch.equal(a, e)
+        assert torch.equal(rm, rm_ref) and torch.equal(rv, rv_ref)
+
+
+@needs_kernels
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_device_guard():
     # Tensors on cuda:1 while cuda:0 is current: the kernels must run on cuda:1.
