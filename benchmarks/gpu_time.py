@@ -209,6 +209,27 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def is_wrong(result: dict) -> bool:
+    """Whether a build's results differ from torch's past DIFFERENCE_LIMITS in any case."""
+    return any(
+        case.get("difference", 0) > limit
+        for name, case in result.items()
+        for dtype, limit in DIFFERENCE_LIMITS.items()
+        if f" {dtype} " in name
+    )
+
+
+def best(results: dict[str, dict]) -> str | None:
+    """The build with the largest geometric mean of torch / ours over every case and mode,
+    among those not WRONG; None if every build is."""
+    scores = {
+        n: geomean(r[c]["torch"][m] / r[c]["ours"][m] for c in r for m in MODES)
+        for n, r in results.items()
+        if r and not is_wrong(r)
+    }
+    return max(scores, key=scores.get) if scores else None
+
+
 def kernel_table(results: dict[str, dict], top: int = 4) -> str:
     """Markdown: the costliest kernels of each call, per case, build and mode, and torch's
     (from the first build's run): where the time of a case goes."""
@@ -250,6 +271,11 @@ def main(argv=None):
     parser.add_argument(
         "--kernels", type=Path, help="also write each case's costliest kernels here (markdown)"
     )
+    parser.add_argument(
+        "--best",
+        type=Path,
+        help="with --compare, write the path of the fastest tree whose results are right here",
+    )
     # --compare's check that each run imports the tree it was given
     parser.add_argument("--expect-under", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -257,6 +283,7 @@ def main(argv=None):
     status = 0
     if args.compare:
         results = {}
+        trees = {}
         for tree in args.compare:
             tree = tree.resolve()
             env = {**os.environ, "PYTHONPATH": str(tree / "python")}
@@ -289,6 +316,7 @@ def main(argv=None):
                 continue
             label = tree.name if tree.name not in results else str(tree)
             results[label] = json.loads(raw[0][5:])
+            trees[label] = tree
             if args.json:  # what is measured so far survives a run cut short
                 args.json.write_text(json.dumps(results, indent=1))
         if not results:
@@ -311,13 +339,18 @@ def main(argv=None):
         results = {"ours": measure(args.calls)}
         print("JSON " + json.dumps(results["ours"]))
     print(
-        "GPU time per call in us (sum of the kernels' device time); torch's from the first build's run\n"
+        "GPU time per call in us (sum of the kernels' device time); "
+        "torch's from the first build's run\n"
     )
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.kernels:
         args.kernels.write_text(kernel_table(results) + "\n")
+    if args.compare and args.best:
+        chosen = best(results)
+        print(f"\nfastest with right results: {chosen or 'none'}")
+        args.best.write_text(f"{trees[chosen]}\n" if chosen else "")
     return status
 
 

@@ -13,6 +13,12 @@
 # (the costliest kernels of each case) to $OUT (default build/gpu-ab/out). Environment as
 # for gpu_check.sh (scripts/gpu_env.sh); the compile jobs are shared among the builds. The
 # builds that succeed are measured even when another fails; the exit status is then 1.
+#
+# build/gpu-ab/best (and $OUT/gpu_ab-best.txt) names the tree of the fastest version whose
+# results are right (gpu_time.py --best), built in its build/; a next call on the same
+# machine checks it without building it again:
+#
+#   tree=$(cat build/gpu-ab/best) && TBN_BUILD_DIR=$tree/build "$tree/scripts/gpu_check.sh"
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,7 +40,8 @@ for version in "$@"; do
   done
 done
 out="${OUT:-$root/build/gpu-ab/out}"
-mkdir -p "$out"
+mkdir -p "$out" "$root/build/gpu-ab"
+rm -f "$root/build/gpu-ab/best"
 source "$root/scripts/gpu_env.sh"
 
 jobs=$((MAX_JOBS / $# > 0 ? MAX_JOBS / $# : 1))
@@ -80,6 +87,7 @@ done
 echo "builds: $((SECONDS - begin)) s"
 ((${#built[@]} > 0)) || exit 1
 "$PYTHON" "$root/benchmarks/gpu_time.py" --compare "${built[@]}" --json "$out/gpu_ab.json" \
-  --kernels "$out/gpu_ab-kernels.md" |
+  --kernels "$out/gpu_ab-kernels.md" --best "$root/build/gpu-ab/best" |
   tee "$out/gpu_ab.md" || status=1
+cp "$root/build/gpu-ab/best" "$out/gpu_ab-best.txt" 2>/dev/null
 exit $status

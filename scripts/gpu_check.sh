@@ -14,6 +14,8 @@
 #   MAX_JOBS              compile jobs (default 16)
 #   TORCH_CUDA_ARCH_LIST  architectures to compile (default: those of the visible GPUs)
 #   TBN_GPU_CHECK_BUDGET  seconds for the whole run (default 400: under 7 minutes)
+#   TBN_BUILD_DIR         CMake build directory (default build/gpu-check/cmake); one that
+#                         gpu_ab.sh already built leaves the build step little to do
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +24,7 @@ begin=$SECONDS
 budget="${TBN_GPU_CHECK_BUDGET:-400}"
 out="${OUT:-$root/build/gpu-check/out}"
 mkdir -p "$out"
-export TBN_BUILD_DIR="$root/build/gpu-check/cmake"
+export TBN_BUILD_DIR="${TBN_BUILD_DIR:-$root/build/gpu-check/cmake}"
 # The build installs into the source package, as an editable install does.
 export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
 export TBN_OUT="$out"
@@ -103,8 +105,12 @@ step_env() {
   nvcc --version | tail -2
   cmake --version | head -1
   ninja --version
-  git -C "$ROOT" log -1 --oneline 2>/dev/null
-  git -C "$ROOT" status --short 2>/dev/null | head -20
+  echo "$ROOT"
+  # (A tree that gpu_ab.sh exported lies inside the repository but is not its checkout.)
+  if [ "$(git -C "$ROOT" rev-parse --show-toplevel 2>/dev/null)" = "$ROOT" ]; then
+    git -C "$ROOT" log -1 --oneline
+    git -C "$ROOT" status --short | head -20
+  fi
   nproc
 }
 
