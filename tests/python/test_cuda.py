@@ -61,6 +61,15 @@ LAYOUTS = [
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, MIXED]
 
+# One input of each kind of launch: planes split over blocks, planes one block per
+# channel, rows (channels-last) and 2D [N, C].
+LAUNCH_SHAPES = [
+    ((8, 3, 64, 64), "contiguous"),
+    ((2, 3000, 4, 4), "contiguous"),
+    ((8, 32, 16, 16), "channels_last"),
+    ((16, 256), "contiguous"),
+]
+
 
 def _make_input(shape, layout, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -352,15 +361,7 @@ def test_torch_compile(layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize(
-    "shape,layout",
-    [
-        ((8, 3, 64, 64), "contiguous"),
-        ((2, 3000, 4, 4), "contiguous"),
-        ((8, 32, 16, 16), "channels_last"),
-        ((16, 256), "contiguous"),
-    ],
-)
+@pytest.mark.parametrize("shape,layout", LAUNCH_SHAPES)
 def test_no_host_sync(shape, layout):
     x = _make_input(shape, layout, torch.float32, "cuda")
     w, b, rm, rv = _params(shape[1], torch.float32, "cuda")
@@ -384,14 +385,7 @@ def test_no_host_sync(shape, layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize(
-    "shape,layout",
-    [
-        ((8, 3, 64, 64), "contiguous"),
-        ((2, 3000, 4, 4), "contiguous"),
-        ((8, 32, 16, 16), "channels_last"),
-    ],
-)
+@pytest.mark.parametrize("shape,layout", LAUNCH_SHAPES)
 def test_current_stream_is_used(shape, layout):
     # Everything is queued on a side stream behind a long sleep: a kernel launched on any
     # other stream would run before the input is written and produce different numbers.
@@ -421,15 +415,7 @@ def test_current_stream_is_used(shape, layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize(
-    "shape,layout",
-    [
-        ((8, 3, 64, 64), "contiguous"),
-        ((2, 3000, 4, 4), "contiguous"),
-        ((8, 32, 16, 16), "channels_last"),
-        ((16, 256), "contiguous"),
-    ],
-)
+@pytest.mark.parametrize("shape,layout", LAUNCH_SHAPES)
 def test_cuda_graph_replay(shape, layout):
     # A training step captured in a CUDA graph (as torch.compile's "reduce-overhead" mode
     # captures one) replays on new input as eager calls run: the same results bit for bit,
