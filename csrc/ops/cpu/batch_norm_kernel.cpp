@@ -324,29 +324,26 @@ Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
   return result;
 }
 
-// {sum(dy), sum(dy * (x - mean))} of channel c over batch entries [n0, n1) (planes).
+// The sums (GradSums) about `mean` of channel c over batch entries [n0, n1) (planes).
 template <typename scalar_t>
-std::pair<double, double> channel_piece_grad_sums(
+GradSums channel_piece_grad_sums(
     const Loops<scalar_t>& loop, const scalar_t* dy, const scalar_t* x, const Layout& l,
     int64_t c, int64_t n0, int64_t n1, at::opmath_type<scalar_t> mean) {
-  std::pair<double, double> acc{0.0, 0.0};
+  GradSums acc;
   for_each_group(l, c, n0, n1, [&](int64_t off, int64_t spans, int64_t len) {
-    const auto s =
-        loop.group_grad_sums(dy + off, x + off, spans, len, l.channels * l.inner, mean);
-    acc.first += s.first;
-    acc.second += s.second;
+    acc += loop.group_grad_sums(dy + off, x + off, spans, len, l.channels * l.inner, mean);
   });
   return acc;
 }
 
-// {sum(dy), sum(dy * (x - mean))} of every channel.
+// The sums (GradSums) of every channel about its mean.
 template <typename scalar_t>
-Buffer<std::pair<double, double>> channel_grad_sums(
+Buffer<GradSums> channel_grad_sums(
     const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* mean, const Layout& l) {
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
-  Buffer<std::pair<double, double>> result(C, {0.0, 0.0});
+  Buffer<GradSums> result(C);
   if (C == 0 || l.per_channel() == 0) {
     return result;
   }
@@ -354,25 +351,26 @@ Buffer<std::pair<double, double>> channel_grad_sums(
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
     const int64_t blocks = cl_channel_blocks(l, pieces);
-    Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: sum_dy[C], sum_dy_xmu[C]
+    // per piece: sum_dy[C], sum_dy_xmu[C], sum_xmu[C]
+    Buffer<double> partial(3 * pieces * C, 0.0);
     for_each_cl_task<acc_t>(
-        l, pieces, blocks, 2 * C,
+        l, pieces, blocks, 3 * C,
         [&](int64_t p, int64_t r0, int64_t r1, int64_t c0, int64_t c1, acc_t* scratch) {
-          double* sums = partial.data() + 2 * p * C;
+          double* sums = partial.data() + 3 * p * C;
           loop.rows_grad_sums(
               dy + r0 * C + c0, x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0,
-              sums + c0, sums + C + c0, scratch);
+              sums + c0, sums + C + c0, sums + 2 * C + c0, scratch);
         });
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t p = 0; p < pieces; ++p) {
-        result[c].first += partial[2 * p * C + c];
-        result[c].second += partial[2 * p * C + C + c];
+        const double* sums = partial.data() + 3 * p * C;
+        result[c] += GradSums{sums[c], sums[C + c], sums[2 * C + c]};
       }
     }
     return result;
   }
   const int64_t pieces = nchw_pieces(l);
-  Buffer<std::pair<double, double>> partial(C * pieces);
+  Buffer<GradSums> partial(C * pieces);
   at::parallel_for(0, C * pieces, grain_for(l.per_channel() / pieces), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / pieces;
@@ -383,8 +381,7 @@ Buffer<std::pair<double, double>> channel_grad_sums(
   });
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t p = 0; p < pieces; ++p) {
-      result[c].first += partial[c * pieces + p].first;
-      result[c].second += partial[c * pieces + p].second;
+      result[c] += partial[c * pieces + p];
     }
   }
   return result;
@@ -479,7 +476,10 @@ void forward_impl(
   }
   // Everything training derives from one channel's statistics. Centre first, in the
   // elementwise pass: (x - mean) is exact for inputs near the mean, so large-mean inputs
-  // keep their precision.
+  // keep their precision. save_mean, the centre, is the mean rounded to acc_t; the shift
+  // puts back what that rounding dropped, y = (x - mean) * scale + (b - residual * scale),
+  // since with a large scale (a variance near eps) half a unit in the last place of the
+  // mean would move y by several units in the fifth digit.
   const auto finish_channel = [&](int64_t c, const Welford<double>& stats) {
     const acc_t mean = static_cast<acc_t>(stats.mean);
     const acc_t invstd =
@@ -495,7 +495,8 @@ void forward_impl(
     save_i[c] = invstd;
     centre[c] = mean;
     scale[c] = invstd * w[c];
-    shift[c] = b[c];
+    const double residual = stats.mean - static_cast<double>(mean);
+    shift[c] = b[c] - static_cast<acc_t>(residual) * scale[c];
   };
 
   if (given != nullptr) {
@@ -570,7 +571,7 @@ void backward_impl(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& save_mean, const std::optional<at::Tensor>& save_invstd,
     bool training, double eps, std::array<bool, 3> mask,
-    const std::pair<double, double>* given_sums = nullptr, int64_t given_count = 0) {
+    const GradSums* given_sums = nullptr, int64_t given_count = 0) {
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
@@ -579,7 +580,8 @@ void backward_impl(
   }
   const int64_t count = l.per_channel();
   // `given_sums`: sums over `given_count` values per channel gathered elsewhere
-  // (batch_norm_backward_elemt); this input holds only some of them.
+  // (batch_norm_backward_elemt); this input holds only some of them. They are taken about
+  // the mean given (torch's sums, from batch_norm_backward_reduce), without sum(x - mean).
   const int64_t total = given_sums != nullptr ? given_count : count;
   const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -610,16 +612,19 @@ void backward_impl(
   }
   load_channels<param_t>(weight, C, acc_t(1), w);
 
-  const auto finish_channel = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
+  const auto finish_channel = [&](int64_t c, const GradSums& s) {
+    // Training: about the batch mean, not save_mean's float32 rounding of it.
+    const auto centred = training ? math::centre_grad_sums(s.dy, s.dy_xmu, s.xmu, total)
+                                  : math::CentredGradSums<double>{s.dy_xmu, 0.0};
     if (gw != nullptr) {
-      gw[c] = static_cast<param_t>(static_cast<acc_t>(sum_dy_xmu) * invstd[c]);
+      gw[c] = static_cast<param_t>(static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c]);
     }
     if (gb != nullptr) {
-      gb[c] = static_cast<param_t>(static_cast<acc_t>(sum_dy));
+      gb[c] = static_cast<param_t>(static_cast<acc_t>(s.dy));
     }
     const auto coeffs = math::grad_input_coeffs<acc_t>(
-        w[c], invstd[c], static_cast<acc_t>(sum_dy), static_cast<acc_t>(sum_dy_xmu), total,
-        training);
+        w[c], invstd[c], static_cast<acc_t>(s.dy), static_cast<acc_t>(centred.sum_dy_xmu), total,
+        training, static_cast<acc_t>(centred.residual));
     a[c] = coeffs.a;
     b[c] = coeffs.b;
     k[c] = coeffs.c;
@@ -650,14 +655,14 @@ void backward_impl(
 
   if (given_sums != nullptr) {
     for (int64_t c = 0; c < C; ++c) {
-      finish_channel(c, given_sums[c].first, given_sums[c].second);
+      finish_channel(c, given_sums[c]);
     }
     grad_input_pass();
     return;
   }
   if (!need_sums || count == 0) {
     for (int64_t c = 0; c < C; ++c) {
-      finish_channel(c, 0.0, 0.0);
+      finish_channel(c, GradSums{});
     }
     grad_input_pass();
     return;
@@ -669,8 +674,8 @@ void backward_impl(
     const auto runs_fn = training ? loop.runs_grad_input : loop.runs_grad_input_eval;
     for_each_channel_block(l, 2 * x.element_size(), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const auto s = channel_piece_grad_sums(loop, dy_data, x_data, l, c, 0, l.outer, mean[c]);
-        finish_channel(c, s.first, s.second);
+        finish_channel(
+            c, channel_piece_grad_sums(loop, dy_data, x_data, l, c, 0, l.outer, mean[c]));
       }
       const int64_t off = c0 * l.inner;
       runs_fn(
@@ -681,7 +686,7 @@ void backward_impl(
   }
   const auto sums = channel_grad_sums(dy_data, x_data, mean, l);
   for (int64_t c = 0; c < C; ++c) {
-    finish_channel(c, sums[c].first, sums[c].second);
+    finish_channel(c, sums[c]);
   }
   grad_input_pass();
 }
@@ -807,8 +812,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(
     acc_t* s = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* sx = sum_dy_xmu.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < l.channels; ++c) {
-      s[c] = static_cast<acc_t>(sums[c].first);
-      sx[c] = static_cast<acc_t>(sums[c].second);
+      s[c] = static_cast<acc_t>(sums[c].dy);
+      sx[c] = static_cast<acc_t>(sums[c].dy_xmu);
     }
   });
   return {sum_dy, sum_dy_xmu};
@@ -835,9 +840,9 @@ at::Tensor batch_norm_backward_elemt_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto s = channel_values<acc_t>(sum_dy);
     const auto sx = channel_values<acc_t>(sum_dy_xmu);
-    Buffer<std::pair<double, double>> sums(l.channels);
+    Buffer<GradSums> sums(l.channels);
     for (int64_t c = 0; c < l.channels; ++c) {
-      sums[c] = {s[c], sx[c]};
+      sums[c] = GradSums{s[c], sx[c], 0.0};
     }
     const std::array<bool, 3> mask{true, false, false};
     with_param_type<scalar_t>(mixed, [&](auto param) {

@@ -30,6 +30,21 @@ inline int64_t rows_per_block(int64_t channels) {
   return std::clamp<int64_t>(kBlockElems / std::max<int64_t>(1, channels), 16, 512);
 }
 
+// A backward reduction's sums over some of a channel's values, about a centre `mean`:
+// sum(dy), sum(dy * (x - mean)) and sum(x - mean) (for math::centre_grad_sums).
+struct GradSums {
+  double dy = 0;
+  double dy_xmu = 0;
+  double xmu = 0;
+
+  GradSums& operator+=(const GradSums& o) {
+    dy += o.dy;
+    dy_xmu += o.dy_xmu;
+    xmu += o.xmu;
+    return *this;
+  }
+};
+
 template <typename scalar_t>
 struct Loops {
   using acc_t = at::opmath_type<scalar_t>;
@@ -44,8 +59,8 @@ struct Loops {
       const scalar_t* x, scalar_t* y, int64_t spans, int64_t stride, int64_t runs, int64_t len,
       int64_t c0, int64_t C, const acc_t* centre, const acc_t* scale, const acc_t* shift,
       bool stream);
-  // {sum(dy), sum(dy * (x - mean))}.
-  std::pair<double, double> (*group_grad_sums)(
+  // The sums of the runs about `mean`.
+  GradSums (*group_grad_sums)(
       const scalar_t* dy, const scalar_t* x, int64_t spans, int64_t len, int64_t stride,
       acc_t mean);
   // dx = a * dy + b * (x - mean) + k over spans of consecutive runs, as runs_affine; the
@@ -69,11 +84,12 @@ struct Loops {
   void (*rows_affine)(
       const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
       const acc_t* scale, const acc_t* shift, bool stream);
-  // Adds sum(dy) and sum(dy * (x - mean)) to sum_dy/sum_dy_xmu; scratch: 2 * C values.
+  // Adds the sums about `mean` (GradSums) to sum_dy, sum_dy_xmu and sum_xmu; scratch:
+  // 3 * C values.
   void (*rows_grad_sums)(
       const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t ld,
       int64_t rows_per_block, const acc_t* mean, double* sum_dy, double* sum_dy_xmu,
-      acc_t* scratch);
+      double* sum_xmu, acc_t* scratch);
   // dx = a * dy + b * (x - mean) + k; the _eval form computes a * dy and reads no x.
   void (*rows_grad_input)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,

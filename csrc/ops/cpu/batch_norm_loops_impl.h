@@ -645,16 +645,17 @@ void runs_affine(
   }
 }
 
-// sum(dy) and sum(dy * (x - mean)).
+// The sums (GradSums) about `mean`.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-std::pair<double, double> group_grad_sums(
+GradSums group_grad_sums(
     const scalar_t* dy, const scalar_t* x, int64_t spans, int64_t len, int64_t stride,
     acc_t mean) {
   using V = typename Vec<acc_t>::type;
   constexpr int64_t L = Vec<acc_t>::kLanes;
-  V g0{}, g1{}, g2{}, g3{}, h0{}, h1{}, h2{}, h3{};
+  V g0{}, g1{}, g2{}, g3{}, h0{}, h1{}, h2{}, h3{}, e0{}, e1{}, e2{}, e3{};
   acc_t gt = 0;
   acc_t ht = 0;
+  acc_t et = 0;
   for (int64_t s = 0; s < spans; ++s) {
     const scalar_t* pg = dy + s * stride;
     const scalar_t* px = x + s * stride;
@@ -665,31 +666,45 @@ std::pair<double, double> group_grad_sums(
           const V a1 = vload<acc_t>(pg + i + L);
           const V a2 = vload<acc_t>(pg + i + 2 * L);
           const V a3 = vload<acc_t>(pg + i + 3 * L);
+          const V d0 = vload<acc_t>(px + i) - mean;
+          const V d1 = vload<acc_t>(px + i + L) - mean;
+          const V d2 = vload<acc_t>(px + i + 2 * L) - mean;
+          const V d3 = vload<acc_t>(px + i + 3 * L) - mean;
           g0 += a0;
           g1 += a1;
           g2 += a2;
           g3 += a3;
-          h0 += a0 * (vload<acc_t>(px + i) - mean);
-          h1 += a1 * (vload<acc_t>(px + i + L) - mean);
-          h2 += a2 * (vload<acc_t>(px + i + 2 * L) - mean);
-          h3 += a3 * (vload<acc_t>(px + i + 3 * L) - mean);
+          h0 += a0 * d0;
+          h1 += a1 * d1;
+          h2 += a2 * d2;
+          h3 += a3 * d3;
+          e0 += d0;
+          e1 += d1;
+          e2 += d2;
+          e3 += d3;
         },
         [&](int64_t i, int64_t skip) {
-          const V a = vload<acc_t>(pg + i);
-          g0 += zero_lanes_below(a, skip);
-          h0 += zero_lanes_below(a * (vload<acc_t>(px + i) - mean), skip);
+          const V a = zero_lanes_below(vload<acc_t>(pg + i), skip);
+          const V d = zero_lanes_below(vload<acc_t>(px + i) - mean, skip);
+          g0 += a;
+          h0 += a * d;
+          e0 += d;
           rotate(g0, g1, g2, g3);
           rotate(h0, h1, h2, h3);
+          rotate(e0, e1, e2, e3);
         },
         [&](int64_t i) {
           const acc_t a = static_cast<acc_t>(pg[i]);
+          const acc_t d = static_cast<acc_t>(px[i]) - mean;
           gt += a;
-          ht += a * (static_cast<acc_t>(px[i]) - mean);
+          ht += a * d;
+          et += d;
         });
   }
   return {
       static_cast<double>(hsum((g0 + g1) + (g2 + g3)) + gt),
-      static_cast<double>(hsum((h0 + h1) + (h2 + h3)) + ht)};
+      static_cast<double>(hsum((h0 + h1) + (h2 + h3)) + ht),
+      static_cast<double>(hsum((e0 + e1) + (e2 + e3)) + et)};
 }
 
 // dx = a * dy + b * (x - mean) + k (training), or a * dy (evaluation: x is not read) over
@@ -1100,11 +1115,11 @@ void rows_affine(
 }
 
 // rows_grad_sums over a block of nb rows of C channels (row r of dy and x at + r * ld):
-// g[C] += sum(dy) and h[C] += sum(dy * (x - mean)).
+// g[C] += sum(dy), h[C] += sum(dy * (x - mean)) and e[C] += sum(x - mean).
 template <typename scalar_t, typename acc_t>
 void block_grad_sums(
     const scalar_t* dy, const scalar_t* x, int64_t nb, int64_t C, int64_t ld, const acc_t* mean,
-    acc_t* g, acc_t* h) {
+    acc_t* g, acc_t* h, acc_t* e) {
   using V = typename Vec<acc_t>::type;
   row_blocks(nb, /*by_four=*/true, [&](int64_t r, auto rows_const) {
     constexpr int64_t R = decltype(rows_const)::value;
@@ -1116,73 +1131,87 @@ void block_grad_sums(
           const V m = aload<V>(mean + c);
           V gv = aload<V>(g + c);
           V hv = aload<V>(h + c);
+          V ev = aload<V>(e + c);
           for (int64_t j = 0; j < R; ++j) {
-            const V a = vload<acc_t>(pg + j * ld + c);
-            gv += zero_lanes_below(a, skip);
-            hv += zero_lanes_below(a * (vload<acc_t>(px + j * ld + c) - m), skip);
+            const V a = zero_lanes_below(vload<acc_t>(pg + j * ld + c), skip);
+            const V d = zero_lanes_below(vload<acc_t>(px + j * ld + c) - m, skip);
+            gv += a;
+            hv += a * d;
+            ev += d;
           }
           astore(g + c, gv);
           astore(h + c, hv);
+          astore(e + c, ev);
         },
         [&](int64_t c) {
           for (int64_t j = 0; j < R; ++j) {
             const acc_t a = static_cast<acc_t>(pg[j * ld + c]);
+            const acc_t d = static_cast<acc_t>(px[j * ld + c]) - mean[c];
             g[c] += a;
-            h[c] += a * (static_cast<acc_t>(px[j * ld + c]) - mean[c]);
+            h[c] += a * d;
+            e[c] += d;
           }
         });
   });
 }
 
-// block_grad_sums over a block of nb dense narrow rows (g and h are overwritten).
+// block_grad_sums over a block of nb dense narrow rows (g, h and e are overwritten).
 template <typename scalar_t, typename acc_t>
 void narrow_block_grad_sums(
     const NarrowRows<acc_t>& nr, const scalar_t* dy, const scalar_t* x, int64_t nb,
-    const acc_t* mean, acc_t* g, acc_t* h) {
+    const acc_t* mean, acc_t* g, acc_t* h, acc_t* e) {
   using V = typename Vec<acc_t>::type;
   alignas(64) typename NarrowRows<acc_t>::Lanes m;
   alignas(64) typename NarrowRows<acc_t>::Lanes gl{};
   alignas(64) typename NarrowRows<acc_t>::Lanes hl{};
+  alignas(64) typename NarrowRows<acc_t>::Lanes el{};
   nr.spread(mean, m.data());
   nr.visit(
       nb * nr.C,
       [&](int64_t i, int64_t j) {
         const V a = vload<acc_t>(dy + i);
+        const V d = vload<acc_t>(x + i) - aload<V>(&m[j]);
         astore(&gl[j], aload<V>(&gl[j]) + a);
-        astore(&hl[j], aload<V>(&hl[j]) + a * (vload<acc_t>(x + i) - aload<V>(&m[j])));
+        astore(&hl[j], aload<V>(&hl[j]) + a * d);
+        astore(&el[j], aload<V>(&el[j]) + d);
       },
       [&](int64_t i, int64_t j) {
         const acc_t a = static_cast<acc_t>(dy[i]);
+        const acc_t d = static_cast<acc_t>(x[i]) - m[j];
         gl[j] += a;
-        hl[j] += a * (static_cast<acc_t>(x[i]) - m[j]);
+        hl[j] += a * d;
+        el[j] += d;
       });
   nr.fold(gl.data(), g);
   nr.fold(hl.data(), h);
+  nr.fold(el.data(), e);
 }
 
-// Adds sum(dy) and sum(dy * (x - mean)) of C channels over `rows` rows (row r of dy
-// and x at + r * ld) to sum_dy[C] and sum_dy_xmu[C], accumulating blocks of
-// rows_per_block rows in acc_t. `scratch`: 2 * C acc_t.
+// Adds the sums (GradSums) about `mean` of C channels over `rows` rows (row r of dy and
+// x at + r * ld) to sum_dy[C], sum_dy_xmu[C] and sum_xmu[C], accumulating blocks of
+// rows_per_block rows in acc_t. `scratch`: 3 * C acc_t.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void rows_grad_sums(
     const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t ld,
     int64_t rows_per_block, const acc_t* mean, double* sum_dy, double* sum_dy_xmu,
-    acc_t* scratch) {
+    double* sum_xmu, acc_t* scratch) {
   acc_t* g = scratch;
   acc_t* h = scratch + C;
+  acc_t* e = scratch + 2 * C;
   const bool narrow = NarrowRows<acc_t>::applies(C, ld);
   for (int64_t r0 = 0; r0 < rows; r0 += rows_per_block) {
     const int64_t nb = std::min(rows_per_block, rows - r0);
-    std::fill(scratch, scratch + 2 * C, acc_t(0));
+    std::fill(scratch, scratch + 3 * C, acc_t(0));
     if (narrow) {
-      narrow_block_grad_sums(NarrowRows<acc_t>(C), dy + r0 * C, x + r0 * C, nb, mean, g, h);
+      narrow_block_grad_sums(NarrowRows<acc_t>(C), dy + r0 * C, x + r0 * C, nb, mean, g, h, e);
     } else {
-      block_grad_sums(dy + r0 * ld, x + r0 * ld, nb, C, ld, mean, g, h);
+      block_grad_sums(dy + r0 * ld, x + r0 * ld, nb, C, ld, mean, g, h, e);
     }
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       sum_dy[c] += static_cast<double>(g[c]);
       sum_dy_xmu[c] += static_cast<double>(h[c]);
+      sum_xmu[c] += static_cast<double>(e[c]);
     }
   }
 }

@@ -263,5 +263,48 @@ TEST(BatchNormMath, GradInputCoefficients) {
   }
 }
 
+// Sums taken about the mean rounded to float32 (save_mean), with the residual the rounding
+// dropped: centre_grad_sums and the residual folded into c give the gradient about the
+// exact mean. Two close values far from zero (the ill-conditioned case: dx cancels to a
+// hundredth of its terms) and a larger batch.
+TEST(BatchNormMath, GradInputAboutARoundedMean) {
+  const std::vector<std::vector<double>> inputs = {{-2.2512032985687256, -2.1849365234375},
+                                                   random_values<double>(301, 1e3, 0.5, 8)};
+  for (const auto& x : inputs) {
+    const size_t n = x.size();
+    const auto dy = random_values<double>(n, 0.5, 1.0, 9);
+    const Reference ref = two_pass(x, 0, n);
+    const double invstd = batch_invstd(static_cast<double>(ref.m2 / n), 1e-5);
+    const double rounded = static_cast<float>(static_cast<double>(ref.mean));
+    double sum_dy = 0;
+    double sum_dy_xmu = 0;
+    double sum_xmu = 0;
+    for (size_t i = 0; i < n; ++i) {
+      sum_dy += dy[i];
+      sum_dy_xmu += dy[i] * (x[i] - rounded);
+      sum_xmu += x[i] - rounded;
+    }
+    const auto centred = centre_grad_sums(sum_dy, sum_dy_xmu, sum_xmu, static_cast<int64_t>(n));
+    EXPECT_NEAR(centred.residual, static_cast<double>(ref.mean - rounded), 1e-12);
+    const auto k = grad_input_coeffs(
+        1.0, invstd, sum_dy, centred.sum_dy_xmu, static_cast<int64_t>(n), true, centred.residual);
+    long double mean_dy = 0;
+    long double mean_dy_xhat = 0;
+    for (size_t i = 0; i < n; ++i) {
+      mean_dy += dy[i];
+      mean_dy_xhat += static_cast<long double>(dy[i]) * (x[i] - ref.mean) * invstd;
+    }
+    mean_dy /= n;
+    mean_dy_xhat /= n;
+    for (size_t i = 0; i < n; ++i) {
+      const long double xhat = (x[i] - ref.mean) * invstd;
+      const long double expected = invstd * (dy[i] - mean_dy - xhat * mean_dy_xhat);
+      const double got = k.a * dy[i] + k.b * (x[i] - rounded) + k.c;
+      EXPECT_NEAR(got, static_cast<double>(expected), 1e-9 * (std::abs(expected) + 1))
+          << n << " " << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace torch_batchnorm::math
