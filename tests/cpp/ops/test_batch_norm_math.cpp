@@ -222,8 +222,31 @@ TEST(BatchNormMath, RunningUpdate) {
 }
 
 // dx from the coefficients against the textbook formula in long double:
-// training: dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = (x - mean) * invstd
-// evaluation: dx = w * invstd * dy.
+// The training input gradient in long double, about the exact mean:
+// dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), xhat = (x - mean) * invstd.
+std::vector<long double> exact_grad_input(const std::vector<double>& x,
+                                          const std::vector<double>& dy,
+                                          long double mean,
+                                          double invstd,
+                                          double w) {
+  const size_t n = x.size();
+  long double mean_dy = 0;
+  long double mean_dy_xhat = 0;
+  for (size_t i = 0; i < n; ++i) {
+    mean_dy += dy[i];
+    mean_dy_xhat += static_cast<long double>(dy[i]) * (x[i] - mean) * invstd;
+  }
+  mean_dy /= n;
+  mean_dy_xhat /= n;
+  std::vector<long double> dx(n);
+  for (size_t i = 0; i < n; ++i) {
+    const long double xhat = (x[i] - mean) * invstd;
+    dx[i] = w * invstd * (dy[i] - mean_dy - xhat * mean_dy_xhat);
+  }
+  return dx;
+}
+
+// training: exact_grad_input; evaluation: dx = w * invstd * dy.
 TEST(BatchNormMath, GradInputCoefficients) {
   const size_t n = 257;
   const auto x = random_values<double>(n, 10.0, 2.0, 6);
@@ -239,15 +262,7 @@ TEST(BatchNormMath, GradInputCoefficients) {
     sum_dy += dy[i];
     sum_dy_xmu += dy[i] * (x[i] - mean);
   }
-  long double mean_dy = 0;
-  long double mean_dy_xhat = 0;
-  for (size_t i = 0; i < n; ++i) {
-    mean_dy += dy[i];
-    mean_dy_xhat += static_cast<long double>(dy[i]) * (x[i] - ref.mean) * invstd;
-  }
-  mean_dy /= n;
-  mean_dy_xhat /= n;
-
+  const auto expected = exact_grad_input(x, dy, ref.mean, invstd, w);
   const auto train =
       grad_input_coeffs(w, invstd, sum_dy, sum_dy_xmu, static_cast<int64_t>(n), true);
   const auto eval =
@@ -255,10 +270,8 @@ TEST(BatchNormMath, GradInputCoefficients) {
   EXPECT_EQ(eval.b, 0.0);
   EXPECT_EQ(eval.c, 0.0);
   for (size_t i = 0; i < n; ++i) {
-    const long double xhat = (x[i] - ref.mean) * invstd;
-    const long double expected = w * invstd * (dy[i] - mean_dy - xhat * mean_dy_xhat);
     const double got = train.a * dy[i] + train.b * (x[i] - mean) + train.c;
-    EXPECT_NEAR(got, static_cast<double>(expected), 1e-12 * (std::abs(expected) + 1)) << i;
+    EXPECT_NEAR(got, static_cast<double>(expected[i]), 1e-12 * (std::abs(expected[i]) + 1)) << i;
     EXPECT_DOUBLE_EQ(eval.a * dy[i] + eval.b * (x[i] - mean) + eval.c, w * invstd * dy[i]);
   }
 }
@@ -288,19 +301,10 @@ TEST(BatchNormMath, GradInputAboutARoundedMean) {
     EXPECT_NEAR(centred.residual, static_cast<double>(ref.mean - rounded), 1e-12);
     const auto k = grad_input_coeffs(
         1.0, invstd, sum_dy, centred.sum_dy_xmu, static_cast<int64_t>(n), true, centred.residual);
-    long double mean_dy = 0;
-    long double mean_dy_xhat = 0;
+    const auto expected = exact_grad_input(x, dy, ref.mean, invstd, 1.0);
     for (size_t i = 0; i < n; ++i) {
-      mean_dy += dy[i];
-      mean_dy_xhat += static_cast<long double>(dy[i]) * (x[i] - ref.mean) * invstd;
-    }
-    mean_dy /= n;
-    mean_dy_xhat /= n;
-    for (size_t i = 0; i < n; ++i) {
-      const long double xhat = (x[i] - ref.mean) * invstd;
-      const long double expected = invstd * (dy[i] - mean_dy - xhat * mean_dy_xhat);
       const double got = k.a * dy[i] + k.b * (x[i] - rounded) + k.c;
-      EXPECT_NEAR(got, static_cast<double>(expected), 1e-9 * (std::abs(expected) + 1))
+      EXPECT_NEAR(got, static_cast<double>(expected[i]), 1e-9 * (std::abs(expected[i]) + 1))
           << n << " " << i;
     }
   }
