@@ -316,19 +316,19 @@ CLOSE_GRAD = [2.057591199874878, -0.03542188182473183]
     [((1, 1, 2), "contiguous"), ((2, 1), "contiguous"), ((1, 1, 1, 2), "channels_last")],
     ids=["planes", "2d", "channels_last"],
 )
-def test_close_values_against_float64(shape, layout, values):
+def test_close_values_against_float64(shape, layout, values, device):
     """Output and input gradient of a training step on the values above within float32
     tolerance of a float64 computation. The saved mean is float32 by the op contract; the
-    CPU kernels normalize and take the gradient's sums about the exact mean, so that its
+    kernels normalize and take the gradient's sums about the exact mean, so that its
     rounding does not reach the results: about save_mean, it moved dx by 8e-4 of its size
-    and y by 5e-5, as it does torch 2.13's float32 results. (The CUDA kernels still take
-    them about save_mean.)"""
-    x = torch.tensor(values).reshape(shape)
-    grad_out = torch.tensor(CLOSE_GRAD).reshape(shape)
+    and y by 5e-5, as it does torch 2.13's float32 results."""
+    x = torch.tensor(values, device=device).reshape(shape)
+    grad_out = torch.tensor(CLOSE_GRAD, device=device).reshape(shape)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.tensor([1.5]), torch.tensor([0.25])
+    weight = torch.tensor([1.5], device=device)
+    bias = torch.tensor([0.25], device=device)
     x_ours = x.clone().requires_grad_(True)
     out = tbn.functional.batch_norm(x_ours, None, None, weight, bias, training=True)
     out.backward(grad_out)

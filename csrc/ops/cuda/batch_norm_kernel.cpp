@@ -103,8 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
   fin.running_mean = dense(running_mean);
   fin.running_var = dense(running_var);
   fin.momentum = momentum;
+  // What rounding the mean to save_mean dropped, for the normalizing pass.
+  fin.residual = at::empty_like(save_mean);
   ch.mean = save_mean;
   ch.spread = save_invstd;
+  ch.residual = fin.residual;
   run_reduce(Reduction::kStats, l, x, at::Tensor(), out, Pass::kNormalizeTraining, ch, fin, eps);
   copy_back(running_mean, fin.running_mean);
   copy_back(running_var, fin.running_var);
@@ -152,13 +155,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   FinalizeTensors fin;
   fin.grad_weight = mask[1] ? grad_weight : at::Tensor();
   fin.grad_bias = mask[2] ? grad_bias : at::Tensor();
+  // As on the CPU: training takes the sums about the batch mean, not save_mean.
+  fin.centre_sums = training;
   if (training && mask[0]) {
-    // The sums the grad-input pass reads.
-    const at::Tensor sums = at::empty({2, C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+    // The sums and the residual the grad-input pass reads.
+    const at::Tensor sums = at::empty({3, C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
     ch.sum_dy = sums[0];
     ch.sum_dy_xmu = sums[1];
+    ch.residual = sums[2];
     fin.sum_dy = ch.sum_dy;
     fin.sum_dy_xmu = ch.sum_dy_xmu;
+    fin.residual = ch.residual;
   }
   run_reduce(Reduction::kGrad, l, x, dy, grad_input, pass, ch, fin, eps);
   return {grad_input, grad_weight, grad_bias};

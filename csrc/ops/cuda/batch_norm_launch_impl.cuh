@@ -11,7 +11,7 @@
 // cover it). Every op is built from two kernels:
 //
 //   reduction    statistics: Welford mean and M2 of x (as deviations from a centre, see
-//                StatsOp::centre); gradient: sum(dy), sum(dy * (x - mean)).
+//                StatsOp::centre); gradient: sum(dy), sum(dy * (x - mean)), sum(x - mean).
 //                A block reduces a slice of one channel (planes) or of a group of channels
 //                (rows). When one block per channel would leave SMs idle, channels are split
 //                over several blocks and the last block of each channel to finish merges
@@ -71,7 +71,8 @@ __device__ math::Welford<T> shfl_xor(const math::Welford<T>& a, int lane_mask) {
 template <typename T>
 __device__ GradSums<T> shfl_xor(const GradSums<T>& a, int lane_mask) {
   return {__shfl_xor_sync(kFullMask, a.dy, lane_mask),
-          __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask)};
+          __shfl_xor_sync(kFullMask, a.dy_xmu, lane_mask),
+          __shfl_xor_sync(kFullMask, a.xmu, lane_mask)};
 }
 
 // Blocks run in reverse order: the first to start cover what the reduction read last.
@@ -176,7 +177,6 @@ __device__ bool arrive_last(int* semaphore, int64_t expected) {
 template <typename Op, typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     reduce_planes_kernel(PlaneGeom g, ReduceArgs<scalar_t> args) {
-  using acc_t = at::opmath_type<scalar_t>;
   using Acc = typename Op::Acc;
   __shared__ alignas(16) unsigned char smem_raw[kWarps * sizeof(Acc)];
   Acc* smem = reinterpret_cast<Acc*>(smem_raw);
@@ -189,10 +189,9 @@ __global__ void __launch_bounds__(kThreads)
   acc = block_reduce_all<Op>(acc, smem);
 
   if (g.splits > 1) {
-    acc_t* p0 = args.partial;
-    acc_t* p1 = args.partial + g.splits * g.channels;
+    const int64_t stride = g.splits * g.channels;
     if (threadIdx.x == 0) {
-      Op::store_partial(acc, p0, p1, s * g.channels + c);
+      Op::store_partial(acc, args.partial, stride, s * g.channels + c);
     }
     if (!arrive_last(args.semaphores + c, g.splits)) {
       return;
@@ -200,7 +199,9 @@ __global__ void __launch_bounds__(kThreads)
     acc = Op::identity();
     for (int64_t t = threadIdx.x; t < g.splits; t += kThreads) {
       acc = Op::merge(
-          acc, Op::load_partial(p0, p1, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
+          acc,
+          Op::load_partial(
+              args.partial, stride, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
     }
     acc = block_reduce_all<Op>(acc, smem);
   }
@@ -216,7 +217,6 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Op, typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     reduce_rows_kernel(RowGeom g, ReduceArgs<scalar_t> args) {
-  using acc_t = at::opmath_type<scalar_t>;
   using Acc = typename Op::Acc;
   __shared__ alignas(16) unsigned char smem_raw[kThreads * VEC * sizeof(Acc)];
   Acc* smem = reinterpret_cast<Acc*>(smem_raw);
@@ -242,10 +242,9 @@ __global__ void __launch_bounds__(kThreads)
   Acc total = owner ? smem[t] : Op::identity();
 
   if (g.splits > 1) {
-    acc_t* p0 = args.partial;
-    acc_t* p1 = args.partial + g.splits * channels;
+    const int64_t stride = g.splits * channels;
     if (owner) {
-      Op::store_partial(total, p0, p1, s * channels + own_channel);
+      Op::store_partial(total, args.partial, stride, s * channels + own_channel);
     }
     if (!arrive_last(args.semaphores + group, g.splits)) {
       return;
@@ -259,7 +258,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t count = g.begin(p + 1) - g.begin(p);
         TBN_UNROLL
         for (int k = 0; k < VEC; ++k) {
-          acc[k] = Op::merge(acc[k], Op::load_partial(p0, p1, p * channels + cv * VEC + k, count));
+          acc[k] = Op::merge(
+              acc[k], Op::load_partial(args.partial, stride, p * channels + cv * VEC + k, count));
         }
       }
     }
@@ -376,7 +376,8 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
 
   at::Tensor workspace;
   if (splits > 1) {
-    const int64_t partial_bytes = 2 * splits * l.channels * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t partial_bytes =
+        Op::kPartials * splits * l.channels * static_cast<int64_t>(sizeof(acc_t));
     workspace = at::empty({partial_bytes + semaphores * static_cast<int64_t>(sizeof(int))},
                           like.options().dtype(at::kByte));
     auto* base = static_cast<char*>(workspace.data_ptr());

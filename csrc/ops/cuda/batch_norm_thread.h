@@ -106,10 +106,14 @@ struct ChannelArgs {
   ChannelRef<scalar_t> spread;  // save_invstd (training) or running_var (evaluation)
   ChannelRef<scalar_t> weight;
   ChannelRef<scalar_t> bias;
-  // sum(dy) and sum(dy * (x - mean)) over the `count` values of each channel; read by
-  // kGradTraining.
+  // sum(dy) and sum(dy * (x - mean - residual)) over the `count` values of each channel;
+  // read by kGradTraining.
   const acc_t* sum_dy;
   const acc_t* sum_dy_xmu;
+  // Training: mu - mean, what rounding the batch mean mu to save_mean dropped (null: 0).
+  // Both passes take x about mu (batch_norm_math.h, grad_input_coeffs and
+  // centre_grad_sums), as the CPU kernels do.
+  const acc_t* residual;
   int64_t count;  // values per channel
   double eps;
 
@@ -122,6 +126,9 @@ struct ChannelArgs {
   TBN_HOST_DEVICE bool reads_x() const {
     return pass != Pass::kGradEval;
   }
+  TBN_HOST_DEVICE acc_t residual_of(int64_t c) const {
+    return residual != nullptr ? residual[c] : acc_t(0);
+  }
   TBN_HOST_DEVICE acc_t invstd(int64_t c) const {
     return training() ? spread.load(c, acc_t(0))
                       : math::running_invstd(spread.load(c, acc_t(1)), eps);
@@ -132,15 +139,21 @@ struct ChannelArgs {
     const acc_t is = invstd(c);
     switch (pass) {
       case Pass::kNormalizeTraining: {
-        // Centre first: (x - mean) is exact for inputs near the mean.
-        return {acc_t(0), is * w, bias.load(c, acc_t(0)), mean.load(c, acc_t(0))};
+        // Centre first: (x - mean) is exact for inputs near the mean. The shift puts back
+        // the residual: y = (x - mean) * scale + (bias - residual * scale).
+        const acc_t scale = is * w;
+        return {acc_t(0),
+                scale,
+                bias.load(c, acc_t(0)) - residual_of(c) * scale,
+                mean.load(c, acc_t(0))};
       }
       case Pass::kNormalizeEval: {
         const acc_t scale = is * w;
         return {acc_t(0), scale, bias.load(c, acc_t(0)) - mean.load(c, acc_t(0)) * scale, acc_t(0)};
       }
       case Pass::kGradTraining: {
-        const auto k = math::grad_input_coeffs<acc_t>(w, is, sum_dy[c], sum_dy_xmu[c], count, true);
+        const auto k = math::grad_input_coeffs<acc_t>(
+            w, is, sum_dy[c], sum_dy_xmu[c], count, true, residual_of(c));
         return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
       }
       default: {
@@ -267,6 +280,12 @@ struct FinalizeArgs {
   ChannelRef<scalar_t> grad_bias;
   acc_t* sum_dy;
   acc_t* sum_dy_xmu;
+  // Gradient: take sum(dy * (x - mean)) about the batch mean mu rather than about the given
+  // mean (batch_norm_backward in training, where the mean is save_mean), as the CPU kernels
+  // do; the split op batch_norm_backward_reduce keeps torch's sums about the given mean.
+  bool centre_sums;
+  // mu - mean per channel (ChannelArgs::residual), from the statistics or the sums.
+  acc_t* residual;
 };
 
 template <typename scalar_t>
@@ -290,21 +309,22 @@ struct StatsOp {
   // to their spread), else 0 (values around zero, where centring gains nothing, and which
   // are then reduced exactly as without it). One outlier among the three never becomes
   // the centre; two equal ones would (a centre far from the mean costs the accuracy that
-  // centring buys). Every block of a channel computes the same centre.
+  // centring buys). A channel of one or two values repeats its last one to make three,
+  // and then all three must agree. Every block of a channel computes the same centre.
   template <typename Args>
   TBN_HOST_DEVICE static acc_t centre(const Args& args, int64_t, const ChannelValues& v) {
-    if (v.count < 3) {
+    if (v.count == 0) {
       return acc_t(0);
     }
     const acc_t a = static_cast<acc_t>(args.x[v.at(0)]);
-    const acc_t b = static_cast<acc_t>(args.x[v.at(1)]);
-    const acc_t d = static_cast<acc_t>(args.x[v.at(2)]);
+    const acc_t b = v.count > 1 ? static_cast<acc_t>(args.x[v.at(1)]) : a;
+    const acc_t d = v.count > 2 ? static_cast<acc_t>(args.x[v.at(2)]) : b;
     const acc_t m = a < b ? (b < d ? b : (a < d ? d : a)) : (a < d ? a : (b < d ? d : b));
     const acc_t near = magnitude(m) / acc_t(16);
     // Comparisons with a NaN are false; m - m is NaN unless m is finite.
     const int agree =
         (magnitude(a - m) <= near) + (magnitude(b - m) <= near) + (magnitude(d - m) <= near);
-    return m - m == acc_t(0) && agree >= 2 ? m : acc_t(0);
+    return m - m == acc_t(0) && agree >= (v.count < 3 ? 3 : 2) ? m : acc_t(0);
   }
 
   // Folds a tile into K slots: slot k takes x(i * S + k) for i < n, as deviations from
@@ -344,17 +364,19 @@ struct StatsOp {
     }
   }
 
-  TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
-    p0[i] = a.mean;
-    p1[i] = a.m2;
+  // A partial result is kPartials values, each in an array of `stride` (see ReduceArgs).
+  static constexpr int kPartials = 2;
+  TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p, int64_t stride, int64_t i) {
+    p[i] = a.mean;
+    p[stride + i] = a.m2;
   }
-  TBN_HOST_DEVICE static Acc load_partial(const acc_t* p0,
-                                          const acc_t* p1,
+  TBN_HOST_DEVICE static Acc load_partial(const acc_t* p,
+                                          int64_t stride,
                                           int64_t i,
                                           int64_t count) {
     Acc a;
-    a.mean = load_from_l2(p0 + i);
-    a.m2 = load_from_l2(p1 + i);
+    a.mean = load_from_l2(p + i);
+    a.m2 = load_from_l2(p + stride + i);
     a.count = count;
     return a;
   }
@@ -370,6 +392,12 @@ struct StatsOp {
     const acc_t mean = centre + a.mean;
     if (f.save_mean != nullptr) {
       f.save_mean[c] = mean;
+    }
+    if (f.residual != nullptr) {
+      // mu - save_mean, what rounding centre + a.mean dropped: exact where it matters
+      // (values close together far from zero, whose mean lies within a factor of two of
+      // the centre, so that centre - mean is exact).
+      f.residual[c] = (centre - mean) + a.mean;
     }
     if (f.m2 != nullptr) {
       f.m2[c] = a.m2;
@@ -387,10 +415,12 @@ struct StatsOp {
   }
 };
 
+// sum(dy), sum(dy * (x - mean)) and sum(x - mean) (for math::centre_grad_sums).
 template <typename acc_t>
 struct GradSums {
   acc_t dy;
   acc_t dy_xmu;
+  acc_t xmu;
 };
 
 template <typename scalar_t>
@@ -400,10 +430,10 @@ struct GradOp {
   static constexpr bool kReadsDy = true;
 
   TBN_HOST_DEVICE static Acc identity() {
-    return {acc_t(0), acc_t(0)};
+    return {acc_t(0), acc_t(0), acc_t(0)};
   }
   TBN_HOST_DEVICE static Acc merge(const Acc& a, const Acc& b) {
-    return {a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+    return {a.dy + b.dy, a.dy_xmu + b.dy_xmu, a.xmu + b.xmu};
   }
 
   // The sums are taken about the channel's saved mean (evaluation: its running mean).
@@ -419,25 +449,31 @@ struct GradOp {
     for (int k = 0; k < K; ++k) {
       acc_t s = 0;
       acc_t sx = 0;
+      acc_t xm = 0;
       TBN_UNROLL
       for (int i = 0; i < LEN; ++i) {
         if (i < n) {
           const acc_t g = dy(i * S + k);
+          const acc_t d = x(i * S + k) - mean[k];
           s += g;
-          sx += g * (x(i * S + k) - mean[k]);
+          sx += g * d;
+          xm += d;
         }
       }
       acc[k].dy += s;
       acc[k].dy_xmu += sx;
+      acc[k].xmu += xm;
     }
   }
 
-  TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p0, acc_t* p1, int64_t i) {
-    p0[i] = a.dy;
-    p1[i] = a.dy_xmu;
+  static constexpr int kPartials = 3;
+  TBN_HOST_DEVICE static void store_partial(const Acc& a, acc_t* p, int64_t stride, int64_t i) {
+    p[i] = a.dy;
+    p[stride + i] = a.dy_xmu;
+    p[2 * stride + i] = a.xmu;
   }
-  TBN_HOST_DEVICE static Acc load_partial(const acc_t* p0, const acc_t* p1, int64_t i, int64_t) {
-    return {load_from_l2(p0 + i), load_from_l2(p1 + i)};
+  TBN_HOST_DEVICE static Acc load_partial(const acc_t* p, int64_t stride, int64_t i, int64_t) {
+    return {load_from_l2(p + i), load_from_l2(p + stride + i), load_from_l2(p + 2 * stride + i)};
   }
 
   TBN_HOST_DEVICE static void finalize(const Acc& a,
@@ -445,15 +481,20 @@ struct GradOp {
                                        acc_t,
                                        const FinalizeArgs<scalar_t>& f,
                                        const ChannelArgs<scalar_t>& ch) {
+    const auto sums = f.centre_sums ? math::centre_grad_sums(a.dy, a.dy_xmu, a.xmu, ch.count)
+                                    : math::CentredGradSums<acc_t>{a.dy_xmu, acc_t(0)};
     if (f.grad_weight.ptr != nullptr) {
-      f.grad_weight.store(c, a.dy_xmu * ch.invstd(c));
+      f.grad_weight.store(c, sums.sum_dy_xmu * ch.invstd(c));
     }
     if (f.grad_bias.ptr != nullptr) {
       f.grad_bias.store(c, a.dy);
     }
     if (f.sum_dy != nullptr) {
       f.sum_dy[c] = a.dy;
-      f.sum_dy_xmu[c] = a.dy_xmu;
+      f.sum_dy_xmu[c] = sums.sum_dy_xmu;
+    }
+    if (f.residual != nullptr) {
+      f.residual[c] = sums.residual;
     }
   }
 };
@@ -464,7 +505,7 @@ struct ReduceArgs {
   const scalar_t* x;
   const scalar_t* dy;  // backward only
   scalar_t* out;       // non-null: run the elementwise pass in this kernel (splits == 1)
-  acc_t* partial;      // [2, splits, C] when splits > 1
+  acc_t* partial;      // [Op::kPartials, splits, C] when splits > 1
   int* semaphores;     // one per channel (planes) or per group (rows), zeroed
   FinalizeArgs<scalar_t> fin;
   ChannelArgs<scalar_t> ch;
@@ -567,6 +608,7 @@ struct ChannelTensors {
   at::Tensor bias;
   at::Tensor sum_dy;
   at::Tensor sum_dy_xmu;
+  at::Tensor residual;
 };
 
 // Per-channel outputs of a reduction, dense or undefined (not asked for); see FinalizeArgs.
@@ -581,6 +623,8 @@ struct FinalizeTensors {
   at::Tensor grad_bias;
   at::Tensor sum_dy;
   at::Tensor sum_dy_xmu;
+  bool centre_sums = false;
+  at::Tensor residual;
 };
 
 template <typename T>
@@ -599,6 +643,7 @@ ChannelArgs<scalar_t> channel_args(Pass pass, const ChannelTensors& t, int64_t c
   ch.bias = channel_ref<scalar_t>(t.bias);
   ch.sum_dy = ptr_of<const acc_t>(t.sum_dy);
   ch.sum_dy_xmu = ptr_of<const acc_t>(t.sum_dy_xmu);
+  ch.residual = ptr_of<const acc_t>(t.residual);
   ch.count = count;
   ch.eps = eps;
   return ch;
@@ -618,6 +663,8 @@ FinalizeArgs<scalar_t> finalize_args(const FinalizeTensors& t) {
   f.grad_bias = channel_ref<scalar_t>(t.grad_bias);
   f.sum_dy = ptr_of<acc_t>(t.sum_dy);
   f.sum_dy_xmu = ptr_of<acc_t>(t.sum_dy_xmu);
+  f.centre_sums = t.centre_sums;
+  f.residual = ptr_of<acc_t>(t.residual);
   return f;
 }
 
