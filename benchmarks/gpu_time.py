@@ -219,13 +219,13 @@ def is_wrong(result: dict) -> bool:
     )
 
 
-def best(results: dict[str, dict]) -> str | None:
+def best(results: dict[str, dict], excluded=()) -> str | None:
     """The build with the largest geometric mean of torch / ours over every case and mode,
-    among those not WRONG; None if every build is."""
+    among those not WRONG and not `excluded`; None if there is none."""
     scores = {
         n: geomean(r[c]["torch"][m] / r[c]["ours"][m] for c in r for m in MODES)
         for n, r in results.items()
-        if r and not is_wrong(r)
+        if r and not is_wrong(r) and n not in excluded
     }
     return max(scores, key=scores.get) if scores else None
 
@@ -275,6 +275,14 @@ def main(argv=None):
         "--best",
         type=Path,
         help="with --compare, write the path of the fastest tree whose results are right here",
+    )
+    parser.add_argument(
+        "--not-best",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="TREE",
+        help="a --compare tree measured for comparison only, never chosen by --best",
     )
     # --compare's check that each run imports the tree it was given
     parser.add_argument("--expect-under", type=Path, help=argparse.SUPPRESS)
@@ -348,7 +356,8 @@ def main(argv=None):
     if args.kernels:
         args.kernels.write_text(kernel_table(results) + "\n")
     if args.compare and args.best:
-        chosen = best(results)
+        not_best = {p.resolve() for p in args.not_best}
+        chosen = best(results, {n for n, t in trees.items() if t in not_best})
         print(f"\nfastest with right results: {chosen or 'none'}")
         args.best.write_text(f"{trees[chosen]}\n" if chosen else "")
     return status

@@ -14,6 +14,9 @@
 # for gpu_check.sh (scripts/gpu_env.sh); the compile jobs are shared among the builds. The
 # builds that succeed are measured even when another fails; the exit status is then 1.
 #
+# A version written ref:REV[+PATCH...] is measured for comparison only, never chosen as the
+# best (say, main with a landed change reverted, to measure what the change costs).
+#
 # build/gpu-ab/best (and $OUT/gpu_ab-best.txt) names the tree of the fastest version whose
 # results are right (gpu_time.py --best), built in its build/; a next call on the same
 # machine checks it without building it again:
@@ -27,7 +30,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   exit 2
 }
 for version in "$@"; do
-  IFS=+ read -r rev patches <<<"$version"
+  IFS=+ read -r rev patches <<<"${version#ref:}"
   git -C "$root" rev-parse -q --verify "$rev^{commit}" >/dev/null || {
     echo "$rev: not a revision of $root" >&2
     exit 2
@@ -46,13 +49,15 @@ source "$root/scripts/gpu_env.sh"
 
 jobs=$((MAX_JOBS / $# > 0 ? MAX_JOBS / $# : 1))
 trees=()
+references=()
 pids=()
 i=0
 for version in "$@"; do
-  IFS=+ read -r rev patches <<<"$version"
+  IFS=+ read -r rev patches <<<"${version#ref:}"
   # Numbered, so that versions whose names sanitise alike (main~1, main^1) stay apart.
   i=$((i + 1))
   name="$i-$rev"
+  [ "$version" = "${version#ref:}" ] || name="$i-ref-$rev"
   for patch in ${patches//+/ }; do
     name+="+$(basename "$patch" .patch)"
   done
@@ -68,6 +73,7 @@ for version in "$@"; do
     }
   done
   trees+=("$tree")
+  [ "$version" = "${version#ref:}" ] || references+=(--not-best "$tree")
   build_extension "$tree" "$tree/build" "$jobs" >"$out/build-$name.log" 2>&1 &
   pids+=($!)
 done
@@ -87,7 +93,7 @@ done
 echo "builds: $((SECONDS - begin)) s"
 ((${#built[@]} > 0)) || exit 1
 "$PYTHON" "$root/benchmarks/gpu_time.py" --compare "${built[@]}" --json "$out/gpu_ab.json" \
-  --kernels "$out/gpu_ab-kernels.md" --best "$root/build/gpu-ab/best" |
+  --kernels "$out/gpu_ab-kernels.md" --best "$root/build/gpu-ab/best" "${references[@]}" |
   tee "$out/gpu_ab.md" || status=1
 cp "$root/build/gpu-ab/best" "$out/gpu_ab-best.txt" 2>/dev/null
 exit $status
