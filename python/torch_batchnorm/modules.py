@@ -252,10 +252,13 @@ def _count_batch(
 
 
 def _cumulative_update(running: Tensor, batch: Tensor, count: Tensor, acc: torch.dtype) -> None:
-    """running += (batch - running) / count, in `acc` (float32 at least, as the kernels
-    update float16/bfloat16 statistics), rounded once."""
-    old = running.to(acc)
-    running.copy_(old + (batch.to(acc) - old) / count.to(acc))
+    """running = m * batch + (1 - m) * running with m = 1 / count: the kernels' update with
+    the momentum eager mode passes them (1 / count as a double, rounded to `acc`), in the
+    same operations and in `acc` (float32 at least, as the kernels update float16/bfloat16
+    statistics), so that a traced or compiled forward leaves the bits an eager one does (on
+    the CPU; a GPU kernel's fused multiply-add may round its update differently)."""
+    m = (1.0 / count.double()).to(acc)
+    running.copy_(m * batch.to(acc) + (1 - m) * running.to(acc))
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):

@@ -69,6 +69,27 @@ def test_compiled_train_step(backend):
     assert ours.bn1d.num_batches_tracked.item() == 3
 
 
+@pytest.mark.parametrize("transform", ["aot_eager", "inductor", "fx"])
+def test_cumulative_average_as_eager(transform):
+    """With momentum=None, a compiled or FX-traced module updates the running statistics
+    to the bit as it does eagerly: the same update as the kernels', m * batch + (1 - m) *
+    running with m = 1 / count rounded from a double. (running + (batch - running) / count,
+    the same average, was one unit in the last place off in 12 of these 16 channels.)"""
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 16, 5, 5) * 3 + 1 for _ in range(5)]
+    eager = tbn.BatchNorm2d(16, momentum=None)
+    module = copy.deepcopy(eager)
+    if transform == "fx":
+        run = module = torch.fx.symbolic_trace(module)
+    else:
+        run = torch.compile(module, backend=transform, fullgraph=True)
+    for x in batches:
+        eager(x)
+        run(x)
+    for name, buffer in eager.named_buffers():
+        assert torch.equal(module.get_buffer(name), buffer), name
+
+
 def _trained_pair_in_eval():
     """The pair after one training step (running statistics moved), in eval mode."""
     ref, ours = _pair()
