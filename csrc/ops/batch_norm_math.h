@@ -175,7 +175,10 @@ TBN_HOST_DEVICE GradInputCoeffs<T> grad_input_coeffs(
   }
   const T inv_n = T(1) / static_cast<T>(count);
   k.b = -k.a * invstd * invstd * sum_dy_xmu * inv_n;
-  k.c = -k.a * sum_dy * inv_n - k.b * residual;
+  k.c = -k.a * sum_dy * inv_n;
+  if (residual != T(0)) {  // an infinite b (an infinite dy) times 0 would be NaN
+    k.c -= k.b * residual;
+  }
   return k;
 }
 
@@ -197,7 +200,13 @@ TBN_HOST_DEVICE CentredGradSums<T> centre_grad_sums(T sum_dy,
                                                     T sum_xmu,
                                                     int64_t count) {
   const T residual = count > 0 ? sum_xmu / static_cast<T>(count) : T(0);
-  return {sum_dy_xmu - residual * sum_dy, residual};
+  const T shift = residual * sum_dy;
+  if (!is_finite(shift)) {
+    // An infinite dy: the sums about save_mean, whose infinities are torch's (about mu,
+    // they would turn into NaN).
+    return {sum_dy_xmu, T(0)};
+  }
+  return {sum_dy_xmu - shift, residual};
 }
 
 }  // namespace math

@@ -177,24 +177,28 @@ NONFINITE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("spoiled", ["input", "grad_output"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name,shape,layout", NONFINITE_CASES, ids=[c[0] for c in NONFINITE_CASES])
-def test_nonfinite_stays_in_its_channel(name, shape, layout, training, device):
-    """A NaN or an infinity in the input spoils exactly the outputs, gradients and running
-    statistics that torch's spoils: every path keeps a channel's values in that channel's
-    sums, the lanes of masked, overlapping and flat narrow-row vectors included, and the
-    finite results match torch's. A channel with an infinity gets an infinite running mean,
-    as torch's sum-based mean gives it, and a NaN running variance."""
+def test_nonfinite_stays_in_its_channel(name, shape, layout, training, spoiled, device):
+    """A NaN or an infinity in the input or in the output's gradient spoils exactly the
+    outputs, gradients and running statistics that torch's spoils: every path keeps a
+    channel's values in that channel's sums, the lanes of masked, overlapping and flat
+    narrow-row vectors included, and the finite results match torch's. A channel with an
+    infinite input gets an infinite running mean, as torch's sum-based mean gives it, and a
+    NaN running variance; one with an infinite gradient, torch's infinite weight gradient
+    (the sums are re-centred on the batch mean only where that keeps them finite)."""
     generator = torch.Generator().manual_seed(0)
     leaf, view = make_input(shape, layout, torch.float32, "cpu", generator=generator)
     x = view(leaf).detach()
+    grad_out = torch.randn(shape, generator=generator)
     C = shape[1]
+    spoilt = x if spoiled == "input" else grad_out
     # Channels inside a masked range (C - 15 with 16 float lanes), in the middle, and the
     # last two.
     for c in {max(C - 15, 0), C // 2, C - 2}:
-        x[(c % 2,) + (c,) + (0,) * (x.dim() - 2)] = float("nan")
-    x[(1, C - 1) + (0,) * (x.dim() - 2)] = float("inf")
-    grad_out = torch.randn(shape, generator=generator)
+        spoilt[(c % 2,) + (c,) + (0,) * (x.dim() - 2)] = float("nan")
+    spoilt[(1, C - 1) + (0,) * (x.dim() - 2)] = float("inf")
     stats = [torch.randn(C, generator=generator), torch.rand(C, generator=generator) + 0.5]
 
     def run(fn, device):

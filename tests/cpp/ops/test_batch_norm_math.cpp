@@ -310,5 +310,19 @@ TEST(BatchNormMath, GradInputAboutARoundedMean) {
   }
 }
 
+// An infinite dy makes sum(dy) infinite: the sums stay about save_mean, whose infinities
+// are torch's, rather than turning NaN (inf - inf, or 0 * inf with a zero residual).
+TEST(BatchNormMath, CentredSumsOfAnInfiniteGradient) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const double residual_sum : {0.0, 0.5, -0.5}) {
+    const auto centred = centre_grad_sums(inf, -inf, residual_sum, 4);
+    EXPECT_EQ(centred.sum_dy_xmu, -inf) << residual_sum;
+    EXPECT_EQ(centred.residual, 0.0) << residual_sum;
+    const auto k = grad_input_coeffs(1.0, 2.0, inf, -inf, 4, true, centred.residual);
+    EXPECT_EQ(k.b, inf) << residual_sum;
+    EXPECT_EQ(k.c, -inf) << residual_sum;
+  }
+}
+
 }  // namespace
 }  // namespace torch_batchnorm::math
