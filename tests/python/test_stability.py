@@ -205,7 +205,9 @@ def test_nonfinite_stays_in_its_channel(name, shape, layout, training, spoiled, 
         xi = x.to(device).requires_grad_()
         weight = torch.linspace(0.5, 1.5, C, device=device).requires_grad_()
         bias = torch.linspace(-1.0, 1.0, C, device=device).requires_grad_()
-        running = [s.to(device) for s in stats]
+        # Copies: .to() of a CPU tensor to the CPU is the tensor itself, which torch's run
+        # would update in place before ours starts from it.
+        running = [s.to(device, copy=True) for s in stats]
         out = fn(xi, *running, weight, bias, training=training)
         grads = torch.autograd.grad(out, (xi, weight, bias), grad_out.to(device))
         return [t.cpu() for t in (out, *grads, *running)]
