@@ -360,6 +360,14 @@ def test_torch_compile(layout):
     torch.testing.assert_close(ours.running_var, ref.running_var)
 
 
+def _training_step(x, w, b, rm, rv, g):
+    """A training forward and backward through the ops: (out, save_mean, save_invstd,
+    grad_input, grad_weight, grad_bias); rm and rv are updated in place."""
+    out, sm, si = forward_op(x, w, b, rm, rv, True, 0.1, 1e-5)
+    grads = backward_op(g, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True])
+    return (out, sm, si) + tuple(grads)
+
+
 @needs_kernels
 @pytest.mark.parametrize("shape,layout", LAUNCH_SHAPES)
 def test_no_host_sync(shape, layout):
@@ -367,8 +375,7 @@ def test_no_host_sync(shape, layout):
     w, b, rm, rv = _params(shape[1], torch.float32, "cuda")
     g = torch.randn_like(x)
     # Warm up first: one-time initialisation is not what is being checked.
-    _, sm, si = forward_op(x, w, b, rm, rv, True, 0.1, 1e-5)
-    backward_op(g, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True])
+    _training_step(x, w, b, rm, rv, g)
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
@@ -392,23 +399,17 @@ def test_current_stream_is_used(shape, layout):
     x_src = _make_input(shape, layout, torch.float32, "cuda")
     w, b, rm, rv = _params(shape[1], torch.float32, "cuda")
     rm_ref, rv_ref = rm.clone(), rv.clone()
-    expected = forward_op(x_src, w, b, rm_ref, rv_ref, True, 0.1, 1e-5)
     g = torch.randn_like(x_src)
-    expected_grads = backward_op(
-        g, x_src, w, None, None, expected[1], expected[2], True, 1e-5, [True, True, True]
-    )
+    expected = _training_step(x_src, w, b, rm_ref, rv_ref, g)
     x = torch.zeros_like(x_src)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)
         x.copy_(x_src)
-        actual = forward_op(x, w, b, rm, rv, True, 0.1, 1e-5)
-        actual_grads = backward_op(
-            g, x, w, None, None, actual[1], actual[2], True, 1e-5, [True, True, True]
-        )
+        actual = _training_step(x, w, b, rm, rv, g)
     torch.cuda.synchronize()
-    for e, a in zip(expected + expected_grads, actual + actual_grads):
+    for e, a in zip(expected, actual):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     torch.testing.assert_close(rm, rm_ref, rtol=0, atol=0)
     torch.testing.assert_close(rv, rv_ref, rtol=0, atol=0)
@@ -425,9 +426,7 @@ def test_cuda_graph_replay(shape, layout):
     g = torch.randn_like(x)
 
     def step(x, rm, rv):
-        out, sm, si = forward_op(x, w, b, rm, rv, True, 0.1, 1e-5)
-        grads = backward_op(g, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True])
-        return (out, sm, si) + tuple(grads)
+        return _training_step(x, w, b, rm, rv, g)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
