@@ -708,33 +708,36 @@ GradSums lane_grad_sums(
 }
 
 // Values a reduction of gradient sums takes into its acc_t lanes before it adds them to its
-// double totals. sum(dy * (x - mean)) can be small next to its terms (evaluation, about a
-// running mean the batch does not have: 1e-4 of the sum of their magnitudes), and each add
-// into a lane rounds by a unit of the lane's partial sum, which grows with the lane's
-// length. With whole groups (16384 values) in the lanes, float32 weight gradients of
-// [64, 1, 3, 4, 16] inputs were 3.2e-7 of their size off float64 in the median of 40
-// batches, torch's 1.1e-7 (it sums each plane of 192 values alone); in pieces of 4096,
-// 1.5e-7, at the same speed (1024: 1.2e-7, but 3-10% slower backward passes).
-constexpr int64_t kGradFlushElems = 4096;
+// double totals: 64 adds into each of its 4 * L lanes. sum(dy * (x - mean)) can be small
+// next to its terms (evaluation, about a running mean the batch does not have: 1e-4 of the
+// sum of their magnitudes), and each add into a lane rounds by a unit of the lane's partial
+// sum, which grows with the lane's length. With whole groups (16384 values) in the lanes,
+// float32 weight gradients of [64, 1, 3, 4, 16] inputs were 3.2e-7 of their size off
+// float64 in the median of 40 batches with AVX-512, torch's 1.1e-7 (it sums each plane of
+// 192 values alone); 64 adds a lane (4096 values), 1.5e-7 at the same speed (16 adds: 1.2e-7,
+// but 3-10% slower backward passes). Counted in adds rather than values, so that narrower
+// vectors keep lanes as short.
+template <typename acc_t>
+constexpr int64_t kGradPiece = 64 * 4 * Vec<acc_t>::kLanes;
 
-// The sums (GradSums) about `mean`, in pieces of about kGradFlushElems values: whole runs,
-// or parts of longer ones.
+// The sums (GradSums) about `mean`, in pieces of about kGradPiece values: whole runs, or
+// parts of longer ones.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 GradSums group_grad_sums(
     const scalar_t* dy, const scalar_t* x, int64_t spans, int64_t len, int64_t stride,
     acc_t mean) {
+  constexpr int64_t piece = kGradPiece<acc_t>;
   GradSums total;
-  if (len >= kGradFlushElems) {
+  if (len >= piece) {
     for (int64_t s = 0; s < spans; ++s) {
-      for (int64_t i = 0; i < len; i += kGradFlushElems) {
+      for (int64_t i = 0; i < len; i += piece) {
         const int64_t off = s * stride + i;
-        total += lane_grad_sums(
-            dy + off, x + off, 1, std::min(kGradFlushElems, len - i), stride, mean);
+        total += lane_grad_sums(dy + off, x + off, 1, std::min(piece, len - i), stride, mean);
       }
     }
     return total;
   }
-  const int64_t per_piece = (kGradFlushElems + len - 1) / len;
+  const int64_t per_piece = (piece + len - 1) / len;
   for (int64_t s = 0; s < spans; s += per_piece) {
     const int64_t off = s * stride;
     total += lane_grad_sums(dy + off, x + off, std::min(per_piece, spans - s), len, stride, mean);
