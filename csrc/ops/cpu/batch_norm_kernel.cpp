@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -213,11 +214,12 @@ void for_each_cl_task(const Layout& l, int64_t pieces, int64_t blocks, int64_t s
   const int64_t rows = l.outer;
   const int64_t task_elems = rows / pieces * (l.channels / blocks);
   at::parallel_for(0, pieces * blocks, grain_for(task_elems), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(scratch_size);
+    // Uninitialised: each task zeroes what it uses.
+    const auto scratch = std::make_unique_for_overwrite<acc_t[]>(scratch_size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks;
       const auto [c0, c1] = channel_block(l.channels, blocks, task % blocks);
-      f(p, rows * p / pieces, rows * (p + 1) / pieces, c0, c1, scratch.data());
+      f(p, rows * p / pieces, rows * (p + 1) / pieces, c0, c1, scratch.get());
     }
   });
 }
@@ -294,15 +296,17 @@ Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
           loop.rows_stats(
               x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0, mean + C + c0, scratch);
         });
-    Buffer<double> total(2 * C, 0.0);
-    int64_t n = 0;
-    for (int64_t p = 0; p < pieces; ++p) {
-      const double* mean = partial.data() + 2 * p * C;
+    // The pieces merged into the first, in order.
+    double* mean = partial.data();
+    double* m2 = mean + C;
+    int64_t n = rows / pieces;
+    for (int64_t p = 1; p < pieces; ++p) {
+      const double* piece = partial.data() + 2 * p * C;
       const int64_t piece_rows = rows * (p + 1) / pieces - rows * p / pieces;
-      merge_channel_stats(total.data(), total.data() + C, &n, mean, mean + C, piece_rows, C);
+      merge_channel_stats(mean, m2, &n, piece, piece + C, piece_rows, C);
     }
     for (int64_t c = 0; c < C; ++c) {
-      result[c] = Welford<double>{total[c], total[C + c], n};
+      result[c] = Welford<double>{mean[c], m2[c], n};
     }
     return result;
   }
@@ -480,46 +484,50 @@ void forward_impl(
   // puts back what that rounding dropped, y = (x - mean) * scale + (b - residual * scale),
   // since with a large scale (a variance near eps) half a unit in the last place of the
   // mean would move y by several units in the fifth digit.
-  const auto finish_channel = [&](int64_t c, const Welford<double>& stats) {
-    const acc_t mean = static_cast<acc_t>(stats.mean);
-    const acc_t invstd =
-        math::batch_invstd_from_m2(static_cast<acc_t>(stats.m2), stats.count, eps);
-    if (update_running) {
-      (*rm)[c] = static_cast<param_t>(
-          math::running_update(static_cast<acc_t>((*rm)[c]), mean, momentum));
-      (*rv)[c] = static_cast<param_t>(math::running_update(
-          static_cast<acc_t>((*rv)[c]), static_cast<acc_t>(math::unbiased_var(stats.m2, stats.count)),
-          momentum));
+  // Channels [c0, c1) from their statistics stats[c0..c1). One loop over a range, not a
+  // call per channel: a layer with many channels and few values each ([32, 4096], say)
+  // spends a good part of its time here (float32 [2, 4096], 1 thread: training forward
+  // 65 -> 52 us, backward 78 -> 43 us).
+  const auto finish_channels = [&](int64_t c0, int64_t c1, const Welford<double>* stats) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc_t mean = static_cast<acc_t>(stats[c].mean);
+      const acc_t invstd =
+          math::batch_invstd_from_m2(static_cast<acc_t>(stats[c].m2), stats[c].count, eps);
+      if (update_running) {
+        (*rm)[c] = static_cast<param_t>(
+            math::running_update(static_cast<acc_t>((*rm)[c]), mean, momentum));
+        (*rv)[c] = static_cast<param_t>(math::running_update(
+            static_cast<acc_t>((*rv)[c]),
+            static_cast<acc_t>(math::unbiased_var(stats[c].m2, stats[c].count)), momentum));
+      }
+      save_m[c] = mean;
+      save_i[c] = invstd;
+      centre[c] = mean;
+      scale[c] = invstd * w[c];
+      const double residual = stats[c].mean - static_cast<double>(mean);
+      shift[c] = b[c] - static_cast<acc_t>(residual) * scale[c];
     }
-    save_m[c] = mean;
-    save_i[c] = invstd;
-    centre[c] = mean;
-    scale[c] = invstd * w[c];
-    const double residual = stats.mean - static_cast<double>(mean);
-    shift[c] = b[c] - static_cast<acc_t>(residual) * scale[c];
   };
 
   if (given != nullptr) {
-    for (int64_t c = 0; c < C; ++c) {
-      finish_channel(c, given[c]);
-    }
+    finish_channels(0, C, given);
     normalize();
     return;
   }
   if (count == 0) {
-    for (int64_t c = 0; c < C; ++c) {
-      finish_channel(c, Welford<double>{});
-    }
+    finish_channels(0, C, Buffer<Welford<double>>(C).data());
     return;
   }
 
   if (!l.rows && nchw_pieces(l) == 1) {
     // Each block of channels normalised right after its statistics, while it is still in
     // cache (L2): memory is read once, not twice.
+    Buffer<Welford<double>> stats(C);
     for_each_channel_block(l, x.element_size(), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        finish_channel(c, channel_piece_stats(loop, x_data, l, c, 0, l.outer));
+        stats[c] = channel_piece_stats(loop, x_data, l, c, 0, l.outer);
       }
+      finish_channels(c0, c1, stats.data());
       const int64_t off = c0 * l.inner;
       loop.runs_affine(
           x_data + off, y_data + off, l.outer, C * l.inner, c1 - c0, l.inner, c0, C, centre,
@@ -527,10 +535,7 @@ void forward_impl(
     });
     return;
   }
-  const auto stats = channel_stats(x_data, l);
-  for (int64_t c = 0; c < C; ++c) {
-    finish_channel(c, stats[c]);
-  }
+  finish_channels(0, C, channel_stats(x_data, l).data());
   normalize();
 }
 
@@ -612,22 +617,26 @@ void backward_impl(
   }
   load_channels<param_t>(weight, C, acc_t(1), w);
 
-  const auto finish_channel = [&](int64_t c, const GradSums& s) {
-    // Training: about the batch mean, not save_mean's float32 rounding of it.
-    const auto centred = training ? math::centre_grad_sums(s.dy, s.dy_xmu, s.xmu, total)
-                                  : math::CentredGradSums<double>{s.dy_xmu, 0.0};
-    if (gw != nullptr) {
-      gw[c] = static_cast<param_t>(static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c]);
+  // Channels [c0, c1) from their sums s[c0..c1), in one loop (see forward_impl).
+  const auto finish_channels = [&](int64_t c0, int64_t c1, const GradSums* s) {
+    for (int64_t c = c0; c < c1; ++c) {
+      // Training: about the batch mean, not save_mean's float32 rounding of it.
+      const auto centred = training
+          ? math::centre_grad_sums(s[c].dy, s[c].dy_xmu, s[c].xmu, total)
+          : math::CentredGradSums<double>{s[c].dy_xmu, 0.0};
+      if (gw != nullptr) {
+        gw[c] = static_cast<param_t>(static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c]);
+      }
+      if (gb != nullptr) {
+        gb[c] = static_cast<param_t>(static_cast<acc_t>(s[c].dy));
+      }
+      const auto coeffs = math::grad_input_coeffs<acc_t>(
+          w[c], invstd[c], static_cast<acc_t>(s[c].dy), static_cast<acc_t>(centred.sum_dy_xmu),
+          total, training, static_cast<acc_t>(centred.residual));
+      a[c] = coeffs.a;
+      b[c] = coeffs.b;
+      k[c] = coeffs.c;
     }
-    if (gb != nullptr) {
-      gb[c] = static_cast<param_t>(static_cast<acc_t>(s.dy));
-    }
-    const auto coeffs = math::grad_input_coeffs<acc_t>(
-        w[c], invstd[c], static_cast<acc_t>(s.dy), static_cast<acc_t>(centred.sum_dy_xmu), total,
-        training, static_cast<acc_t>(centred.residual));
-    a[c] = coeffs.a;
-    b[c] = coeffs.b;
-    k[c] = coeffs.c;
   };
   const bool need_sums = training ? (mask[0] || mask[1] || mask[2]) : (mask[1] || mask[2]);
 
@@ -654,16 +663,12 @@ void backward_impl(
   };
 
   if (given_sums != nullptr) {
-    for (int64_t c = 0; c < C; ++c) {
-      finish_channel(c, given_sums[c]);
-    }
+    finish_channels(0, C, given_sums);
     grad_input_pass();
     return;
   }
   if (!need_sums || count == 0) {
-    for (int64_t c = 0; c < C; ++c) {
-      finish_channel(c, GradSums{});
-    }
+    finish_channels(0, C, Buffer<GradSums>(C).data());
     grad_input_pass();
     return;
   }
@@ -672,11 +677,12 @@ void backward_impl(
     // Each block of channels' dx written right after its sums, while its dy and x are
     // still in cache.
     const auto runs_fn = training ? loop.runs_grad_input : loop.runs_grad_input_eval;
+    Buffer<GradSums> sums(C);
     for_each_channel_block(l, 2 * x.element_size(), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        finish_channel(
-            c, channel_piece_grad_sums(loop, dy_data, x_data, l, c, 0, l.outer, mean[c]));
+        sums[c] = channel_piece_grad_sums(loop, dy_data, x_data, l, c, 0, l.outer, mean[c]);
       }
+      finish_channels(c0, c1, sums.data());
       const int64_t off = c0 * l.inner;
       runs_fn(
           dy_data + off, x_data + off, dx_data + off, l.outer, C * l.inner, c1 - c0, l.inner, c0,
@@ -684,10 +690,7 @@ void backward_impl(
     });
     return;
   }
-  const auto sums = channel_grad_sums(dy_data, x_data, mean, l);
-  for (int64_t c = 0; c < C; ++c) {
-    finish_channel(c, sums[c]);
-  }
+  finish_channels(0, C, channel_grad_sums(dy_data, x_data, mean, l).data());
   grad_input_pass();
 }
 
