@@ -486,8 +486,9 @@ void forward_impl(
   // mean would move y by several units in the fifth digit.
   // Channels [c0, c1) from their statistics stats[c0..c1). One loop over a range, not a
   // call per channel: a layer with many channels and few values each ([32, 4096], say)
-  // spends a good part of its time here (float32 [2, 4096], 1 thread: training forward
-  // 65 -> 52 us, backward 78 -> 43 us).
+  // spends a good part of its time here. (This, with channel_stats merging into its first
+  // piece, took float32 [2, 4096] from 65 to 52 us in training forward, 1 thread; the
+  // same loop took its backward from 78 to 43 us.)
   const auto finish_channels = [&](int64_t c0, int64_t c1, const Welford<double>* stats) {
     for (int64_t c = c0; c < c1; ++c) {
       const acc_t mean = static_cast<acc_t>(stats[c].mean);
