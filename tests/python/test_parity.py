@@ -65,6 +65,7 @@ SHAPES = [
 LARGE_SHAPES = [
     (20000, 3),
     (3001, 7),  # channels-last rows narrower than a vector, taken flat: periods of 112 values
+    (7, 6200),  # rows whose coefficients outgrow L1: four at a time, then three one at a time
     (4, 24, 30, 31),  # channels-last rows of a vector and a half: the last vector overlaps
     (4, 16, 2500),
     (8, 16, 32, 32),

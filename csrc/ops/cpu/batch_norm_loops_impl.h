@@ -438,7 +438,7 @@ TBN_INLINE void map_run(scalar_t* q, int64_t len, bool stream, VecFn vec, Tail t
 // Four rows share each load and store of a per-channel value: a reduction's sums, the
 // coefficients of an elementwise pass. Reductions take rows of any length four at a
 // time (float32 [32, 2048, 7, 7] statistics, 1 thread: 860 us one row at a time, 660 us
-// four); elementwise passes only short ones (map_by_four).
+// four); elementwise passes where map_by_four says.
 template <typename Body>
 TBN_INLINE void row_blocks(int64_t rows, bool by_four, Body body) {
   int64_t r = 0;
@@ -1002,13 +1002,24 @@ void rows_stats(
   }
 }
 
-// Elementwise loops take rows four at a time only below 128 bytes: four rows at a time
-// write four output lines by halves (a bfloat16 vector is half a line), and partly
-// written lines of streaming stores are flushed early. (bfloat16 channels-last
-// [32, 512, 28, 28] evaluation, 1 thread: 0.74x -> 1.21x torch's speed.)
-template <typename scalar_t>
-constexpr bool map_by_four(int64_t C) {
-  return C * static_cast<int64_t>(sizeof(scalar_t)) < 128;
+// Elementwise loops take short rows (below 128 bytes) four at a time, and long rows too
+// where the `arrays` per-channel coefficient arrays they read (C acc_t each) add up to
+// L1's size or more: four rows at a time then load each coefficient from L2 once instead
+// of four times. (1 thread, one row at a time / four: float32 [256, 4096] training
+// forward, three arrays of 16 KiB, 744-759 / 706-722 us, backward, four, 1003-1036 /
+// 930-974 us; bfloat16 [64, 16384] evaluation, two of 64 KiB, 278-295 / 234-240 us. Where
+// they fit, four rows at a time were slower: bfloat16 [256, 4096] evaluation, two of 16
+// KiB, 187-197 / 207-214 us; float32 [512, 2048] training forward, three of 8 KiB,
+// 622-636 / 658-676 us.) Outputs written with streaming stores take long rows one at a
+// time: four rows at a time write four output lines by halves (a bfloat16 vector is half
+// a line), and partly written lines of streaming stores are flushed early. (bfloat16
+// channels-last [32, 512, 28, 28] evaluation, 1 thread: 0.74x -> 1.21x torch's speed
+// one row at a time.)
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+constexpr bool map_by_four(int64_t C, int64_t arrays, bool streams) {
+  constexpr int64_t kL1Bytes = int64_t{48} << 10;
+  return C * static_cast<int64_t>(sizeof(scalar_t)) < 128 ||
+      (!streams && arrays * C * static_cast<int64_t>(sizeof(acc_t)) >= kL1Bytes);
 }
 
 // Vectors stored at y + a multiple of the vector width take streaming stores when `y` is
@@ -1113,7 +1124,8 @@ void rows_affine(
   const auto put = [&](scalar_t* q, V v) { vput(q, v, streams); };
   const auto all_rows = [&](auto centred) {
     constexpr bool kCentre = decltype(centred)::value;
-    row_blocks(rows, map_by_four<scalar_t>(C), [&](int64_t r, auto rows_const) {
+    const bool by_four = map_by_four<scalar_t>(C, kCentre ? 3 : 2, streams);
+    row_blocks(rows, by_four, [&](int64_t r, auto rows_const) {
       constexpr int64_t R = decltype(rows_const)::value;
       const scalar_t* p = x + r * C;
       scalar_t* o = y + r * C;
@@ -1266,7 +1278,8 @@ void rows_grad_input(
   using V = typename Vec<acc_t>::type;
   const bool streams = rows_stream(dx, C, stream);
   const auto put = [&](scalar_t* q, V v) { vput(q, v, streams); };
-  row_blocks(rows, map_by_four<scalar_t>(C), [&](int64_t r, auto rows_const) {
+  const bool by_four = map_by_four<scalar_t>(C, kUsesInput ? 4 : 1, streams);
+  row_blocks(rows, by_four, [&](int64_t r, auto rows_const) {
     constexpr int64_t R = decltype(rows_const)::value;
     const scalar_t* pg = dy + r * C;
     const scalar_t* px = x + r * C;
