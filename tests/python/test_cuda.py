@@ -32,7 +32,7 @@ MIXED = "mixed"  # float16/bfloat16 input with float32 parameters and statistics
 
 # (shape, memory layout). Chosen to reach every launch shape of the kernels:
 #   planes = contiguous [N, C, HW]; rows = channels-last and 2D [N, C].
-#   few channels with many values -> channels split over blocks, merged by the last block;
+#   few channels with many values -> channels split over blocks, merged by one of them;
 #   many channels -> one block per channel (statistics and elementwise pass in one kernel);
 #   HW or C not a multiple of the 16-byte vector -> scalar path.
 LAYOUTS = [

@@ -137,7 +137,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
 // is resident from the start and none waits for a second wave, and each at least one full
 // round of kThreads * kUnroll vectors (rows: ty * kUnroll rows). With enough channels for a
 // wave, one block owns a whole channel and the elementwise pass runs in the reduction
-// kernel.
+// kernel. (A cooperative launch, whose blocks wait for each other, must be one wave.)
 inline int64_t choose_splits(int64_t units, int64_t rounds, int64_t wave) {
   return std::max<int64_t>(1, std::min(wave / units, rounds));
 }

@@ -14,15 +14,20 @@
 //                StatsOp::centre); gradient: sum(dy), sum(dy * (x - mean)), sum(x - mean).
 //                A block reduces a slice of one channel (planes) or of a group of channels
 //                (rows). When one block per channel would leave SMs idle, channels are split
-//                over several blocks and the last block of each channel to finish merges
-//                the partial results in a fixed order (deterministic) and finalizes: saved
-//                statistics (or mean and M2) and the in-place running-stat update, or
-//                grad_weight, grad_bias and the sums. No host synchronisation anywhere.
+//                over several blocks, and one block of each channel merges the partial
+//                results in a fixed order (deterministic) and finalizes: saved statistics
+//                (or mean and M2) and the in-place running-stat update, or grad_weight,
+//                grad_bias and the sums. No host synchronisation anywhere. Where the device
+//                allows, a split reduction is launched cooperatively (all its blocks
+//                resident at once): the blocks wait for each other at a grid-wide barrier
+//                and the first block of each channel merges. Otherwise the last block of
+//                each channel to finish merges (an atomic count of arrivals).
 //   elementwise  out = a * dy + (b * (x - m) + c) with per-channel a, b, c, m: normalize
-//                (a = 0) and grad input alike. When a block owns whole channels it runs
-//                this pass itself right after its reduction (one launch per op); otherwise
-//                a second kernel runs it. Either way the pass walks the data backwards, so
-//                it starts with what the reduction read last, which is still in L2.
+//                (a = 0) and grad input alike. When a block owns whole channels, or after
+//                a second barrier in a cooperative launch, it runs this pass over what it
+//                reduced (one launch per op); otherwise a second kernel runs it. Either way
+//                the pass walks the data backwards, so it starts with what the reduction
+//                read last, which is still in L2.
 //
 // batch_norm_forward is the statistics reduction with the normalizing pass,
 // batch_norm_backward the gradient reduction with the grad-input pass; the split ops run
@@ -34,9 +39,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -96,8 +104,8 @@ __global__ void __launch_bounds__(kThreads) elementwise_rows_kernel(
   }
 }
 
-// The merge order of the reductions below (this function, block_reduce_rows and the last
-// block's merge of partial results) is emulated on the CPU by
+// The merge order of the reductions below (this function, block_reduce_rows and the
+// finalizing block's merge of partial results) is emulated on the CPU by
 // tests/cpp/ops/cuda/test_batch_norm_thread.cpp: a change here goes there too.
 //
 // Merges every thread's value into thread 0 (all threads of the block call it). The tree
@@ -174,7 +182,15 @@ __device__ bool arrive_last(int* semaphore, int64_t expected) {
   return last;
 }
 
-template <typename Op, typename scalar_t, int VEC>
+// Waits until every block of the grid has arrived, and makes their global writes before it
+// visible to every block after it. Only in kernels launched cooperatively, whose blocks are
+// all resident at once.
+__device__ void grid_barrier() {
+  cooperative_groups::this_grid().sync();
+}
+
+// kGridSync: launched cooperatively with splits > 1 (see launch_reduce).
+template <typename Op, typename scalar_t, int VEC, bool kGridSync>
 __global__ void __launch_bounds__(kThreads)
     reduce_planes_kernel(PlaneGeom g, ReduceArgs<scalar_t> args) {
   using Acc = typename Op::Acc;
@@ -188,33 +204,44 @@ __global__ void __launch_bounds__(kThreads)
   Acc acc = thread_reduce_planes<Op, VEC>(g, c, v0, v1, threadIdx.x, args);
   acc = block_reduce_all<Op>(acc, smem);
 
+  bool finalizes = true;  // this block merges the channel's partial results and finalizes
   if (g.splits > 1) {
     const int64_t stride = g.splits * g.channels;
     if (threadIdx.x == 0) {
       Op::store_partial(acc, args.partial, stride, s * g.channels + c);
     }
-    if (!arrive_last(args.semaphores + c, g.splits)) {
+    if constexpr (kGridSync) {
+      grid_barrier();
+      finalizes = s == 0;
+    } else if (!arrive_last(args.semaphores + c, g.splits)) {
       return;
     }
-    acc = Op::identity();
-    for (int64_t t = threadIdx.x; t < g.splits; t += kThreads) {
-      acc = Op::merge(
-          acc,
-          Op::load_partial(
-              args.partial, stride, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
+    if (finalizes) {
+      acc = Op::identity();
+      for (int64_t t = threadIdx.x; t < g.splits; t += kThreads) {
+        acc = Op::merge(
+            acc,
+            Op::load_partial(
+                args.partial, stride, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
+      }
+      acc = block_reduce_all<Op>(acc, smem);
     }
-    acc = block_reduce_all<Op>(acc, smem);
   }
-  if (threadIdx.x == 0) {
+  if (finalizes && threadIdx.x == 0) {
     Op::finalize(acc, c, plane_centre<Op, VEC>(g, c, args), args.fin, args.ch);
   }
   if (args.out != nullptr) {
-    __syncthreads();  // the finalized statistics are read back by every thread
+    // The finalized statistics are read back by every thread of the channel's blocks.
+    if constexpr (kGridSync) {
+      grid_barrier();
+    } else {
+      __syncthreads();
+    }
     elementwise_planes<VEC>(g, c, v0, v1, threadIdx.x, args.ch, args.dy, args.x, args.out);
   }
 }
 
-template <typename Op, typename scalar_t, int VEC>
+template <typename Op, typename scalar_t, int VEC, bool kGridSync>
 __global__ void __launch_bounds__(kThreads)
     reduce_rows_kernel(RowGeom g, ReduceArgs<scalar_t> args) {
   using Acc = typename Op::Acc;
@@ -241,36 +268,47 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t own_channel = own_cv * VEC + t % VEC;
   Acc total = owner ? smem[t] : Op::identity();
 
+  bool finalizes = true;  // this block merges the group's partial results and finalizes
   if (g.splits > 1) {
     const int64_t stride = g.splits * channels;
     if (owner) {
       Op::store_partial(total, args.partial, stride, s * channels + own_channel);
     }
-    if (!arrive_last(args.semaphores + group, g.splits)) {
+    if constexpr (kGridSync) {
+      grid_barrier();
+      finalizes = s == 0;
+    } else if (!arrive_last(args.semaphores + group, g.splits)) {
       return;
     }
-    TBN_UNROLL
-    for (int k = 0; k < VEC; ++k) {
-      acc[k] = Op::identity();
-    }
-    if (active) {
-      for (int64_t p = y; p < g.splits; p += g.ty) {
-        const int64_t count = g.begin(p + 1) - g.begin(p);
-        TBN_UNROLL
-        for (int k = 0; k < VEC; ++k) {
-          acc[k] = Op::merge(
-              acc[k], Op::load_partial(args.partial, stride, p * channels + cv * VEC + k, count));
+    if (finalizes) {
+      TBN_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        acc[k] = Op::identity();
+      }
+      if (active) {
+        for (int64_t p = y; p < g.splits; p += g.ty) {
+          const int64_t count = g.begin(p + 1) - g.begin(p);
+          TBN_UNROLL
+          for (int k = 0; k < VEC; ++k) {
+            acc[k] = Op::merge(
+                acc[k], Op::load_partial(args.partial, stride, p * channels + cv * VEC + k, count));
+          }
         }
       }
+      block_reduce_rows<Op, VEC>(acc, g.tx, smem);
+      total = owner ? smem[t] : Op::identity();
     }
-    block_reduce_rows<Op, VEC>(acc, g.tx, smem);
-    total = owner ? smem[t] : Op::identity();
   }
-  if (owner) {
+  if (finalizes && owner) {
     Op::finalize(total, own_channel, row_centre<Op, VEC>(g, own_channel, args), args.fin, args.ch);
   }
   if (args.out != nullptr) {
-    __syncthreads();  // the finalized statistics are read back by every thread
+    // The finalized statistics are read back by every thread of the group's blocks.
+    if constexpr (kGridSync) {
+      grid_barrier();
+    } else {
+      __syncthreads();
+    }
     if (active) {
       elementwise_rows<VEC>(g, cv, r0, r1, y, args.ch, args.dy, args.x, args.out);
     }
@@ -300,20 +338,48 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------
 // Host side
 
-// Blocks of `kernel` that run at once on the current device: a full wave. Blocks per SM
-// are cached per kernel: they depend on the architecture only, and merely shape launches.
-// (Only c10's CUDA headers are used here, so a compiler-only toolkit builds this file.)
+// Blocks of `kernel` per SM on the current device. Cached per kernel and device: they
+// depend on the architecture only, and GPUs of different architectures may share a
+// process. (Only c10's CUDA headers are used here, so a compiler-only toolkit builds
+// this file.)
 template <auto kKernel>
-int64_t wave_size() {
-  static const int per_sm = [] {
-    int n = 0;
+int blocks_per_sm() {
+  static std::atomic<int> cached[C10_COMPILE_TIME_MAX_GPUS];
+  const c10::DeviceIndex device = c10::cuda::current_device();
+  int n = cached[device].load(std::memory_order_relaxed);
+  if (n == 0) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0));
-    return std::max(n, 1);
-  }();
+    n = std::max(n, 1);
+    cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+int sm_count() {
   int sms = 0;
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return static_cast<int64_t>(per_sm) * sms;
+  return sms;
+}
+
+// Blocks of `kernel` that run at once on the current device: a full wave.
+template <auto kKernel>
+int64_t wave_size() {
+  return static_cast<int64_t>(blocks_per_sm<kKernel>()) * sm_count();
+}
+
+// The wave of a cooperative launch of `kernel`, whose blocks must all be resident at once
+// before any runs: one block per SM fewer than a full wave, so that kernels of other
+// streams (NCCL's, overlapping a backward pass) that hold part of an SM do not keep it
+// waiting. 0, for no cooperative launch, where the device has none or the kernel fits one
+// block per SM.
+template <auto kKernel>
+int64_t cooperative_wave() {
+  int supported = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &supported, cudaDevAttrCooperativeLaunch, c10::cuda::current_device()));
+  const int per_sm = blocks_per_sm<kKernel>();
+  return supported != 0 && per_sm > 1 ? static_cast<int64_t>(per_sm - 1) * sm_count() : 0;
 }
 
 // A 1D grid of `blocks`: at most 2^31 - 1, which a channel count would have to exceed.
@@ -349,27 +415,54 @@ void launch_elementwise(const Layout& l,
   }
 }
 
-// Runs the reduction of Op and, when args.out is set, the elementwise pass: inside the
-// reduction kernel when one block owns each channel, else as a second kernel.
+// Launches `kernel` over `blocks` blocks on the current stream, cooperatively: all of
+// them resident at once, as grid_barrier needs.
+template <typename Geom, typename scalar_t>
+void launch_cooperative(void (*kernel)(Geom, ReduceArgs<scalar_t>),
+                        int64_t blocks,
+                        const Geom& g,
+                        const ReduceArgs<scalar_t>& args) {
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid_of(blocks);
+  config.blockDim = dim3(kThreads);
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  config.attrs = &cooperative;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, g, args));
+}
+
+// Runs the reduction of Op and, when args.out is set, the elementwise pass: in one kernel
+// when one block owns each channel or the split reduction is launched cooperatively
+// (cooperative_wave), else as a second kernel after the reduction's.
 template <typename Op, typename scalar_t, int VEC>
 void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t> args) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr auto rows_kernel = reduce_rows_kernel<Op, scalar_t, VEC, false>;
+  constexpr auto planes_kernel = reduce_planes_kernel<Op, scalar_t, VEC, false>;
+  constexpr auto rows_grid_sync = reduce_rows_kernel<Op, scalar_t, VEC, true>;
+  constexpr auto planes_grid_sync = reduce_planes_kernel<Op, scalar_t, VEC, true>;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t cooperative =
+      l.rows ? cooperative_wave<rows_grid_sync>() : cooperative_wave<planes_grid_sync>();
   PlaneGeom pg{};
   RowGeom rg{};
   int64_t splits;
   int64_t semaphores;
   if (l.rows) {
-    rg = row_geom(l, VEC, wave_size<reduce_rows_kernel<Op, scalar_t, VEC>>());
+    rg = row_geom(l, VEC, cooperative > 0 ? cooperative : wave_size<rows_kernel>());
     splits = rg.splits;
     semaphores = rg.groups;
   } else {
-    pg = plane_geom(l, VEC, wave_size<reduce_planes_kernel<Op, scalar_t, VEC>>());
+    pg = plane_geom(l, VEC, cooperative > 0 ? cooperative : wave_size<planes_kernel>());
     splits = pg.splits;
     semaphores = l.channels;
   }
+  const bool grid_sync = splits > 1 && cooperative > 0;
   scalar_t* out = args.out;
-  const bool fused = splits == 1;
+  const bool fused = splits == 1 || grid_sync;
   if (!fused) {
     args.out = nullptr;
   }
@@ -378,20 +471,28 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   if (splits > 1) {
     const int64_t partial_bytes =
         Op::kPartials * splits * l.channels * static_cast<int64_t>(sizeof(acc_t));
-    workspace = at::empty({partial_bytes + semaphores * static_cast<int64_t>(sizeof(int))},
-                          like.options().dtype(at::kByte));
+    const int64_t semaphore_bytes = grid_sync ? 0 : semaphores * static_cast<int64_t>(sizeof(int));
+    workspace = at::empty({partial_bytes + semaphore_bytes}, like.options().dtype(at::kByte));
     auto* base = static_cast<char*>(workspace.data_ptr());
     args.partial = reinterpret_cast<acc_t*>(base);
-    args.semaphores = reinterpret_cast<int*>(base + partial_bytes);
-    C10_CUDA_CHECK(cudaMemsetAsync(args.semaphores, 0, semaphores * sizeof(int), stream));
+    if (!grid_sync) {
+      args.semaphores = reinterpret_cast<int*>(base + partial_bytes);
+      C10_CUDA_CHECK(cudaMemsetAsync(args.semaphores, 0, semaphore_bytes, stream));
+    }
   }
 
+  if (grid_sync) {
+    if (l.rows) {
+      launch_cooperative(rows_grid_sync, rg.groups * rg.splits, rg, args);
+    } else {
+      launch_cooperative(planes_grid_sync, pg.channels * pg.splits, pg, args);
+    }
+    return;
+  }
   if (l.rows) {
-    reduce_rows_kernel<Op, scalar_t, VEC>
-        <<<grid_of(rg.groups * rg.splits), kThreads, 0, stream>>>(rg, args);
+    rows_kernel<<<grid_of(rg.groups * rg.splits), kThreads, 0, stream>>>(rg, args);
   } else {
-    reduce_planes_kernel<Op, scalar_t, VEC>
-        <<<grid_of(pg.channels * pg.splits), kThreads, 0, stream>>>(pg, args);
+    planes_kernel<<<grid_of(pg.channels * pg.splits), kThreads, 0, stream>>>(pg, args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 

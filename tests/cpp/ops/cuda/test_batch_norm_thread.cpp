@@ -88,7 +88,8 @@ void emulate_elementwise(const Layout& l,
 }
 
 // The merges below follow batch_norm_launch_impl.cuh's block_reduce_all, block_reduce_rows and
-// the last block's merge of partial results, step for step: a change there comes here too.
+// the merge of partial results by the block that finalizes, step for step: a change there
+// comes here too.
 constexpr int kWarps = kThreads / 32;
 
 // The warp shuffles of the kernels: for each m from `first` down to `last`, lane i merges
@@ -145,8 +146,9 @@ std::vector<typename Op::Acc> block_reduce_rows(
 }
 
 // The reduction kernel of Op, merging in the kernels' order (warp shuffles, then warps,
-// then, with several blocks per channel or group, the partial results in the last block,
-// which hold what the blocks' results hold); then the elementwise pass into `out`, if given.
+// then, with several blocks per channel or group, the partial results in the block that
+// finalizes, which hold what the blocks' results hold); then the elementwise pass into
+// `out`, if given.
 template <typename Op, int VEC, typename scalar_t>
 void emulate_reduce(const Layout& l,
                     int64_t wave,
