@@ -84,23 +84,24 @@ __device__ GradSums<T> shfl_xor(const GradSums<T>& a, int lane_mask) {
 }
 
 // Blocks run in reverse order: the first to start cover what the reduction read last.
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, bool kReadsDy>
 __global__ void __launch_bounds__(kThreads) elementwise_planes_kernel(
     PlaneGeom g, ChannelArgs<scalar_t> ch, const scalar_t* dy, const scalar_t* x, scalar_t* out) {
   const int64_t b = gridDim.x - 1 - static_cast<int64_t>(blockIdx.x);
   const int64_t c = b / g.splits;
   const int64_t s = b % g.splits;
-  elementwise_planes<VEC>(g, c, g.begin(s), g.begin(s + 1), threadIdx.x, ch, dy, x, out);
+  elementwise_planes<VEC, kReadsDy>(g, c, g.begin(s), g.begin(s + 1), threadIdx.x, ch, dy, x, out);
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, bool kReadsDy>
 __global__ void __launch_bounds__(kThreads) elementwise_rows_kernel(
     RowGeom g, ChannelArgs<scalar_t> ch, const scalar_t* dy, const scalar_t* x, scalar_t* out) {
   const int64_t b = gridDim.x - 1 - static_cast<int64_t>(blockIdx.x);
   const int64_t s = b / g.groups;
   const int64_t cv = (b % g.groups) * g.tx + (threadIdx.x & (g.tx - 1));
   if (cv < g.vecs) {
-    elementwise_rows<VEC>(g, cv, g.begin(s), g.begin(s + 1), threadIdx.x / g.tx, ch, dy, x, out);
+    elementwise_rows<VEC, kReadsDy>(
+        g, cv, g.begin(s), g.begin(s + 1), threadIdx.x / g.tx, ch, dy, x, out);
   }
 }
 
@@ -237,7 +238,8 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       __syncthreads();
     }
-    elementwise_planes<VEC>(g, c, v0, v1, threadIdx.x, args.ch, args.dy, args.x, args.out);
+    elementwise_planes<VEC, Op::kReadsDy>(
+        g, c, v0, v1, threadIdx.x, args.ch, args.dy, args.x, args.out);
   }
 }
 
@@ -310,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
     if (active) {
-      elementwise_rows<VEC>(g, cv, r0, r1, y, args.ch, args.dy, args.x, args.out);
+      elementwise_rows<VEC, Op::kReadsDy>(g, cv, r0, r1, y, args.ch, args.dy, args.x, args.out);
     }
   }
 }
@@ -400,19 +402,20 @@ void launch_elementwise(const Layout& l,
                         const scalar_t* x,
                         scalar_t* out) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (l.rows) {
-    const RowGeom g =
-        rg ? *rg : row_geom(l, VEC, wave_size<elementwise_rows_kernel<scalar_t, VEC>>());
-    elementwise_rows_kernel<scalar_t, VEC>
-        <<<grid_of(g.groups * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    const PlaneGeom g =
-        pg ? *pg : plane_geom(l, VEC, wave_size<elementwise_planes_kernel<scalar_t, VEC>>());
-    elementwise_planes_kernel<scalar_t, VEC>
-        <<<grid_of(g.channels * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  with_reads_dy(ch, [&](auto reads_dy) {
+    constexpr bool kReadsDy = decltype(reads_dy)::value;
+    if (l.rows) {
+      constexpr auto kernel = elementwise_rows_kernel<scalar_t, VEC, kReadsDy>;
+      const RowGeom g = rg ? *rg : row_geom(l, VEC, wave_size<kernel>());
+      kernel<<<grid_of(g.groups * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      constexpr auto kernel = elementwise_planes_kernel<scalar_t, VEC, kReadsDy>;
+      const PlaneGeom g = pg ? *pg : plane_geom(l, VEC, wave_size<kernel>());
+      kernel<<<grid_of(g.channels * g.splits), kThreads, 0, stream>>>(g, ch, dy, x, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
 }
 
 // Launches `kernel` over `blocks` blocks on the current stream, cooperatively: all of

@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ops/batch_norm_math.h"
 #include "ops/cuda/batch_norm_geometry.h"
@@ -164,6 +165,16 @@ struct ChannelArgs {
   }
 };
 
+// Calls f(std::bool_constant<ch.reads_dy()>): the elementwise code for ch's pass.
+template <typename scalar_t, typename F>
+void with_reads_dy(const ChannelArgs<scalar_t>& ch, F&& f) {
+  if (ch.reads_dy()) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename acc_t>
 TBN_HOST_DEVICE acc_t
 apply_map(const ChannelMap<acc_t>& k, acc_t dy, acc_t x, bool reads_dy, bool reads_x) {
@@ -174,8 +185,10 @@ apply_map(const ChannelMap<acc_t>& k, acc_t dy, acc_t x, bool reads_dy, bool rea
   return reads_dy ? k.a * dy + v : v;
 }
 
-// Writes out = map(dy, x) for one tile of kUnroll vectors, n of them in range.
-template <int VEC, typename scalar_t, typename MapOf>
+// Writes out = map(dy, x) for one tile of kUnroll vectors, n of them in range. Whether the
+// pass reads dy is a compile-time kReadsDy (see with_reads_dy), so that a normalizing pass
+// holds no registers for the dy tile it never loads.
+template <int VEC, bool kReadsDy, typename scalar_t, typename MapOf>
 TBN_HOST_DEVICE void elementwise_tile(const ChannelArgs<scalar_t>& ch,
                                       const scalar_t* __restrict__ dy,
                                       const scalar_t* __restrict__ x,
@@ -184,12 +197,13 @@ TBN_HOST_DEVICE void elementwise_tile(const ChannelArgs<scalar_t>& ch,
                                       int n,
                                       MapOf map_of) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool rdy = ch.reads_dy();
   const bool rx = ch.reads_x();
   Pack<scalar_t, VEC> xs[kUnroll];
   Pack<scalar_t, VEC> gs[kUnroll];
   load_packs<VEC>(x, offs, rx ? n : 0, xs);
-  load_packs<VEC>(dy, offs, rdy ? n : 0, gs);
+  if constexpr (kReadsDy) {
+    load_packs<VEC>(dy, offs, n, gs);
+  }
   auto* dst = reinterpret_cast<Pack<scalar_t, VEC>*>(out);
   TBN_UNROLL
   for (int u = 0; u < kUnroll; ++u) {
@@ -197,15 +211,16 @@ TBN_HOST_DEVICE void elementwise_tile(const ChannelArgs<scalar_t>& ch,
       Pack<scalar_t, VEC> o;
       TBN_UNROLL
       for (int k = 0; k < VEC; ++k) {
-        o.v[k] = static_cast<scalar_t>(apply_map<acc_t>(
-            map_of(k), static_cast<acc_t>(gs[u].v[k]), static_cast<acc_t>(xs[u].v[k]), rdy, rx));
+        const acc_t g = kReadsDy ? static_cast<acc_t>(gs[u].v[k]) : acc_t(0);
+        o.v[k] = static_cast<scalar_t>(
+            apply_map<acc_t>(map_of(k), g, static_cast<acc_t>(xs[u].v[k]), kReadsDy, rx));
       }
       dst[offs[u]] = o;
     }
   }
 }
 
-template <int VEC, typename scalar_t>
+template <int VEC, bool kReadsDy, typename scalar_t>
 TBN_HOST_DEVICE void elementwise_planes(const PlaneGeom& g,
                                         int64_t c,
                                         int64_t v0,
@@ -217,11 +232,11 @@ TBN_HOST_DEVICE void elementwise_planes(const PlaneGeom& g,
                                         scalar_t* out) {
   const auto map = ch.map(c);
   for_each_plane_tile<true>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
-    elementwise_tile<VEC>(ch, dy, x, out, offs, n, [&](int) { return map; });
+    elementwise_tile<VEC, kReadsDy>(ch, dy, x, out, offs, n, [&](int) { return map; });
   });
 }
 
-template <int VEC, typename scalar_t>
+template <int VEC, bool kReadsDy, typename scalar_t>
 TBN_HOST_DEVICE void elementwise_rows(const RowGeom& g,
                                       int64_t cv,
                                       int64_t r0,
@@ -237,7 +252,7 @@ TBN_HOST_DEVICE void elementwise_rows(const RowGeom& g,
     map[k] = ch.map(cv * VEC + k);
   }
   for_each_row_tile<true>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
-    elementwise_tile<VEC>(ch, dy, x, out, offs, n, [&](int k) { return map[k]; });
+    elementwise_tile<VEC, kReadsDy>(ch, dy, x, out, offs, n, [&](int k) { return map[k]; });
   });
 }
 

@@ -64,27 +64,31 @@ void emulate_elementwise(const Layout& l,
                          const scalar_t* dy,
                          const scalar_t* x,
                          scalar_t* out) {
-  if (l.rows) {
-    const RowGeom g = row_geom(l, VEC, wave);
-    for (int64_t b = 0; b < g.groups * g.splits; ++b) {
-      const int64_t s = b / g.groups;
-      for (int t = 0; t < kThreads; ++t) {
-        const int64_t cv = (b % g.groups) * g.tx + t % g.tx;
-        if (cv < g.vecs) {
-          elementwise_rows<VEC>(g, cv, g.begin(s), g.begin(s + 1), t / g.tx, ch, dy, x, out);
+  with_reads_dy(ch, [&](auto reads_dy) {
+    constexpr bool kReadsDy = decltype(reads_dy)::value;
+    if (l.rows) {
+      const RowGeom g = row_geom(l, VEC, wave);
+      for (int64_t b = 0; b < g.groups * g.splits; ++b) {
+        const int64_t s = b / g.groups;
+        for (int t = 0; t < kThreads; ++t) {
+          const int64_t cv = (b % g.groups) * g.tx + t % g.tx;
+          if (cv < g.vecs) {
+            elementwise_rows<VEC, kReadsDy>(
+                g, cv, g.begin(s), g.begin(s + 1), t / g.tx, ch, dy, x, out);
+          }
+        }
+      }
+    } else {
+      const PlaneGeom g = plane_geom(l, VEC, wave);
+      for (int64_t b = 0; b < g.channels * g.splits; ++b) {
+        const int64_t c = b / g.splits;
+        const int64_t s = b % g.splits;
+        for (int tid = 0; tid < kThreads; ++tid) {
+          elementwise_planes<VEC, kReadsDy>(g, c, g.begin(s), g.begin(s + 1), tid, ch, dy, x, out);
         }
       }
     }
-  } else {
-    const PlaneGeom g = plane_geom(l, VEC, wave);
-    for (int64_t b = 0; b < g.channels * g.splits; ++b) {
-      const int64_t c = b / g.splits;
-      const int64_t s = b % g.splits;
-      for (int tid = 0; tid < kThreads; ++tid) {
-        elementwise_planes<VEC>(g, c, g.begin(s), g.begin(s + 1), tid, ch, dy, x, out);
-      }
-    }
-  }
+  });
 }
 
 // The merges below follow batch_norm_launch_impl.cuh's block_reduce_all, block_reduce_rows and
