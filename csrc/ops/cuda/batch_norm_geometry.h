@@ -165,9 +165,9 @@ inline RowGeom row_geom_of_width(const Layout& l, int vec, int64_t wave, int max
   return g;
 }
 
-// Groups up to a warp wide (32 vectors) where the last block of a group merges at most two
-// partial results per thread, else up to 8 vectors (one 128-byte line of 16-byte ones)
-// wide. Wide groups are few, so each is split over many slices of the rows, and the last
+// Groups up to a warp wide (32 vectors) where a block that merges a group's partial results
+// merges at most two per thread, else up to 8 vectors (one 128-byte line of 16-byte ones)
+// wide. Wide groups are few, so each is split over many slices of the rows, and a merging
 // block's ty = kThreads / tx threads merge all of them, one after another: the merge grows
 // with the square of the width. On an H100
 // (benchmarks/results/cuda-h100.md) narrow groups took the GPU time of a channels-last

@@ -14,20 +14,22 @@
 //                StatsOp::centre); gradient: sum(dy), sum(dy * (x - mean)), sum(x - mean).
 //                A block reduces a slice of one channel (planes) or of a group of channels
 //                (rows). When one block per channel would leave SMs idle, channels are split
-//                over several blocks, and one block of each channel merges the partial
-//                results in a fixed order (deterministic) and finalizes: saved statistics
-//                (or mean and M2) and the in-place running-stat update, or grad_weight,
-//                grad_bias and the sums. No host synchronisation anywhere. Where the device
-//                allows, a split reduction is launched cooperatively (all its blocks
-//                resident at once): the blocks wait for each other at a grid-wide barrier
-//                and the first block of each channel merges. Otherwise the last block of
-//                each channel to finish merges (an atomic count of arrivals).
+//                over several blocks, whose partial results are merged in a fixed order
+//                (deterministic) to finalize the channel: saved statistics (or mean and M2)
+//                and the in-place running-stat update, or grad_weight, grad_bias and the
+//                sums. No host synchronisation anywhere. Where the device allows, a split
+//                reduction is launched cooperatively (all its blocks resident at once): the
+//                blocks wait for each other at a grid-wide barrier, then every block of a
+//                channel merges its partial results, in the same order to the same total,
+//                and the first writes the outputs. Otherwise the last block of each channel
+//                to finish (an atomic count of arrivals) merges and finalizes.
 //   elementwise  out = a * dy + (b * (x - m) + c) with per-channel a, b, c, m: normalize
-//                (a = 0) and grad input alike. When a block owns whole channels, or after
-//                a second barrier in a cooperative launch, it runs this pass over what it
-//                reduced (one launch per op); otherwise a second kernel runs it. Either way
-//                the pass walks the data backwards, so it starts with what the reduction
-//                read last, which is still in L2.
+//                (a = 0) and grad input alike. A block that holds a channel's total (it
+//                owns the whole channel, or it is in a cooperative launch) runs this pass
+//                over what it reduced, with the map it derives from that total (one launch
+//                per op); otherwise a second kernel runs it, with the map derived from the
+//                finalized outputs. Either way the pass walks the data backwards, so it
+//                starts with what the reduction read last, which is still in L2.
 //
 // batch_norm_forward is the statistics reduction with the normalizing pass,
 // batch_norm_backward the gradient reduction with the grad-input pass; the split ops run
@@ -90,7 +92,8 @@ __global__ void __launch_bounds__(kThreads) elementwise_planes_kernel(
   const int64_t b = gridDim.x - 1 - static_cast<int64_t>(blockIdx.x);
   const int64_t c = b / g.splits;
   const int64_t s = b % g.splits;
-  elementwise_planes<VEC, kReadsDy>(g, c, g.begin(s), g.begin(s + 1), threadIdx.x, ch, dy, x, out);
+  elementwise_planes<VEC, kReadsDy>(
+      g, c, g.begin(s), g.begin(s + 1), threadIdx.x, ch.map(c), ch, dy, x, out);
 }
 
 template <typename scalar_t, int VEC, bool kReadsDy>
@@ -100,8 +103,13 @@ __global__ void __launch_bounds__(kThreads) elementwise_rows_kernel(
   const int64_t s = b / g.groups;
   const int64_t cv = (b % g.groups) * g.tx + (threadIdx.x & (g.tx - 1));
   if (cv < g.vecs) {
+    ChannelMap<at::opmath_type<scalar_t>> map[VEC];
+    TBN_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      map[k] = ch.map(cv * VEC + k);
+    }
     elementwise_rows<VEC, kReadsDy>(
-        g, cv, g.begin(s), g.begin(s + 1), threadIdx.x / g.tx, ch, dy, x, out);
+        g, cv, g.begin(s), g.begin(s + 1), threadIdx.x / g.tx, map, ch, dy, x, out);
   }
 }
 
@@ -195,6 +203,7 @@ template <typename Op, typename scalar_t, int VEC, bool kGridSync>
 __global__ void __launch_bounds__(kThreads)
     reduce_planes_kernel(PlaneGeom g, ReduceArgs<scalar_t> args) {
   using Acc = typename Op::Acc;
+  using acc_t = at::opmath_type<scalar_t>;
   __shared__ alignas(16) unsigned char smem_raw[kWarps * sizeof(Acc)];
   Acc* smem = reinterpret_cast<Acc*>(smem_raw);
 
@@ -205,41 +214,46 @@ __global__ void __launch_bounds__(kThreads)
   Acc acc = thread_reduce_planes<Op, VEC>(g, c, v0, v1, threadIdx.x, args);
   acc = block_reduce_all<Op>(acc, smem);
 
-  bool finalizes = true;  // this block merges the channel's partial results and finalizes
+  bool finalizes = true;  // this block writes the channel's outputs
   if (g.splits > 1) {
     const int64_t stride = g.splits * g.channels;
     if (threadIdx.x == 0) {
       Op::store_partial(acc, args.partial, stride, s * g.channels + c);
     }
     if constexpr (kGridSync) {
+      // Every block merges the partial results, in the same order, to the same total: the
+      // first writes the outputs, and each has the map for its own elementwise pass.
       grid_barrier();
       finalizes = s == 0;
+      if (!finalizes && args.out == nullptr) {
+        return;  // no elementwise pass to derive a map for
+      }
     } else if (!arrive_last(args.semaphores + c, g.splits)) {
       return;
     }
-    if (finalizes) {
-      acc = Op::identity();
-      for (int64_t t = threadIdx.x; t < g.splits; t += kThreads) {
-        acc = Op::merge(
-            acc,
-            Op::load_partial(
-                args.partial, stride, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
-      }
-      acc = block_reduce_all<Op>(acc, smem);
+    acc = Op::identity();
+    for (int64_t t = threadIdx.x; t < g.splits; t += kThreads) {
+      acc = Op::merge(
+          acc,
+          Op::load_partial(
+              args.partial, stride, t * g.channels + c, (g.begin(t + 1) - g.begin(t)) * VEC));
     }
+    acc = block_reduce_all<Op>(acc, smem);
   }
-  if (finalizes && threadIdx.x == 0) {
-    Op::finalize(acc, c, plane_centre<Op, VEC>(g, c, args), args.fin, args.ch);
+  __shared__ ChannelMap<acc_t> map;
+  if (threadIdx.x == 0) {
+    const acc_t centre = plane_centre<Op, VEC>(g, c, args);
+    if (finalizes) {
+      Op::finalize(acc, c, centre, args.fin, args.ch);
+    }
+    if (args.out != nullptr) {
+      map = Op::map(acc, c, centre, args.fin, args.ch);
+    }
   }
   if (args.out != nullptr) {
-    // The finalized statistics are read back by every thread of the channel's blocks.
-    if constexpr (kGridSync) {
-      grid_barrier();
-    } else {
-      __syncthreads();
-    }
+    __syncthreads();
     elementwise_planes<VEC, Op::kReadsDy>(
-        g, c, v0, v1, threadIdx.x, args.ch, args.dy, args.x, args.out);
+        g, c, v0, v1, threadIdx.x, map, args.ch, args.dy, args.x, args.out);
   }
 }
 
@@ -247,6 +261,7 @@ template <typename Op, typename scalar_t, int VEC, bool kGridSync>
 __global__ void __launch_bounds__(kThreads)
     reduce_rows_kernel(RowGeom g, ReduceArgs<scalar_t> args) {
   using Acc = typename Op::Acc;
+  using acc_t = at::opmath_type<scalar_t>;
   __shared__ alignas(16) unsigned char smem_raw[kThreads * VEC * sizeof(Acc)];
   Acc* smem = reinterpret_cast<Acc*>(smem_raw);
 
@@ -270,49 +285,60 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t own_channel = own_cv * VEC + t % VEC;
   Acc total = owner ? smem[t] : Op::identity();
 
-  bool finalizes = true;  // this block merges the group's partial results and finalizes
+  bool finalizes = true;  // this block writes the group's outputs
   if (g.splits > 1) {
     const int64_t stride = g.splits * channels;
     if (owner) {
       Op::store_partial(total, args.partial, stride, s * channels + own_channel);
     }
     if constexpr (kGridSync) {
+      // As in reduce_planes_kernel: every block merges, the first writes the outputs.
       grid_barrier();
       finalizes = s == 0;
+      if (!finalizes && args.out == nullptr) {
+        return;
+      }
     } else if (!arrive_last(args.semaphores + group, g.splits)) {
       return;
     }
-    if (finalizes) {
-      TBN_UNROLL
-      for (int k = 0; k < VEC; ++k) {
-        acc[k] = Op::identity();
-      }
-      if (active) {
-        for (int64_t p = y; p < g.splits; p += g.ty) {
-          const int64_t count = g.begin(p + 1) - g.begin(p);
-          TBN_UNROLL
-          for (int k = 0; k < VEC; ++k) {
-            acc[k] = Op::merge(
-                acc[k], Op::load_partial(args.partial, stride, p * channels + cv * VEC + k, count));
-          }
-        }
-      }
-      block_reduce_rows<Op, VEC>(acc, g.tx, smem);
-      total = owner ? smem[t] : Op::identity();
-    }
-  }
-  if (finalizes && owner) {
-    Op::finalize(total, own_channel, row_centre<Op, VEC>(g, own_channel, args), args.fin, args.ch);
-  }
-  if (args.out != nullptr) {
-    // The finalized statistics are read back by every thread of the group's blocks.
-    if constexpr (kGridSync) {
-      grid_barrier();
-    } else {
-      __syncthreads();
+    TBN_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      acc[k] = Op::identity();
     }
     if (active) {
-      elementwise_rows<VEC, Op::kReadsDy>(g, cv, r0, r1, y, args.ch, args.dy, args.x, args.out);
+      for (int64_t p = y; p < g.splits; p += g.ty) {
+        const int64_t count = g.begin(p + 1) - g.begin(p);
+        TBN_UNROLL
+        for (int k = 0; k < VEC; ++k) {
+          acc[k] = Op::merge(
+              acc[k], Op::load_partial(args.partial, stride, p * channels + cv * VEC + k, count));
+        }
+      }
+    }
+    block_reduce_rows<Op, VEC>(acc, g.tx, smem);
+    total = owner ? smem[t] : Op::identity();
+  }
+  // maps[t]: the map of the channel that thread t owns; tx <= 32.
+  __shared__ ChannelMap<acc_t> maps[32 * VEC];
+  if (owner) {
+    const acc_t centre = row_centre<Op, VEC>(g, own_channel, args);
+    if (finalizes) {
+      Op::finalize(total, own_channel, centre, args.fin, args.ch);
+    }
+    if (args.out != nullptr) {
+      maps[t] = Op::map(total, own_channel, centre, args.fin, args.ch);
+    }
+  }
+  if (args.out != nullptr) {
+    __syncthreads();
+    if (active) {
+      ChannelMap<acc_t> map[VEC];
+      TBN_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        map[k] = maps[(threadIdx.x & (g.tx - 1)) * VEC + k];
+      }
+      elementwise_rows<VEC, Op::kReadsDy>(
+          g, cv, r0, r1, y, map, args.ch, args.dy, args.x, args.out);
     }
   }
 }

@@ -136,32 +136,46 @@ struct ChannelArgs {
   }
 
   TBN_HOST_DEVICE ChannelMap<acc_t> map(int64_t c) const {
-    const acc_t w = weight.load(c, acc_t(1));
-    const acc_t is = invstd(c);
     switch (pass) {
-      case Pass::kNormalizeTraining: {
-        // Centre first: (x - mean) is exact for inputs near the mean. The shift puts back
-        // the residual: y = (x - mean) * scale + (bias - residual * scale).
-        const acc_t scale = is * w;
-        return {acc_t(0),
-                scale,
-                bias.load(c, acc_t(0)) - residual_of(c) * scale,
-                mean.load(c, acc_t(0))};
-      }
+      case Pass::kNormalizeTraining:
+        return normalize_training(c, mean.load(c, acc_t(0)), invstd(c), residual_of(c));
       case Pass::kNormalizeEval: {
-        const acc_t scale = is * w;
+        const acc_t scale = invstd(c) * weight.load(c, acc_t(1));
         return {acc_t(0), scale, bias.load(c, acc_t(0)) - mean.load(c, acc_t(0)) * scale, acc_t(0)};
       }
-      case Pass::kGradTraining: {
-        const auto k = math::grad_input_coeffs<acc_t>(
-            w, is, sum_dy[c], sum_dy_xmu[c], count, true, residual_of(c));
-        return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
-      }
+      case Pass::kGradTraining:
+        return grad_training(c, sum_dy[c], sum_dy_xmu[c], residual_of(c));
       default: {
-        const auto k = math::grad_input_coeffs<acc_t>(w, is, acc_t(0), acc_t(0), count, false);
+        const auto k = math::grad_input_coeffs<acc_t>(
+            weight.load(c, acc_t(1)), invstd(c), acc_t(0), acc_t(0), count, false);
         return {k.a, k.b, k.c, acc_t(0)};
       }
     }
+  }
+
+  // The training maps from the channel's statistics or sums, given rather than read back
+  // from the reduction's outputs (see StatsOp::map and GradOp::map).
+  TBN_HOST_DEVICE ChannelMap<acc_t> normalize_training(int64_t c,
+                                                       acc_t batch_mean,
+                                                       acc_t batch_invstd,
+                                                       acc_t batch_residual) const {
+    // Centre first: (x - mean) is exact for inputs near the mean. The shift puts back the
+    // residual: y = (x - mean) * scale + (bias - residual * scale).
+    const acc_t scale = batch_invstd * weight.load(c, acc_t(1));
+    return {acc_t(0), scale, bias.load(c, acc_t(0)) - batch_residual * scale, batch_mean};
+  }
+  TBN_HOST_DEVICE ChannelMap<acc_t> grad_training(int64_t c,
+                                                  acc_t channel_sum_dy,
+                                                  acc_t channel_sum_dy_xmu,
+                                                  acc_t sums_residual) const {
+    const auto k = math::grad_input_coeffs<acc_t>(weight.load(c, acc_t(1)),
+                                                  invstd(c),
+                                                  channel_sum_dy,
+                                                  channel_sum_dy_xmu,
+                                                  count,
+                                                  true,
+                                                  sums_residual);
+    return {k.a, k.b, k.c, mean.load(c, acc_t(0))};
   }
 };
 
@@ -220,17 +234,19 @@ TBN_HOST_DEVICE void elementwise_tile(const ChannelArgs<scalar_t>& ch,
   }
 }
 
+// The pass over a block's share of channel c (planes) or of channel vector cv (rows), given
+// the channel's map (rows: one per channel of the vector).
 template <int VEC, bool kReadsDy, typename scalar_t>
 TBN_HOST_DEVICE void elementwise_planes(const PlaneGeom& g,
                                         int64_t c,
                                         int64_t v0,
                                         int64_t v1,
                                         int tid,
+                                        const ChannelMap<at::opmath_type<scalar_t>>& map,
                                         const ChannelArgs<scalar_t>& ch,
                                         const scalar_t* dy,
                                         const scalar_t* x,
                                         scalar_t* out) {
-  const auto map = ch.map(c);
   for_each_plane_tile<true>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
     elementwise_tile<VEC, kReadsDy>(ch, dy, x, out, offs, n, [&](int) { return map; });
   });
@@ -242,15 +258,11 @@ TBN_HOST_DEVICE void elementwise_rows(const RowGeom& g,
                                       int64_t r0,
                                       int64_t r1,
                                       int y,
+                                      const ChannelMap<at::opmath_type<scalar_t>> (&map)[VEC],
                                       const ChannelArgs<scalar_t>& ch,
                                       const scalar_t* dy,
                                       const scalar_t* x,
                                       scalar_t* out) {
-  ChannelMap<at::opmath_type<scalar_t>> map[VEC];
-  TBN_UNROLL
-  for (int k = 0; k < VEC; ++k) {
-    map[k] = ch.map(cv * VEC + k);
-  }
   for_each_row_tile<true>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
     elementwise_tile<VEC, kReadsDy>(ch, dy, x, out, offs, n, [&](int k) { return map[k]; });
   });
@@ -396,37 +408,61 @@ struct StatsOp {
     return a;
   }
 
-  // `a` holds the mean as a deviation from `centre`. Also finalizes statistics gathered
-  // elsewhere (batch_norm_forward_with_stats), with centre 0.
+  // A channel's batch statistics from its complete reduction `a`, which holds the mean as a
+  // deviation from `centre`.
+  struct Batch {
+    acc_t mean;      // rounded to acc_t: save_mean
+    acc_t residual;  // mu - mean, what that rounding dropped
+    acc_t invstd;
+  };
+  TBN_HOST_DEVICE static Batch batch(const Acc& a, acc_t centre, double eps) {
+    // An empty batch gives mean 0, M2 0 and invstd 0.
+    const acc_t mean = centre + a.mean;
+    // Exact where it matters (values close together far from zero, whose mean lies within
+    // a factor of two of the centre, so that centre - mean is exact).
+    return {mean, (centre - mean) + a.mean, math::batch_invstd_from_m2(a.m2, a.count, eps)};
+  }
+
+  // Writes the outputs of channel c. Also finalizes statistics gathered elsewhere
+  // (batch_norm_forward_with_stats), with centre 0.
   TBN_HOST_DEVICE static void finalize(const Acc& a,
                                        int64_t c,
                                        acc_t centre,
                                        const FinalizeArgs<scalar_t>& f,
                                        const ChannelArgs<scalar_t>& ch) {
-    // An empty batch gives mean 0, M2 0 and invstd 0, and leaves the running statistics.
-    const acc_t mean = centre + a.mean;
+    const Batch b = batch(a, centre, ch.eps);
     if (f.save_mean != nullptr) {
-      f.save_mean[c] = mean;
+      f.save_mean[c] = b.mean;
     }
     if (f.residual != nullptr) {
-      // mu - save_mean, what rounding centre + a.mean dropped: exact where it matters
-      // (values close together far from zero, whose mean lies within a factor of two of
-      // the centre, so that centre - mean is exact).
-      f.residual[c] = (centre - mean) + a.mean;
+      f.residual[c] = b.residual;
     }
     if (f.m2 != nullptr) {
       f.m2[c] = a.m2;
     }
     if (f.save_invstd != nullptr) {
-      f.save_invstd[c] = math::batch_invstd_from_m2(a.m2, a.count, ch.eps);
+      f.save_invstd[c] = b.invstd;
     }
+    // An empty batch leaves the running statistics.
     if (f.running_mean.ptr != nullptr && a.count > 0) {
-      f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), mean, f.momentum));
+      f.running_mean.store(c, math::running_update(f.running_mean.load(c, 0), b.mean, f.momentum));
       f.running_var.store(
           c,
           math::running_update(
               f.running_var.load(c, 0), math::unbiased_var(a.m2, a.count), f.momentum));
     }
+  }
+
+  // The normalizing map of channel c: what ch.map(c) gives once finalize has written the
+  // saved statistics, without reading them back, so that a block that did not finalize
+  // the channel has it too.
+  TBN_HOST_DEVICE static ChannelMap<acc_t> map(const Acc& a,
+                                               int64_t c,
+                                               acc_t centre,
+                                               const FinalizeArgs<scalar_t>&,
+                                               const ChannelArgs<scalar_t>& ch) {
+    const Batch b = batch(a, centre, ch.eps);
+    return ch.normalize_training(c, b.mean, b.invstd, b.residual);
   }
 };
 
@@ -491,13 +527,20 @@ struct GradOp {
     return {load_from_l2(p + i), load_from_l2(p + stride + i), load_from_l2(p + 2 * stride + i)};
   }
 
+  // sum(dy * (x - mu)) and mu - mean, or the sums as taken (see FinalizeArgs::centre_sums).
+  TBN_HOST_DEVICE static math::CentredGradSums<acc_t> centred(const Acc& a,
+                                                              const FinalizeArgs<scalar_t>& f,
+                                                              const ChannelArgs<scalar_t>& ch) {
+    return f.centre_sums ? math::centre_grad_sums(a.dy, a.dy_xmu, a.xmu, ch.count)
+                         : math::CentredGradSums<acc_t>{a.dy_xmu, acc_t(0)};
+  }
+
   TBN_HOST_DEVICE static void finalize(const Acc& a,
                                        int64_t c,
                                        acc_t,
                                        const FinalizeArgs<scalar_t>& f,
                                        const ChannelArgs<scalar_t>& ch) {
-    const auto sums = f.centre_sums ? math::centre_grad_sums(a.dy, a.dy_xmu, a.xmu, ch.count)
-                                    : math::CentredGradSums<acc_t>{a.dy_xmu, acc_t(0)};
+    const auto sums = centred(a, f, ch);
     if (f.grad_weight.ptr != nullptr) {
       f.grad_weight.store(c, sums.sum_dy_xmu * ch.invstd(c));
     }
@@ -512,6 +555,20 @@ struct GradOp {
       f.residual[c] = sums.residual;
     }
   }
+
+  // The grad-input map of channel c, as StatsOp::map: what ch.map(c) gives once finalize
+  // has written the sums. (Evaluation's map reads no sums.)
+  TBN_HOST_DEVICE static ChannelMap<acc_t> map(const Acc& a,
+                                               int64_t c,
+                                               acc_t,
+                                               const FinalizeArgs<scalar_t>& f,
+                                               const ChannelArgs<scalar_t>& ch) {
+    if (ch.pass != Pass::kGradTraining) {
+      return ch.map(c);
+    }
+    const auto sums = centred(a, f, ch);
+    return ch.grad_training(c, a.dy, sums.sum_dy_xmu, sums.residual);
+  }
 };
 
 template <typename scalar_t>
@@ -519,9 +576,12 @@ struct ReduceArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
   const scalar_t* dy;  // backward only
-  scalar_t* out;       // non-null: run the elementwise pass in this kernel (splits == 1)
-  acc_t* partial;      // [Op::kPartials, splits, C] when splits > 1
-  int* semaphores;     // one per channel (planes) or per group (rows), zeroed
+  // Non-null: run the elementwise pass in this kernel (one block per channel, or a
+  // cooperative launch), with ch's map of each channel derived from its total (Op::map):
+  // ch then reads what fin writes (save_mean, save_invstd, the sums, the residual).
+  scalar_t* out;
+  acc_t* partial;   // [Op::kPartials, splits, C] when splits > 1
+  int* semaphores;  // one per channel (planes) or per group (rows), zeroed
   FinalizeArgs<scalar_t> fin;
   ChannelArgs<scalar_t> ch;
 };

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -56,11 +57,12 @@ Agreement agreement(at::ScalarType dtype) {
 // per channel or group) and without limit.
 constexpr int64_t kWaves[] = {1, 396, int64_t{1} << 20};
 
-// The elementwise kernel: every thread of every block.
-template <int VEC, typename scalar_t>
+// The elementwise pass: every thread of every block, with channel c's map map_of(c).
+template <int VEC, typename scalar_t, typename MapOf>
 void emulate_elementwise(const Layout& l,
                          int64_t wave,
                          const ChannelArgs<scalar_t>& ch,
+                         MapOf map_of,
                          const scalar_t* dy,
                          const scalar_t* x,
                          scalar_t* out) {
@@ -73,8 +75,12 @@ void emulate_elementwise(const Layout& l,
         for (int t = 0; t < kThreads; ++t) {
           const int64_t cv = (b % g.groups) * g.tx + t % g.tx;
           if (cv < g.vecs) {
+            ChannelMap<at::opmath_type<scalar_t>> map[VEC];
+            for (int k = 0; k < VEC; ++k) {
+              map[k] = map_of(cv * VEC + k);
+            }
             elementwise_rows<VEC, kReadsDy>(
-                g, cv, g.begin(s), g.begin(s + 1), t / g.tx, ch, dy, x, out);
+                g, cv, g.begin(s), g.begin(s + 1), t / g.tx, map, ch, dy, x, out);
           }
         }
       }
@@ -84,7 +90,8 @@ void emulate_elementwise(const Layout& l,
         const int64_t c = b / g.splits;
         const int64_t s = b % g.splits;
         for (int tid = 0; tid < kThreads; ++tid) {
-          elementwise_planes<VEC, kReadsDy>(g, c, g.begin(s), g.begin(s + 1), tid, ch, dy, x, out);
+          elementwise_planes<VEC, kReadsDy>(
+              g, c, g.begin(s), g.begin(s + 1), tid, map_of(c), ch, dy, x, out);
         }
       }
     }
@@ -92,8 +99,8 @@ void emulate_elementwise(const Layout& l,
 }
 
 // The merges below follow batch_norm_launch_impl.cuh's block_reduce_all, block_reduce_rows and
-// the merge of partial results by the block that finalizes, step for step: a change there
-// comes here too.
+// the merge of partial results by a merging block (the last to arrive, or each block of a
+// cooperative launch, all in the same order), step for step: a change there comes here too.
 constexpr int kWarps = kThreads / 32;
 
 // The warp shuffles of the kernels: for each m from `first` down to `last`, lane i merges
@@ -150,9 +157,9 @@ std::vector<typename Op::Acc> block_reduce_rows(
 }
 
 // The reduction kernel of Op, merging in the kernels' order (warp shuffles, then warps,
-// then, with several blocks per channel or group, the partial results in the block that
-// finalizes, which hold what the blocks' results hold); then the elementwise pass into
-// `out`, if given.
+// then, with several blocks per channel or group, the partial results in a merging block,
+// which hold what the blocks' results hold); then the elementwise pass into `out`, if
+// given.
 template <typename Op, int VEC, typename scalar_t>
 void emulate_reduce(const Layout& l,
                     int64_t wave,
@@ -234,7 +241,18 @@ void emulate_reduce(const Layout& l,
     Op::finalize(total[c], c, centre[c], args.fin, args.ch);
   }
   if (out != nullptr) {
-    emulate_elementwise<VEC>(l, wave, args.ch, args.dy, args.x, out);
+    // A block that holds a channel's total derives its map from it (Op::map); the
+    // elementwise kernel reads it back from the finalized outputs (ChannelArgs::map). The
+    // two must agree bit for bit: which one a channel gets depends on the launch.
+    using Map = ChannelMap<at::opmath_type<scalar_t>>;
+    std::vector<Map> maps(l.channels);
+    for (int64_t c = 0; c < l.channels; ++c) {
+      maps[c] = Op::map(total[c], c, centre[c], args.fin, args.ch);
+      const Map read_back = args.ch.map(c);
+      EXPECT_EQ(std::memcmp(&maps[c], &read_back, sizeof(Map)), 0) << "map of channel " << c;
+    }
+    emulate_elementwise<VEC>(
+        l, wave, args.ch, [&](int64_t c) { return maps[c]; }, args.dy, args.x, out);
   }
 }
 
@@ -261,10 +279,12 @@ struct Emulated {
     if (!training) {
       ch.mean = running_mean;
       ch.spread = running_var;
+      const auto args = channel_args<scalar_t>(Pass::kNormalizeEval, ch, l.per_channel(), eps);
       emulate_elementwise<VEC>(
           l,
           wave,
-          channel_args<scalar_t>(Pass::kNormalizeEval, ch, l.per_channel(), eps),
+          args,
+          [&](int64_t c) { return args.map(c); },
           static_cast<const scalar_t*>(nullptr),
           ptr_of<const scalar_t>(x),
           out.mutable_data_ptr<scalar_t>());
