@@ -142,6 +142,16 @@ inline int64_t choose_splits(int64_t units, int64_t rounds, int64_t wave) {
   return std::max<int64_t>(1, std::min(wave / units, rounds));
 }
 
+// Tiles (kUnroll vectors) that the busiest thread of a launch reads: the first thread of
+// a longest slice, ceil(total / splits) vectors or rows long.
+inline int64_t tiles_per_thread(const PlaneGeom& g) {
+  return ceil_div(ceil_div(g.per_channel, g.splits), int64_t{kThreads} * kUnroll);
+}
+
+inline int64_t tiles_per_thread(const RowGeom& g) {
+  return ceil_div(ceil_div(g.rows, g.splits), static_cast<int64_t>(g.ty) * kUnroll);
+}
+
 inline PlaneGeom plane_geom(const Layout& l, int vec, int64_t wave) {
   PlaneGeom g{};
   g.channels = l.channels;
@@ -177,6 +187,37 @@ inline RowGeom row_geom_of_width(const Layout& l, int vec, int64_t wave, int max
 inline RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
   const RowGeom wide = row_geom_of_width(l, vec, wave, 32);
   return wide.splits <= 2 * wide.ty ? wide : row_geom_of_width(l, vec, wave, 8);
+}
+
+// A reduction whose threads read at most this many tiles is short: what splitting it
+// costs (partial results, their merge, a second pass or a grid-wide barrier) is a large
+// part of its time, and the occupancy that more blocks buy is not.
+constexpr int64_t kShortTiles = 4;
+
+// The narrowest run of a row a group may read: 32 bytes, one sector (the unit DRAM and L2
+// move) where rows are aligned to it.
+constexpr int kSectorBytes = 32;
+
+// A reduction's groups, of vectors of `vec_bytes`: row_geom's, or, for a short reduction,
+// narrower ones where narrowing makes each group one block (splits 1) before a group's run
+// of a row gets shorter than kSectorBytes. One block per group needs no partial results,
+// no merge and no second pass (kernel or grid-wide barrier): the block runs the elementwise
+// pass itself, as with one block per channel over planes. Where the slices were limited by
+// the rows, narrowing keeps about as many blocks and rows per thread (halving tx doubles
+// the groups and about halves the slices); where they were limited by the wave, it leaves
+// more than half of it. Only short reductions (kShortTiles) are narrowed: a long one loses
+// more to fewer blocks than it saves. They get to one block per group where there are
+// many channels for the rows: the 2D [256, 4096] (float32: 256 groups of 4 vectors, each
+// thread 4 rows, against 32 groups of 8 slices) and channels-last [32, 2048, 7, 7].
+inline RowGeom reduction_row_geom(const Layout& l, int vec, int vec_bytes, int64_t wave) {
+  const RowGeom g = row_geom(l, vec, wave);
+  for (int tx = g.tx / 2; g.splits > 1 && tx * vec_bytes >= kSectorBytes; tx /= 2) {
+    const RowGeom narrow = row_geom_of_width(l, vec, wave, tx);
+    if (narrow.splits == 1 && tiles_per_thread(narrow) <= kShortTiles) {
+      return narrow;
+    }
+  }
+  return g;
 }
 
 }  // namespace cuda

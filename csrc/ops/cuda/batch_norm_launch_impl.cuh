@@ -481,7 +481,10 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   int64_t splits;
   int64_t semaphores;
   if (l.rows) {
-    rg = row_geom(l, VEC, cooperative > 0 ? cooperative : wave_size<rows_kernel>());
+    rg = reduction_row_geom(l,
+                            VEC,
+                            VEC * static_cast<int>(sizeof(scalar_t)),
+                            cooperative > 0 ? cooperative : wave_size<rows_kernel>());
     splits = rg.splits;
     semaphores = rg.groups;
   } else {

@@ -51,11 +51,24 @@ std::vector<int64_t> row_visits(
   return visits<false>([&](auto&& f) { for_each_row_tile<false>(g, cv, r0, r1, y, f); });
 }
 
+// Raises *most, if given, to the tiles a walk of `vectors` took (only its last is partial).
+void count_tiles(int64_t vectors, int64_t* most) {
+  if (most != nullptr) {
+    *most = std::max(*most, ceil_div(vectors, kUnroll));
+  }
+}
+
 // Thread `tid` of a slice [v0, v1) of channel c owns vectors v0 + tid + k * kThreads;
 // vector v of the channel lies in plane v / plane at position v % plane.
-void expect_plane_walk(
-    const PlaneGeom& g, int64_t c, int64_t v0, int64_t v1, int tid, std::vector<int>* seen) {
+void expect_plane_walk(const PlaneGeom& g,
+                       int64_t c,
+                       int64_t v0,
+                       int64_t v1,
+                       int tid,
+                       std::vector<int>* seen,
+                       int64_t* most_tiles) {
   const auto fwd = plane_visits(g, c, v0, v1, tid, false);
+  count_tiles(static_cast<int64_t>(fwd.size()), most_tiles);
   int64_t k = 0;
   for (int64_t v = v0 + tid; v < v1; v += kThreads, ++k) {
     ASSERT_LT(k, static_cast<int64_t>(fwd.size()));
@@ -72,14 +85,20 @@ void expect_plane_walk(
 
 // Thread (x, y) of slice [r0, r1) of group `group` owns column vector group * tx + x of
 // rows r0 + y + k * ty.
-void expect_row_walk(
-    const RowGeom& g, int64_t group, int64_t r0, int64_t r1, int t, std::vector<int>* seen) {
+void expect_row_walk(const RowGeom& g,
+                     int64_t group,
+                     int64_t r0,
+                     int64_t r1,
+                     int t,
+                     std::vector<int>* seen,
+                     int64_t* most_tiles) {
   const int64_t cv = group * g.tx + t % g.tx;
   const int y = t / g.tx;
   if (cv >= g.vecs) {
     return;  // the kernels skip these threads
   }
   const auto fwd = row_visits(g, cv, r0, r1, y, false);
+  count_tiles(static_cast<int64_t>(fwd.size()), most_tiles);
   int64_t k = 0;
   for (int64_t r = r0 + y; r < r1; r += g.ty, ++k) {
     ASSERT_LT(k, static_cast<int64_t>(fwd.size()));
@@ -111,35 +130,40 @@ PlaneGeom planes_with_splits(int64_t outer, int64_t channels, int64_t plane, int
   return PlaneGeom{channels, plane, outer * plane, splits};
 }
 
-// Every block and thread of a planes launch: each vector exactly once.
+// Every block and thread of a planes launch: each vector exactly once, and the busiest
+// thread as many tiles as tiles_per_thread says (launches are chosen by it).
 void expect_planes_cover(const PlaneGeom& g, int64_t outer) {
   expect_slices(g, g.per_channel);
   std::vector<int> seen(static_cast<size_t>(outer * g.channels * g.plane), 0);
+  int64_t most_tiles = 0;
   for (int64_t c = 0; c < g.channels; ++c) {
     for (int64_t s = 0; s < g.splits; ++s) {
       for (int tid = 0; tid < kThreads; ++tid) {
-        expect_plane_walk(g, c, g.begin(s), g.begin(s + 1), tid, &seen);
+        expect_plane_walk(g, c, g.begin(s), g.begin(s + 1), tid, &seen, &most_tiles);
       }
     }
   }
   for (size_t i = 0; i < seen.size(); ++i) {
     ASSERT_EQ(seen[i], 1) << "vector " << i;
   }
+  EXPECT_EQ(most_tiles, tiles_per_thread(g));
 }
 
 void expect_rows_cover(const RowGeom& g) {
   expect_slices(g, g.rows);
   std::vector<int> seen(static_cast<size_t>(g.rows * g.vecs), 0);
+  int64_t most_tiles = 0;
   for (int64_t s = 0; s < g.splits; ++s) {
     for (int64_t group = 0; group < g.groups; ++group) {
       for (int t = 0; t < kThreads; ++t) {
-        expect_row_walk(g, group, g.begin(s), g.begin(s + 1), t, &seen);
+        expect_row_walk(g, group, g.begin(s), g.begin(s + 1), t, &seen, &most_tiles);
       }
     }
   }
   for (size_t i = 0; i < seen.size(); ++i) {
     ASSERT_EQ(seen[i], 1) << "row " << i / g.vecs << ", column " << i % g.vecs;
   }
+  EXPECT_EQ(most_tiles, tiles_per_thread(g));
 }
 
 // Planes of every length against kThreads (shorter, equal, longer, not a divisor), with
@@ -179,14 +203,16 @@ TEST(CudaGeometry, RowsCoverEveryVectorOnce) {
       SCOPED_TRACE(testing::Message() << "rows " << rows << ", vectors per row " << vecs);
       const Layout l{rows, vecs, 1, true};
       for (int64_t wave : kWaves) {
-        const RowGeom g = row_geom(l, 1, wave);
-        EXPECT_EQ(g.rows, rows);
-        EXPECT_EQ(g.vecs, vecs);
-        EXPECT_EQ(g.tx * g.ty, kThreads);
-        EXPECT_TRUE(g.tx >= 1 && g.tx <= 32 && (g.tx & (g.tx - 1)) == 0) << "tx " << g.tx;
-        EXPECT_EQ(g.groups, (vecs + g.tx - 1) / g.tx);
-        EXPECT_LE(g.splits * g.groups, std::max(wave, g.groups)) << "more than one wave";
-        expect_rows_cover(g);
+        // The elementwise kernel's geometry, and a reduction's of 16-byte vectors.
+        for (const RowGeom& g : {row_geom(l, 1, wave), reduction_row_geom(l, 1, 16, wave)}) {
+          EXPECT_EQ(g.rows, rows);
+          EXPECT_EQ(g.vecs, vecs);
+          EXPECT_EQ(g.tx * g.ty, kThreads);
+          EXPECT_TRUE(g.tx >= 1 && g.tx <= 32 && (g.tx & (g.tx - 1)) == 0) << "tx " << g.tx;
+          EXPECT_EQ(g.groups, (vecs + g.tx - 1) / g.tx);
+          EXPECT_LE(g.splits * g.groups, std::max(wave, g.groups)) << "more than one wave";
+          expect_rows_cover(g);
+        }
       }
       for (int tx = 1; tx <= 32; tx *= 2) {
         for (int64_t splits : {int64_t{1}, int64_t{3}, int64_t{40}}) {
@@ -226,6 +252,32 @@ TEST(CudaGeometry, RowGroupWidth) {
   EXPECT_EQ(row_geom(Layout{1000, 12, 1, true}, 4, 396).tx, 4);
 }
 
+// A short reduction narrows its groups where that makes each one block, down to a run of
+// 32 bytes per row; else it keeps row_geom's.
+TEST(CudaGeometry, ReductionRowGroupsNarrowToOneBlock) {
+  const auto expect_geom = [](const RowGeom& g, int tx, int64_t groups, int64_t splits) {
+    EXPECT_EQ(g.tx, tx);
+    EXPECT_EQ(g.groups, groups);
+    EXPECT_EQ(g.splits, splits);
+  };
+  // [256, 4096] float32 on an H100: 256 groups of 4 vectors, not 32 groups of 8 slices.
+  expect_geom(reduction_row_geom(Layout{256, 4096, 1, true}, 4, 16, 396), 4, 256, 1);
+  // bfloat16 (2 blocks per SM): 128 groups of 4 vectors, 4 rows per thread.
+  expect_geom(reduction_row_geom(Layout{256, 4096, 1, true}, 8, 16, 264), 4, 128, 1);
+  // [32, 2048, 7, 7] float32 channels-last: from 64 groups of 6 slices to 256 groups,
+  // each a sector of a row wide.
+  expect_geom(reduction_row_geom(Layout{32 * 7 * 7, 2048, 1, true}, 4, 16, 396), 2, 256, 1);
+  // Few groups for many rows: no width gets to one block; row_geom's groups.
+  expect_geom(reduction_row_geom(Layout{32 * 28 * 28, 128, 1, true}, 4, 16, 396), 8, 4, 99);
+  // 8-byte vectors: 4 of them are a sector. 256 rows get one block per group at that
+  // width; 512 rows would need 2 vectors, so they keep row_geom's 16 slices.
+  expect_geom(reduction_row_geom(Layout{256, 1024, 1, true}, 4, 8, 264), 4, 64, 1);
+  expect_geom(reduction_row_geom(Layout{512, 1024, 1, true}, 4, 8, 264), 32, 8, 16);
+  // Long reductions keep their blocks: bfloat16 [64, 1120, 28, 28] at a wave of 132 would
+  // be one block for each of 70 groups, its threads reading 98 tiles each.
+  expect_geom(reduction_row_geom(Layout{64 * 28 * 28, 1120, 1, true}, 8, 16, 132), 8, 18, 7);
+}
+
 // No vector to cover (an empty batch): one slice, which the kernels use to finalize the
 // channel's statistics.
 TEST(CudaGeometry, EmptyBatchHasOneSlice) {
@@ -249,7 +301,7 @@ TEST(CudaGeometry, OffsetsBeyond32Bits) {
   for (int64_t c : {int64_t{0}, int64_t{6}}) {
     for (int64_t s : {int64_t{0}, p.splits / 2, p.splits - 1}) {
       for (int tid = 0; tid < kThreads; ++tid) {
-        expect_plane_walk(p, c, p.begin(s), p.begin(s + 1), tid, nullptr);
+        expect_plane_walk(p, c, p.begin(s), p.begin(s + 1), tid, nullptr, nullptr);
       }
     }
   }
@@ -258,7 +310,7 @@ TEST(CudaGeometry, OffsetsBeyond32Bits) {
   ASSERT_GT(r.rows * r.vecs, int64_t{1} << 32);
   for (int64_t s : {int64_t{0}, r.splits / 2, r.splits - 1}) {
     for (int t = 0; t < kThreads; ++t) {
-      expect_row_walk(r, 0, r.begin(s), r.begin(s + 1), t, nullptr);
+      expect_row_walk(r, 0, r.begin(s), r.begin(s + 1), t, nullptr, nullptr);
     }
   }
 }

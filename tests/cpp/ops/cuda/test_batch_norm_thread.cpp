@@ -169,7 +169,7 @@ void emulate_reduce(const Layout& l,
   std::vector<Acc> total(l.channels, Op::identity());
   std::vector<at::opmath_type<scalar_t>> centre(l.channels);
   if (l.rows) {
-    const RowGeom g = row_geom(l, VEC, wave);
+    const RowGeom g = reduction_row_geom(l, VEC, VEC * static_cast<int>(sizeof(scalar_t)), wave);
     for (int64_t group = 0; group < g.groups; ++group) {
       // partial[s][x * VEC + k]: block s's result for column x, slot k.
       std::vector<std::vector<Acc>> partial(g.splits);
@@ -419,7 +419,8 @@ GradScales grad_scales(const at::Tensor& x,
 
 // Inputs of the cases: planes (NCHW), rows (channels-last and [N, C]); long enough for
 // several blocks per channel at the unlimited wave, with runs that hold whole 16-byte
-// vectors and, for the 8-byte and 1-element widths, runs that do not. Channels alternate
+// vectors and, for the 8-byte and 1-element widths, runs that do not. [256, 256] is a
+// reduction whose groups narrow to 4 vectors of 16 bytes (reduction_row_geom). Channels alternate
 // between means +mean and -mean, so a channel that took another's values would show.
 std::vector<at::Tensor> inputs(at::ScalarType dtype, double mean, double std = 1.0) {
   const auto make = [&](at::IntArrayRef shape, bool channels_last) {
@@ -435,6 +436,7 @@ std::vector<at::Tensor> inputs(at::ScalarType dtype, double mean, double std = 1
           make({6, 16, 3, 5}, true),
           make({8, 16, 32, 32}, true),
           make({37, 24}, false),
+          make({256, 256}, false),
           make({2, 12, 7, 7}, true),
           make({20000, 4}, false),
           make({4, 4, 8, 16, 16}, false)};
