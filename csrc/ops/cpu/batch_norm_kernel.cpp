@@ -488,25 +488,38 @@ void forward_impl(
   // call per channel: a layer with many channels and few values each ([32, 4096], say)
   // spends a good part of its time here. (This, with channel_stats merging into its first
   // piece, took float32 [2, 4096] from 65 to 52 us in training forward, 1 thread; the
-  // same loop took its backward from 78 to 43 us.)
+  // same loop took its backward from 78 to 43 us.) The running statistics are updated in
+  // a loop of their own, and the main loop writes through pointers declared not to alias:
+  // the branch on them and their accessors' stores, which the compiler must assume may
+  // alias the other arrays, cost [2, 4096] 53-61 against 50 us, [32, 4096] 88-93 against
+  // 82-86. (The backward's loop, written the same way, got slower: 46 -> 68-73 us.)
   const auto finish_channels = [&](int64_t c0, int64_t c1, const Welford<double>* stats) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const acc_t mean = static_cast<acc_t>(stats[c].mean);
-      const acc_t invstd =
-          math::batch_invstd_from_m2(static_cast<acc_t>(stats[c].m2), stats[c].count, eps);
-      if (update_running) {
-        (*rm)[c] = static_cast<param_t>(
-            math::running_update(static_cast<acc_t>((*rm)[c]), mean, momentum));
+    if (update_running) {
+      for (int64_t c = c0; c < c1; ++c) {
+        (*rm)[c] = static_cast<param_t>(math::running_update(
+            static_cast<acc_t>((*rm)[c]), static_cast<acc_t>(stats[c].mean), momentum));
         (*rv)[c] = static_cast<param_t>(math::running_update(
             static_cast<acc_t>((*rv)[c]),
             static_cast<acc_t>(math::unbiased_var(stats[c].m2, stats[c].count)), momentum));
       }
-      save_m[c] = mean;
-      save_i[c] = invstd;
-      centre[c] = mean;
-      scale[c] = invstd * w[c];
+    }
+    acc_t* __restrict sm = save_m;
+    acc_t* __restrict si = save_i;
+    acc_t* __restrict ce = centre;
+    acc_t* __restrict sc = scale;
+    acc_t* __restrict sh = shift;
+    const acc_t* __restrict wc = w;
+    const acc_t* __restrict bc = b;
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc_t mean = static_cast<acc_t>(stats[c].mean);
+      const acc_t invstd =
+          math::batch_invstd_from_m2(static_cast<acc_t>(stats[c].m2), stats[c].count, eps);
+      sm[c] = mean;
+      si[c] = invstd;
+      ce[c] = mean;
+      sc[c] = invstd * wc[c];
       const double residual = stats[c].mean - static_cast<double>(mean);
-      shift[c] = b[c] - static_cast<acc_t>(residual) * scale[c];
+      sh[c] = bc[c] - static_cast<acc_t>(residual) * sc[c];
     }
   };
 
