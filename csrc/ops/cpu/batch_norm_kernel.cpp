@@ -328,6 +328,33 @@ Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
   return result;
 }
 
+// The sums (GradSums) of C channels as three arrays of C values, sum(dy), sum(dy * (x -
+// mean)) and sum(x - mean): the layout in which the channels-last reduction adds them up,
+// so that its result is used where it lies, with no merge into another buffer. Zero on
+// construction; `pieces` reserves room for that many sets of sums after the first (the
+// reduction's per-piece partial sums, merged into the first).
+class ChannelGradSums {
+ public:
+  explicit ChannelGradSums(int64_t C, int64_t pieces = 1) : C_(C), values_(3 * C * pieces, 0.0) {}
+
+  GradSums operator[](int64_t c) const {
+    return {values_[c], values_[C_ + c], values_[2 * C_ + c]};
+  }
+  void set(int64_t c, const GradSums& v) {
+    values_[c] = v.dy;
+    values_[C_ + c] = v.dy_xmu;
+    values_[2 * C_ + c] = v.xmu;
+  }
+  // The sums of piece p: sum_dy at [0, C), sum_dy_xmu at [C, 2C), sum_xmu at [2C, 3C).
+  double* piece(int64_t p) {
+    return values_.data() + 3 * C_ * p;
+  }
+
+ private:
+  int64_t C_;
+  Buffer<double> values_;
+};
+
 // The sums (GradSums) about `mean` of channel c over batch entries [n0, n1) (planes).
 template <typename scalar_t>
 GradSums channel_piece_grad_sums(
@@ -342,33 +369,33 @@ GradSums channel_piece_grad_sums(
 
 // The sums (GradSums) of every channel about its mean.
 template <typename scalar_t>
-Buffer<GradSums> channel_grad_sums(
+ChannelGradSums channel_grad_sums(
     const scalar_t* dy, const scalar_t* x, const at::opmath_type<scalar_t>* mean, const Layout& l) {
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
-  Buffer<GradSums> result(C);
   if (C == 0 || l.per_channel() == 0) {
-    return result;
+    return ChannelGradSums(C);
   }
   if (l.rows) {
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
     const int64_t blocks = cl_channel_blocks(l, pieces);
-    // per piece: sum_dy[C], sum_dy_xmu[C], sum_xmu[C]
-    Buffer<double> partial(3 * pieces * C, 0.0);
+    ChannelGradSums result(C, pieces);
     for_each_cl_task<acc_t>(
         l, pieces, blocks, 3 * C,
         [&](int64_t p, int64_t r0, int64_t r1, int64_t c0, int64_t c1, acc_t* scratch) {
-          double* sums = partial.data() + 3 * p * C;
+          double* sums = result.piece(p);
           loop.rows_grad_sums(
               dy + r0 * C + c0, x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0,
               sums + c0, sums + C + c0, sums + 2 * C + c0, scratch);
         });
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t p = 0; p < pieces; ++p) {
-        const double* sums = partial.data() + 3 * p * C;
-        result[c] += GradSums{sums[c], sums[C + c], sums[2 * C + c]};
+    // The pieces added to the first, in order.
+    double* first = result.piece(0);
+    for (int64_t p = 1; p < pieces; ++p) {
+      const double* sums = result.piece(p);
+      for (int64_t i = 0; i < 3 * C; ++i) {
+        first[i] += sums[i];
       }
     }
     return result;
@@ -383,10 +410,13 @@ Buffer<GradSums> channel_grad_sums(
           loop, dy, x, l, c, l.outer * p / pieces, l.outer * (p + 1) / pieces, mean[c]);
     }
   });
+  ChannelGradSums result(C);
   for (int64_t c = 0; c < C; ++c) {
+    GradSums total;
     for (int64_t p = 0; p < pieces; ++p) {
-      result[c] += partial[c * pieces + p];
+      total += partial[c * pieces + p];
     }
+    result.set(c, total);
   }
   return result;
 }
@@ -590,7 +620,7 @@ void backward_impl(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& save_mean, const std::optional<at::Tensor>& save_invstd,
     bool training, double eps, std::array<bool, 3> mask,
-    const GradSums* given_sums = nullptr, int64_t given_count = 0) {
+    const ChannelGradSums* given_sums = nullptr, int64_t given_count = 0) {
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
@@ -632,20 +662,20 @@ void backward_impl(
   load_channels<param_t>(weight, C, acc_t(1), w);
 
   // Channels [c0, c1) from their sums s[c0..c1), in one loop (see forward_impl).
-  const auto finish_channels = [&](int64_t c0, int64_t c1, const GradSums* s) {
+  const auto finish_channels = [&](int64_t c0, int64_t c1, const ChannelGradSums& sums) {
     for (int64_t c = c0; c < c1; ++c) {
+      const GradSums s = sums[c];
       // Training: about the batch mean, not save_mean's float32 rounding of it.
-      const auto centred = training
-          ? math::centre_grad_sums(s[c].dy, s[c].dy_xmu, s[c].xmu, total)
-          : math::CentredGradSums<double>{s[c].dy_xmu, 0.0};
+      const auto centred = training ? math::centre_grad_sums(s.dy, s.dy_xmu, s.xmu, total)
+                                    : math::CentredGradSums<double>{s.dy_xmu, 0.0};
       if (gw != nullptr) {
         gw[c] = static_cast<param_t>(static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c]);
       }
       if (gb != nullptr) {
-        gb[c] = static_cast<param_t>(static_cast<acc_t>(s[c].dy));
+        gb[c] = static_cast<param_t>(static_cast<acc_t>(s.dy));
       }
       const auto coeffs = math::grad_input_coeffs<acc_t>(
-          w[c], invstd[c], static_cast<acc_t>(s[c].dy), static_cast<acc_t>(centred.sum_dy_xmu),
+          w[c], invstd[c], static_cast<acc_t>(s.dy), static_cast<acc_t>(centred.sum_dy_xmu),
           total, training, static_cast<acc_t>(centred.residual));
       a[c] = coeffs.a;
       b[c] = coeffs.b;
@@ -677,12 +707,12 @@ void backward_impl(
   };
 
   if (given_sums != nullptr) {
-    finish_channels(0, C, given_sums);
+    finish_channels(0, C, *given_sums);
     grad_input_pass();
     return;
   }
   if (!need_sums || count == 0) {
-    finish_channels(0, C, Buffer<GradSums>(C).data());
+    finish_channels(0, C, ChannelGradSums(C));
     grad_input_pass();
     return;
   }
@@ -691,12 +721,12 @@ void backward_impl(
     // Each block of channels' dx written right after its sums, while its dy and x are
     // still in cache.
     const auto runs_fn = training ? loop.runs_grad_input : loop.runs_grad_input_eval;
-    Buffer<GradSums> sums(C);
+    ChannelGradSums sums(C);
     for_each_channel_block(l, 2 * x.element_size(), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        sums[c] = channel_piece_grad_sums(loop, dy_data, x_data, l, c, 0, l.outer, mean[c]);
+        sums.set(c, channel_piece_grad_sums(loop, dy_data, x_data, l, c, 0, l.outer, mean[c]));
       }
-      finish_channels(c0, c1, sums.data());
+      finish_channels(c0, c1, sums);
       const int64_t off = c0 * l.inner;
       runs_fn(
           dy_data + off, x_data + off, dx_data + off, l.outer, C * l.inner, c1 - c0, l.inner, c0,
@@ -704,7 +734,7 @@ void backward_impl(
     });
     return;
   }
-  finish_channels(0, C, channel_grad_sums(dy_data, x_data, mean, l).data());
+  finish_channels(0, C, channel_grad_sums(dy_data, x_data, mean, l));
   grad_input_pass();
 }
 
@@ -829,8 +859,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(
     acc_t* s = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* sx = sum_dy_xmu.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < l.channels; ++c) {
-      s[c] = static_cast<acc_t>(sums[c].dy);
-      sx[c] = static_cast<acc_t>(sums[c].dy_xmu);
+      const GradSums sc = sums[c];
+      s[c] = static_cast<acc_t>(sc.dy);
+      sx[c] = static_cast<acc_t>(sc.dy_xmu);
     }
   });
   return {sum_dy, sum_dy_xmu};
@@ -857,15 +888,15 @@ at::Tensor batch_norm_backward_elemt_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto s = channel_values<acc_t>(sum_dy);
     const auto sx = channel_values<acc_t>(sum_dy_xmu);
-    Buffer<GradSums> sums(l.channels);
+    ChannelGradSums sums(l.channels);
     for (int64_t c = 0; c < l.channels; ++c) {
-      sums[c] = GradSums{s[c], sx[c], 0.0};
+      sums.set(c, GradSums{s[c], sx[c], 0.0});
     }
     const std::array<bool, 3> mask{true, false, false};
     with_param_type<scalar_t>(mixed, [&](auto param) {
       backward_impl<scalar_t, typename decltype(param)::type>(
           dy, x, l, grad_input, unused, unused, weight, std::nullopt, std::nullopt, mean, invstd,
-          /*training=*/true, /*eps=*/0.0, mask, sums.data(), count);
+          /*training=*/true, /*eps=*/0.0, mask, &sums, count);
     });
   });
   return grad_input;
