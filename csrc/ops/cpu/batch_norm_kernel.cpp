@@ -273,41 +273,69 @@ Welford<double> channel_piece_stats(
   return acc;
 }
 
+// Mean and M2 of C channels as two arrays of C values, over `count` values each (every
+// channel has the same): the layout in which the channels-last reduction leaves them, so
+// that its result is used where it lies. Zero on construction; `pieces` reserves room for
+// that many sets after the first (per-piece partial statistics, merged into the first).
+class ChannelStats {
+ public:
+  explicit ChannelStats(int64_t C, int64_t pieces = 1) : C_(C), values_(2 * C * pieces, 0.0) {}
+
+  double mean(int64_t c) const {
+    return values_[c];
+  }
+  double m2(int64_t c) const {
+    return values_[C_ + c];
+  }
+  void set(int64_t c, const Welford<double>& w) {
+    values_[c] = w.mean;
+    values_[C_ + c] = w.m2;
+    count = w.count;
+  }
+  // The statistics of piece p: means at [0, C), M2 at [C, 2C).
+  double* piece(int64_t p) {
+    return values_.data() + 2 * C_ * p;
+  }
+
+  int64_t count = 0;
+
+ private:
+  int64_t C_;
+  Buffer<double> values_;
+};
+
 // Mean, M2 and count of every channel.
 template <typename scalar_t>
-Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
+ChannelStats channel_stats(const scalar_t* x, const Layout& l) {
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
-  Buffer<Welford<double>> result(C);
   if (C == 0 || l.per_channel() == 0) {
-    return result;
+    return ChannelStats(C);
   }
   if (l.rows) {
     const int64_t rows = l.outer;
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
     const int64_t blocks = cl_channel_blocks(l, pieces);
-    Buffer<double> partial(2 * pieces * C, 0.0);  // per piece: mean[C], m2[C]
+    ChannelStats result(C, pieces);
     for_each_cl_task<acc_t>(
         l, pieces, blocks, 3 * C,
         [&](int64_t p, int64_t r0, int64_t r1, int64_t c0, int64_t c1, acc_t* scratch) {
-          double* mean = partial.data() + 2 * p * C;
+          double* mean = result.piece(p);
           loop.rows_stats(
               x + r0 * C + c0, r1 - r0, c1 - c0, C, block, mean + c0, mean + C + c0, scratch);
         });
     // The pieces merged into the first, in order.
-    double* mean = partial.data();
+    double* mean = result.piece(0);
     double* m2 = mean + C;
     int64_t n = rows / pieces;
     for (int64_t p = 1; p < pieces; ++p) {
-      const double* piece = partial.data() + 2 * p * C;
+      const double* piece = result.piece(p);
       const int64_t piece_rows = rows * (p + 1) / pieces - rows * p / pieces;
       merge_channel_stats(mean, m2, &n, piece, piece + C, piece_rows, C);
     }
-    for (int64_t c = 0; c < C; ++c) {
-      result[c] = Welford<double>{mean[c], m2[c], n};
-    }
+    result.count = n;
     return result;
   }
   const int64_t pieces = nchw_pieces(l);
@@ -320,10 +348,13 @@ Buffer<Welford<double>> channel_stats(const scalar_t* x, const Layout& l) {
           channel_piece_stats(loop, x, l, c, l.outer * p / pieces, l.outer * (p + 1) / pieces);
     }
   });
+  ChannelStats result(C);
   for (int64_t c = 0; c < C; ++c) {
+    Welford<double> total;
     for (int64_t p = 0; p < pieces; ++p) {
-      result[c] = math::welford_merge(result[c], partial[c * pieces + p]);
+      total = math::welford_merge(total, partial[c * pieces + p]);
     }
+    result.set(c, total);
   }
   return result;
 }
@@ -441,7 +472,7 @@ void forward_impl(
     at::Tensor& save_invstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
-    const Welford<double>* given = nullptr) {
+    const ChannelStats* given = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const Loops<scalar_t>& loop = loops<scalar_t>();
   const int64_t C = l.channels;
@@ -523,14 +554,15 @@ void forward_impl(
   // the branch on them and their accessors' stores, which the compiler must assume may
   // alias the other arrays, cost [2, 4096] 53-61 against 50 us, [32, 4096] 88-93 against
   // 82-86. (The backward's loop, written the same way, got slower: 46 -> 68-73 us.)
-  const auto finish_channels = [&](int64_t c0, int64_t c1, const Welford<double>* stats) {
+  const auto finish_channels = [&](int64_t c0, int64_t c1, const ChannelStats& stats) {
+    const int64_t n = stats.count;
     if (update_running) {
       for (int64_t c = c0; c < c1; ++c) {
         (*rm)[c] = static_cast<param_t>(math::running_update(
-            static_cast<acc_t>((*rm)[c]), static_cast<acc_t>(stats[c].mean), momentum));
+            static_cast<acc_t>((*rm)[c]), static_cast<acc_t>(stats.mean(c)), momentum));
         (*rv)[c] = static_cast<param_t>(math::running_update(
-            static_cast<acc_t>((*rv)[c]),
-            static_cast<acc_t>(math::unbiased_var(stats[c].m2, stats[c].count)), momentum));
+            static_cast<acc_t>((*rv)[c]), static_cast<acc_t>(math::unbiased_var(stats.m2(c), n)),
+            momentum));
       }
     }
     acc_t* __restrict sm = save_m;
@@ -541,37 +573,36 @@ void forward_impl(
     const acc_t* __restrict wc = w;
     const acc_t* __restrict bc = b;
     for (int64_t c = c0; c < c1; ++c) {
-      const acc_t mean = static_cast<acc_t>(stats[c].mean);
-      const acc_t invstd =
-          math::batch_invstd_from_m2(static_cast<acc_t>(stats[c].m2), stats[c].count, eps);
+      const acc_t mean = static_cast<acc_t>(stats.mean(c));
+      const acc_t invstd = math::batch_invstd_from_m2(static_cast<acc_t>(stats.m2(c)), n, eps);
       sm[c] = mean;
       si[c] = invstd;
       ce[c] = mean;
       sc[c] = invstd * wc[c];
-      const double residual = stats[c].mean - static_cast<double>(mean);
+      const double residual = stats.mean(c) - static_cast<double>(mean);
       sh[c] = bc[c] - static_cast<acc_t>(residual) * sc[c];
     }
   };
 
   if (given != nullptr) {
-    finish_channels(0, C, given);
+    finish_channels(0, C, *given);
     normalize();
     return;
   }
   if (count == 0) {
-    finish_channels(0, C, Buffer<Welford<double>>(C).data());
+    finish_channels(0, C, ChannelStats(C));
     return;
   }
 
   if (!l.rows && nchw_pieces(l) == 1) {
     // Each block of channels normalised right after its statistics, while it is still in
     // cache (L2): memory is read once, not twice.
-    Buffer<Welford<double>> stats(C);
+    ChannelStats stats(C);
     for_each_channel_block(l, x.element_size(), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        stats[c] = channel_piece_stats(loop, x_data, l, c, 0, l.outer);
+        stats.set(c, channel_piece_stats(loop, x_data, l, c, 0, l.outer));
       }
-      finish_channels(c0, c1, stats.data());
+      finish_channels(c0, c1, stats);
       const int64_t off = c0 * l.inner;
       loop.runs_affine(
           x_data + off, y_data + off, l.outer, C * l.inner, c1 - c0, l.inner, c0, C, centre,
@@ -579,7 +610,7 @@ void forward_impl(
     });
     return;
   }
-  finish_channels(0, C, channel_stats(x_data, l).data());
+  finish_channels(0, C, channel_stats(x_data, l));
   normalize();
 }
 
@@ -797,8 +828,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
     acc_t* mean_data = mean.mutable_data_ptr<acc_t>();
     acc_t* m2_data = m2.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < l.channels; ++c) {
-      mean_data[c] = static_cast<acc_t>(stats[c].mean);
-      m2_data[c] = static_cast<acc_t>(stats[c].m2);
+      mean_data[c] = static_cast<acc_t>(stats.mean(c));
+      m2_data[c] = static_cast<acc_t>(stats.m2(c));
     }
   });
   return {mean, m2};
@@ -827,14 +858,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_with_stats_cpu
     using acc_t = at::opmath_type<scalar_t>;
     const auto means = channel_values<acc_t>(mean);
     const auto m2s = channel_values<acc_t>(m2);
-    Buffer<Welford<double>> given(l.channels);
+    ChannelStats given(l.channels);
     for (int64_t c = 0; c < l.channels; ++c) {
-      given[c] = Welford<double>{means[c], m2s[c], count};
+      given.set(c, Welford<double>{means[c], m2s[c], count});
     }
     with_param_type<scalar_t>(mixed, [&](auto param) {
       forward_impl<scalar_t, typename decltype(param)::type>(
           x, l, out, save_mean, save_invstd, weight, bias, running_mean, running_var,
-          /*training=*/true, momentum, eps, given.data());
+          /*training=*/true, momentum, eps, &given);
     });
   });
   return {out, save_mean, save_invstd};
