@@ -692,25 +692,36 @@ void backward_impl(
   }
   load_channels<param_t>(weight, C, acc_t(1), w);
 
-  // Channels [c0, c1) from their sums s[c0..c1), in one loop (see forward_impl).
+  // Channels [c0, c1) from their sums s[c0..c1), in one loop (see forward_impl), compiled
+  // for training and for evaluation: with `training` a run-time value, the loop divided
+  // by the count for every channel (the division sits behind the branch on it, and may
+  // trap, so the compiler leaves it there).
   const auto finish_channels = [&](int64_t c0, int64_t c1, const ChannelGradSums& sums) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const GradSums s = sums[c];
-      // Training: about the batch mean, not save_mean's float32 rounding of it.
-      const auto centred = training ? math::centre_grad_sums(s.dy, s.dy_xmu, s.xmu, total)
-                                    : math::CentredGradSums<double>{s.dy_xmu, 0.0};
-      if (gw != nullptr) {
-        gw[c] = static_cast<param_t>(static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c]);
+    const auto finish = [&](auto is_training) {
+      constexpr bool kTraining = decltype(is_training)::value;
+      for (int64_t c = c0; c < c1; ++c) {
+        const GradSums s = sums[c];
+        // Training: about the batch mean, not save_mean's float32 rounding of it.
+        const auto centred = kTraining ? math::centre_grad_sums(s.dy, s.dy_xmu, s.xmu, total)
+                                       : math::CentredGradSums<double>{s.dy_xmu, 0.0};
+        if (gw != nullptr) {
+          gw[c] = static_cast<param_t>(static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c]);
+        }
+        if (gb != nullptr) {
+          gb[c] = static_cast<param_t>(static_cast<acc_t>(s.dy));
+        }
+        const auto coeffs = math::grad_input_coeffs<acc_t>(
+            w[c], invstd[c], static_cast<acc_t>(s.dy), static_cast<acc_t>(centred.sum_dy_xmu),
+            total, kTraining, static_cast<acc_t>(centred.residual));
+        a[c] = coeffs.a;
+        b[c] = coeffs.b;
+        k[c] = coeffs.c;
       }
-      if (gb != nullptr) {
-        gb[c] = static_cast<param_t>(static_cast<acc_t>(s.dy));
-      }
-      const auto coeffs = math::grad_input_coeffs<acc_t>(
-          w[c], invstd[c], static_cast<acc_t>(s.dy), static_cast<acc_t>(centred.sum_dy_xmu),
-          total, training, static_cast<acc_t>(centred.residual));
-      a[c] = coeffs.a;
-      b[c] = coeffs.b;
-      k[c] = coeffs.c;
+    };
+    if (training) {
+      finish(std::true_type{});
+    } else {
+      finish(std::false_type{});
     }
   };
   const bool need_sums = training ? (mask[0] || mask[1] || mask[2]) : (mask[1] || mask[2]);
