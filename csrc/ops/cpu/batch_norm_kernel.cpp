@@ -273,35 +273,53 @@ Welford<double> channel_piece_stats(
   return acc;
 }
 
-// Mean and M2 of C channels as two arrays of C values, over `count` values each (every
-// channel has the same): the layout in which the channels-last reduction leaves them, so
-// that its result is used where it lies. Zero on construction; `pieces` reserves room for
-// that many sets after the first (per-piece partial statistics, merged into the first).
-class ChannelStats {
+// K per-channel arrays of C doubles, one after another: the layout in which the
+// channels-last reductions leave their results (rows_stats, rows_grad_sums), so that the
+// per-channel finish reads them where they lie. Zero on construction; `pieces` reserves
+// room for that many sets of K arrays after the first (a reduction's per-piece partial
+// results, merged into the first).
+template <int K>
+class ChannelArrays {
  public:
-  explicit ChannelStats(int64_t C, int64_t pieces = 1) : C_(C), values_(2 * C * pieces, 0.0) {}
+  explicit ChannelArrays(int64_t C, int64_t pieces = 1) : C_(C), values_(K * C * pieces, 0.0) {}
 
-  double mean(int64_t c) const {
-    return values_[c];
-  }
-  double m2(int64_t c) const {
-    return values_[C_ + c];
-  }
-  void set(int64_t c, const Welford<double>& w) {
-    values_[c] = w.mean;
-    values_[C_ + c] = w.m2;
-    count = w.count;
-  }
-  // The statistics of piece p: means at [0, C), M2 at [C, 2C).
+  // The K arrays of piece p, array k at [k * C, (k + 1) * C).
   double* piece(int64_t p) {
-    return values_.data() + 2 * C_ * p;
+    return values_.data() + K * C_ * p;
   }
 
-  int64_t count = 0;
+ protected:
+  double at(int k, int64_t c) const {
+    return values_[k * C_ + c];
+  }
+  double& at(int k, int64_t c) {
+    return values_[k * C_ + c];
+  }
 
  private:
   int64_t C_;
   Buffer<double> values_;
+};
+
+// Mean and M2 of every channel (arrays 0 and 1), over `count` values each: every channel
+// has as many.
+class ChannelStats : public ChannelArrays<2> {
+ public:
+  using ChannelArrays::ChannelArrays;
+
+  double mean(int64_t c) const {
+    return at(0, c);
+  }
+  double m2(int64_t c) const {
+    return at(1, c);
+  }
+  void set(int64_t c, const Welford<double>& w) {
+    at(0, c) = w.mean;
+    at(1, c) = w.m2;
+    count = w.count;
+  }
+
+  int64_t count = 0;
 };
 
 // Mean, M2 and count of every channel.
@@ -359,31 +377,20 @@ ChannelStats channel_stats(const scalar_t* x, const Layout& l) {
   return result;
 }
 
-// The sums (GradSums) of C channels as three arrays of C values, sum(dy), sum(dy * (x -
-// mean)) and sum(x - mean): the layout in which the channels-last reduction adds them up,
-// so that its result is used where it lies, with no merge into another buffer. Zero on
-// construction; `pieces` reserves room for that many sets of sums after the first (the
-// reduction's per-piece partial sums, merged into the first).
-class ChannelGradSums {
+// The sums (GradSums) of every channel: sum(dy), sum(dy * (x - mean)) and sum(x - mean) in
+// arrays 0, 1 and 2.
+class ChannelGradSums : public ChannelArrays<3> {
  public:
-  explicit ChannelGradSums(int64_t C, int64_t pieces = 1) : C_(C), values_(3 * C * pieces, 0.0) {}
+  using ChannelArrays::ChannelArrays;
 
   GradSums operator[](int64_t c) const {
-    return {values_[c], values_[C_ + c], values_[2 * C_ + c]};
+    return {at(0, c), at(1, c), at(2, c)};
   }
   void set(int64_t c, const GradSums& v) {
-    values_[c] = v.dy;
-    values_[C_ + c] = v.dy_xmu;
-    values_[2 * C_ + c] = v.xmu;
+    at(0, c) = v.dy;
+    at(1, c) = v.dy_xmu;
+    at(2, c) = v.xmu;
   }
-  // The sums of piece p: sum_dy at [0, C), sum_dy_xmu at [C, 2C), sum_xmu at [2C, 3C).
-  double* piece(int64_t p) {
-    return values_.data() + 3 * C_ * p;
-  }
-
- private:
-  int64_t C_;
-  Buffer<double> values_;
 };
 
 // The sums (GradSums) about `mean` of channel c over batch entries [n0, n1) (planes).
@@ -553,7 +560,7 @@ void forward_impl(
   // a loop of their own, and the main loop writes through pointers declared not to alias:
   // the branch on them and their accessors' stores, which the compiler must assume may
   // alias the other arrays, cost [2, 4096] 53-61 against 50 us, [32, 4096] 88-93 against
-  // 82-86. (The backward's loop, written the same way, got slower: 46 -> 68-73 us.)
+  // 82-86 (cpu-optimisations.md).
   const auto finish_channels = [&](int64_t c0, int64_t c1, const ChannelStats& stats) {
     const int64_t n = stats.count;
     if (update_running) {
@@ -692,7 +699,7 @@ void backward_impl(
   }
   load_channels<param_t>(weight, C, acc_t(1), w);
 
-  // Channels [c0, c1) from their sums s[c0..c1), in one loop (see forward_impl), compiled
+  // Channels [c0, c1) from sums[c0..c1), in one loop (see forward_impl), compiled
   // for training and for evaluation: with `training` a run-time value, the loop divided
   // by the count for every channel (the division sits behind the branch on it, and may
   // trap, so the compiler leaves it there).
