@@ -211,7 +211,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t s = blockIdx.x % g.splits;
   const int64_t v0 = g.begin(s);
   const int64_t v1 = g.begin(s + 1);
-  Acc acc = thread_reduce_planes<Op, VEC>(g, c, v0, v1, threadIdx.x, args);
+  __shared__ acc_t shared_centre;
+  if (threadIdx.x == 0) {
+    shared_centre = plane_centre<Op, VEC>(g, c, args);
+  }
+  __syncthreads();
+  const acc_t centre = shared_centre;
+  Acc acc = thread_reduce_planes<Op, VEC>(g, c, v0, v1, threadIdx.x, args, centre);
   acc = block_reduce_all<Op>(acc, smem);
 
   bool finalizes = true;  // this block writes the channel's outputs
@@ -242,7 +248,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   __shared__ ChannelMap<acc_t> map;
   if (threadIdx.x == 0) {
-    const acc_t centre = plane_centre<Op, VEC>(g, c, args);
     if (finalizes) {
       Op::finalize(acc, c, centre, args.fin, args.ch);
     }
@@ -274,8 +279,22 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r1 = g.begin(s + 1);
   const int64_t channels = g.vecs * VEC;
 
+  // centres[x * VEC + k]: the centre of slot k of column x; tx <= 32.
+  __shared__ acc_t centres[32 * VEC];
+  if (y == 0) {
+    TBN_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      centres[threadIdx.x * VEC + k] = active ? row_centre<Op, VEC>(g, cv * VEC + k, args) : 0;
+    }
+  }
+  __syncthreads();
+  acc_t centre[VEC];
+  TBN_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    centre[k] = centres[(threadIdx.x & (g.tx - 1)) * VEC + k];
+  }
   Acc acc[VEC];
-  thread_reduce_rows<Op, VEC>(g, active ? cv : 0, r0, active ? r1 : r0, y, args, acc);
+  thread_reduce_rows<Op, VEC>(g, active ? cv : 0, r0, active ? r1 : r0, y, args, centre, acc);
   block_reduce_rows<Op, VEC>(acc, g.tx, smem);
 
   // Thread t < tx * VEC owns the result of channel vector t / VEC, slot t % VEC.
@@ -321,12 +340,12 @@ __global__ void __launch_bounds__(kThreads)
   // maps[t]: the map of the channel that thread t owns; tx <= 32.
   __shared__ ChannelMap<acc_t> maps[32 * VEC];
   if (owner) {
-    const acc_t centre = row_centre<Op, VEC>(g, own_channel, args);
+    // Thread t's channel is slot t % VEC of column t / VEC.
     if (finalizes) {
-      Op::finalize(total, own_channel, centre, args.fin, args.ch);
+      Op::finalize(total, own_channel, centres[t], args.fin, args.ch);
     }
     if (args.out != nullptr) {
-      maps[t] = Op::map(total, own_channel, centre, args.fin, args.ch);
+      maps[t] = Op::map(total, own_channel, centres[t], args.fin, args.ch);
     }
   }
   if (args.out != nullptr) {

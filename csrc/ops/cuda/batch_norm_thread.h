@@ -596,7 +596,9 @@ struct TileView {
 };
 
 // Op's centre (StatsOp::centre, GradOp::centre) for channel c of planes and of rows: the
-// same for every thread and block of the channel and for its finalization.
+// same for every thread and block of the channel and for its finalization. A block takes
+// it once and shares it: the values it reads are the same few for every block of the
+// channel, and a load of them by every thread of every block queues at their L2 lines.
 template <typename Op, int VEC, typename scalar_t>
 TBN_HOST_DEVICE at::opmath_type<scalar_t> plane_centre(const PlaneGeom& g,
                                                        int64_t c,
@@ -612,16 +614,18 @@ TBN_HOST_DEVICE at::opmath_type<scalar_t> row_centre(const RowGeom& g,
   return Op::centre(args, c, ChannelValues{c, 1, g.vecs * VEC, g.rows});
 }
 
-// A thread's share of a planes reduction: its vectors of channel c in [v0, v1).
+// A thread's share of a planes reduction: its vectors of channel c in [v0, v1), about the
+// channel's centre (plane_centre).
 template <typename Op, int VEC, typename scalar_t>
 TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(const PlaneGeom& g,
                                                       int64_t c,
                                                       int64_t v0,
                                                       int64_t v1,
                                                       int tid,
-                                                      const ReduceArgs<scalar_t>& args) {
+                                                      const ReduceArgs<scalar_t>& args,
+                                                      at::opmath_type<scalar_t> channel_centre) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t centre[1] = {plane_centre<Op, VEC>(g, c, args)};
+  const acc_t centre[1] = {channel_centre};
   typename Op::Acc acc[1] = {Op::identity()};
   for_each_plane_tile<false>(g, c, v0, v1, tid, [&](const int64_t (&offs)[kUnroll], int n) {
     Pack<scalar_t, VEC> xs[kUnroll];
@@ -635,7 +639,8 @@ TBN_HOST_DEVICE typename Op::Acc thread_reduce_planes(const PlaneGeom& g,
   return acc[0];
 }
 
-// A thread's share of a rows reduction: channels cv * VEC + k of rows r0 + y, r0 + y + ty, ...
+// A thread's share of a rows reduction: channels cv * VEC + k of rows r0 + y, r0 + y + ty, ...,
+// about their centres (row_centre).
 template <typename Op, int VEC, typename scalar_t>
 TBN_HOST_DEVICE void thread_reduce_rows(const RowGeom& g,
                                         int64_t cv,
@@ -643,13 +648,11 @@ TBN_HOST_DEVICE void thread_reduce_rows(const RowGeom& g,
                                         int64_t r1,
                                         int y,
                                         const ReduceArgs<scalar_t>& args,
+                                        const at::opmath_type<scalar_t> (&centre)[VEC],
                                         typename Op::Acc (&acc)[VEC]) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc_t centre[VEC];
   TBN_UNROLL
   for (int k = 0; k < VEC; ++k) {
     acc[k] = Op::identity();
-    centre[k] = row_centre<Op, VEC>(g, cv * VEC + k, args);
   }
   for_each_row_tile<false>(g, cv, r0, r1, y, [&](const int64_t (&offs)[kUnroll], int n) {
     Pack<scalar_t, VEC> xs[kUnroll];

@@ -178,6 +178,10 @@ void emulate_reduce(const Layout& l,
         for (int t = 0; t < kThreads; ++t) {
           const int64_t cv = group * g.tx + t % g.tx;
           const bool active = cv < g.vecs;
+          at::opmath_type<scalar_t> centres[VEC] = {};
+          for (int k = 0; active && k < VEC; ++k) {
+            centres[k] = row_centre<Op, VEC>(g, cv * VEC + k, args);
+          }
           Acc acc[VEC];
           thread_reduce_rows<Op, VEC>(g,
                                       active ? cv : 0,
@@ -185,6 +189,7 @@ void emulate_reduce(const Layout& l,
                                       active ? g.begin(s + 1) : g.begin(s),
                                       t / g.tx,
                                       args,
+                                      centres,
                                       acc);
           std::copy(acc, acc + VEC, v[t].begin());
         }
@@ -217,10 +222,12 @@ void emulate_reduce(const Layout& l,
     const PlaneGeom g = plane_geom(l, VEC, wave);
     std::vector<Acc> v(kThreads);
     for (int64_t c = 0; c < g.channels; ++c) {
+      centre[c] = plane_centre<Op, VEC>(g, c, args);
       std::vector<Acc> partial(g.splits);
       for (int64_t s = 0; s < g.splits; ++s) {
         for (int tid = 0; tid < kThreads; ++tid) {
-          v[tid] = thread_reduce_planes<Op, VEC>(g, c, g.begin(s), g.begin(s + 1), tid, args);
+          v[tid] = thread_reduce_planes<Op, VEC>(
+              g, c, g.begin(s), g.begin(s + 1), tid, args, centre[c]);
         }
         partial[s] = block_reduce_all<Op>(v);
       }
@@ -234,7 +241,6 @@ void emulate_reduce(const Layout& l,
         }
         total[c] = block_reduce_all<Op>(v);
       }
-      centre[c] = plane_centre<Op, VEC>(g, c, args);
     }
   }
   for (int64_t c = 0; c < l.channels; ++c) {
