@@ -194,6 +194,24 @@ inline RowGeom row_geom(const Layout& l, int vec, int64_t wave) {
 // part of its time, and the occupancy that more blocks buy is not.
 constexpr int64_t kShortTiles = 4;
 
+// A split reduction whose threads read at least this many tiles at the cooperative wave
+// is long: bound by bandwidth, it gains more from the blocks a plain launch adds than the
+// split costs it there (partial results merged by the last block, a second kernel).
+constexpr int64_t kLongTiles = 12;
+
+// Whether a split reduction, whose busiest thread reads `tiles` at the cooperative wave
+// `cooperative`, is launched cooperatively (0: the device or the kernel has no cooperative
+// launch) rather than plainly at the full wave `plain`. A cooperative launch leaves one
+// block per SM free; where the kernel fits two per SM (the bfloat16 kernels over rows),
+// that halves the bytes in flight, which a long reduction pays for in bandwidth. An H200
+// measured it (benchmarks/results/cuda-h200.md): plain launches of long bfloat16
+// channels-last reductions took 11-16% off their gradient kernels ([64, 256, 56, 56]:
+// training step 307 -> 261 us), but float32 ones (3 blocks per SM, cooperatively 2) and
+// short ones lost up to 35%.
+inline bool launch_cooperatively(int64_t splits, int64_t tiles, int64_t cooperative, int64_t plain) {
+  return splits > 1 && cooperative > 0 && (2 * cooperative > plain || tiles < kLongTiles);
+}
+
 // The narrowest run of a row a group may read: 32 bytes, one sector (the unit DRAM and L2
 // move) where rows are aligned to it.
 constexpr int kSectorBytes = 32;

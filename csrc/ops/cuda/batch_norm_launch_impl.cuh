@@ -18,11 +18,13 @@
 //                (deterministic) to finalize the channel: saved statistics (or mean and M2)
 //                and the in-place running-stat update, or grad_weight, grad_bias and the
 //                sums. No host synchronisation anywhere. Where the device allows, a split
-//                reduction is launched cooperatively (all its blocks resident at once): the
-//                blocks wait for each other at a grid-wide barrier, then every block of a
-//                channel merges its partial results, in the same order to the same total,
-//                and the first writes the outputs. Otherwise the last block of each channel
-//                to finish (an atomic count of arrivals) merges and finalizes.
+//                reduction is launched cooperatively (all its blocks resident at once),
+//                unless it is long and that would leave it half the blocks of a plain launch
+//                (launch_cooperatively): the blocks wait for each other at a grid-wide
+//                barrier, then every block of a channel merges its partial results, in the
+//                same order to the same total, and the first writes the outputs. Otherwise
+//                the last block of each channel to finish (an atomic count of arrivals)
+//                merges and finalizes.
 //   elementwise  out = a * dy + (b * (x - m) + c) with per-channel a, b, c, m: normalize
 //                (a = 0) and grad input alike. A block that holds a channel's total (it
 //                owns the whole channel, or it is in a cooperative launch) runs this pass
@@ -484,7 +486,9 @@ void launch_cooperative(void (*kernel)(Geom, ReduceArgs<scalar_t>),
 
 // Runs the reduction of Op and, when args.out is set, the elementwise pass: in one kernel
 // when one block owns each channel or the split reduction is launched cooperatively
-// (cooperative_wave), else as a second kernel after the reduction's.
+// (cooperative_wave, launch_cooperatively), else as a second kernel after the reduction's.
+// Shapes are taken at the cooperative wave, at which more layers get one block per channel
+// (or group); a split reduction that launches plainly takes the full wave's.
 template <typename Op, typename scalar_t, int VEC>
 void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t> args) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -495,23 +499,30 @@ void launch_reduce(const Layout& l, const at::Tensor& like, ReduceArgs<scalar_t>
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t cooperative =
       l.rows ? cooperative_wave<rows_grid_sync>() : cooperative_wave<planes_grid_sync>();
+  const int64_t plain = l.rows ? wave_size<rows_kernel>() : wave_size<planes_kernel>();
   PlaneGeom pg{};
   RowGeom rg{};
-  int64_t splits;
-  int64_t semaphores;
-  if (l.rows) {
-    rg = reduction_row_geom(l,
-                            VEC,
-                            VEC * static_cast<int>(sizeof(scalar_t)),
-                            cooperative > 0 ? cooperative : wave_size<rows_kernel>());
-    splits = rg.splits;
-    semaphores = rg.groups;
-  } else {
-    pg = plane_geom(l, VEC, cooperative > 0 ? cooperative : wave_size<planes_kernel>());
-    splits = pg.splits;
-    semaphores = l.channels;
+  int64_t splits = 0;
+  int64_t semaphores = 0;
+  int64_t tiles = 0;
+  const auto shape = [&](int64_t wave) {
+    if (l.rows) {
+      rg = reduction_row_geom(l, VEC, VEC * static_cast<int>(sizeof(scalar_t)), wave);
+      splits = rg.splits;
+      semaphores = rg.groups;
+      tiles = tiles_per_thread(rg);
+    } else {
+      pg = plane_geom(l, VEC, wave);
+      splits = pg.splits;
+      semaphores = l.channels;
+      tiles = tiles_per_thread(pg);
+    }
+  };
+  shape(cooperative > 0 ? cooperative : plain);
+  const bool grid_sync = launch_cooperatively(splits, tiles, cooperative, plain);
+  if (cooperative > 0 && splits > 1 && !grid_sync) {
+    shape(plain);
   }
-  const bool grid_sync = splits > 1 && cooperative > 0;
   scalar_t* out = args.out;
   const bool fused = splits == 1 || grid_sync;
   if (!fused) {

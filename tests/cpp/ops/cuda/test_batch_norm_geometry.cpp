@@ -278,6 +278,26 @@ TEST(CudaGeometry, ReductionRowGroupsNarrowToOneBlock) {
   expect_geom(reduction_row_geom(Layout{64 * 28 * 28, 1120, 1, true}, 8, 16, 132), 8, 18, 7);
 }
 
+// A split reduction launches plainly, at the full wave, only where it is long and the
+// cooperative wave is half the full one or less.
+TEST(CudaGeometry, LongSplitReductionsAtHalfTheWaveLaunchPlainly) {
+  const auto tiles = [](int64_t rows, int64_t channels, int vec, int64_t wave) {
+    return tiles_per_thread(reduction_row_geom(Layout{rows, channels, 1, true}, vec, 16, wave));
+  };
+  // bfloat16 channels-last on 132 SMs (2 blocks per SM, cooperatively 1): [64, 256, 56, 56]
+  // reads 48 tiles a thread at the cooperative wave and launches plainly; [32, 256, 28, 28]
+  // reads 6 and stays cooperative.
+  EXPECT_EQ(tiles(64 * 56 * 56, 256, 8, 132), 48);
+  EXPECT_FALSE(launch_cooperatively(33, 48, 132, 264));
+  EXPECT_EQ(tiles(32 * 28 * 28, 256, 8, 132), 6);
+  EXPECT_TRUE(launch_cooperatively(33, 6, 132, 264));
+  // float32 (3 blocks per SM, cooperatively 2): cooperative however long.
+  EXPECT_TRUE(launch_cooperatively(33, 48, 264, 396));
+  // One block per group, or no cooperative launch on the device: nothing to launch so.
+  EXPECT_FALSE(launch_cooperatively(1, 48, 132, 264));
+  EXPECT_FALSE(launch_cooperatively(33, 6, 0, 264));
+}
+
 // No vector to cover (an empty batch): one slice, which the kernels use to finalize the
 // channel's statistics.
 TEST(CudaGeometry, EmptyBatchHasOneSlice) {
