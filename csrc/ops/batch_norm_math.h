@@ -67,14 +67,19 @@ TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& 
   return out;
 }
 
-// Combines the statistics of two disjoint sets of values.
+// Combines the statistics of two disjoint sets of values. An empty side leaves the other
+// as it is (as ATen's WelfordOps::combine): no division, which on a GPU takes its slow path
+// for a zero share, and no M2 term, which for a mean whose square overflows would be
+// inf * 0 = NaN.
 template <typename T>
 TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
-  const int64_t count = a.count + b.count;
-  if (count == 0) {
+  if (b.count == 0) {
     return a;
   }
-  return welford_merge(a, b, static_cast<T>(b.count) / static_cast<T>(count));
+  if (a.count == 0) {
+    return b;
+  }
+  return welford_merge(a, b, static_cast<T>(b.count) / static_cast<T>(a.count + b.count));
 }
 
 // The shift of a two-pass reduction from its first pass's mean: that mean where finite,

@@ -148,6 +148,9 @@ __device__ typename Op::Acc block_reduce_all(typename Op::Acc v, typename Op::Ac
 // threadIdx.x % tx). On return smem[x * K + k] holds the result of column x, slot k.
 template <typename Op, int K>
 __device__ void block_reduce_rows(typename Op::Acc (&acc)[K], int tx, typename Op::Acc* smem) {
+  // Callers come from loops of a different length per thread: reconverged, the warp takes
+  // the shuffles' fast path.
+  __syncwarp();
   // Lanes of a warp that share a column are tx apart.
   for (int m = 16; m >= tx; m >>= 1) {
     TBN_UNROLL
@@ -329,10 +332,15 @@ __global__ void __launch_bounds__(kThreads)
     if (active) {
       for (int64_t p = y; p < g.splits; p += g.ty) {
         const int64_t count = g.begin(p + 1) - g.begin(p);
+        // All loads first, then the merges: one trip to L2 rather than one per slot.
+        Acc part[VEC];
         TBN_UNROLL
         for (int k = 0; k < VEC; ++k) {
-          acc[k] = Op::merge(
-              acc[k], Op::load_partial(args.partial, stride, p * channels + cv * VEC + k, count));
+          part[k] = Op::load_partial(args.partial, stride, p * channels + cv * VEC + k, count);
+        }
+        TBN_UNROLL
+        for (int k = 0; k < VEC; ++k) {
+          acc[k] = Op::merge(acc[k], part[k]);
         }
       }
     }
