@@ -181,9 +181,9 @@ TBN_HOST_DEVICE GradInputCoeffs<T> grad_input_coeffs(
   const T inv_n = T(1) / static_cast<T>(count);
   k.b = -k.a * invstd * invstd * sum_dy_xmu * inv_n;
   k.c = -k.a * sum_dy * inv_n;
-  if (residual != T(0)) {  // an infinite b (an infinite dy) times 0 would be NaN
-    k.c -= k.b * residual;
-  }
+  // Not for a zero residual: an infinite b (an infinite dy) times 0 would be NaN. A select,
+  // as in centre_grad_sums.
+  k.c = residual != T(0) ? k.c - k.b * residual : k.c;
   return k;
 }
 
@@ -204,14 +204,16 @@ TBN_HOST_DEVICE CentredGradSums<T> centre_grad_sums(T sum_dy,
                                                     T sum_dy_xmu,
                                                     T sum_xmu,
                                                     int64_t count) {
-  const T residual = count > 0 ? sum_xmu / static_cast<T>(count) : T(0);
+  // Selects on values of T rather than branches, so that loops over channels vectorise:
+  // the division is taken for every count (by 1 for none, which the select then drops).
+  const T n = static_cast<T>(count);
+  const T quotient = sum_xmu / (n > T(0) ? n : T(1));
+  const T residual = n > T(0) ? quotient : T(0);
   const T shift = residual * sum_dy;
-  if (!is_finite(shift)) {
-    // An infinite dy: the sums about save_mean, whose infinities are torch's (about mu,
-    // they would turn into NaN).
-    return {sum_dy_xmu, T(0)};
-  }
-  return {sum_dy_xmu - shift, residual};
+  // Where the shift is not finite (an infinite dy), the sums about save_mean, whose
+  // infinities are torch's (about mu, they would turn into NaN).
+  const bool finite = is_finite(shift);
+  return {finite ? sum_dy_xmu - shift : sum_dy_xmu, finite ? residual : T(0)};
 }
 
 }  // namespace math

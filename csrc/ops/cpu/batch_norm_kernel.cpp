@@ -32,6 +32,18 @@
 #include "ops/batch_norm_math.h"
 #include "ops/cpu/batch_norm_loops.h"
 
+// Before a loop over channels whose arrays are distinct: no iteration depends on another.
+// A per-channel loop that reads and writes ten arrays has more pairs than GCC checks for
+// overlap at run time (10, --param vect-max-version-for-alias-checks), and it then leaves
+// the loop scalar.
+#if defined(__clang__)
+#define TBN_INDEPENDENT_ITERATIONS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define TBN_INDEPENDENT_ITERATIONS _Pragma("GCC ivdep")
+#else
+#define TBN_INDEPENDENT_ITERATIONS
+#endif
+
 namespace torch_batchnorm {
 namespace cpu {
 namespace {
@@ -676,8 +688,11 @@ void backward_impl(
   // Training reads dy and x for dx, evaluation dy alone.
   const bool stream =
       mask[0] && streams(grad_input, l, /*tensors=*/training ? 3 : 2, kStreamBytes);
-  param_t* gw = mask[1] ? grad_weight.mutable_data_ptr<param_t>() : nullptr;
-  param_t* gb = mask[2] ? grad_bias.mutable_data_ptr<param_t>() : nullptr;
+  // grad_weight and grad_bias not asked for go to scratch arrays, so that the per-channel
+  // loop stores without a branch and vectorises.
+  Buffer<param_t> discard(mask[1] && mask[2] ? 0 : 2 * C);
+  param_t* gw = mask[1] ? grad_weight.mutable_data_ptr<param_t>() : discard.data();
+  param_t* gb = mask[2] ? grad_bias.mutable_data_ptr<param_t>() : discard.data() + C;
 
   // Per channel: mean, invstd, weight, and dx = a * dy + b * (x - mean) + k.
   Buffer<acc_t> buffer(6 * C);
@@ -702,21 +717,21 @@ void backward_impl(
   // Channels [c0, c1) from sums[c0..c1), in one loop (see forward_impl), compiled
   // for training and for evaluation: with `training` a run-time value, the loop divided
   // by the count for every channel (the division sits behind the branch on it, and may
-  // trap, so the compiler leaves it there).
+  // trap, so the compiler leaves it there). Vectorised: no branch in it (the math's
+  // selects, the discard arrays above; this file is compiled with -fno-trapping-math, so
+  // that selects between floating-point values need not stay branches) and no check for
+  // overlap between its arrays (TBN_INDEPENDENT_ITERATIONS).
   const auto finish_channels = [&](int64_t c0, int64_t c1, const ChannelGradSums& sums) {
     const auto finish = [&](auto is_training) {
       constexpr bool kTraining = decltype(is_training)::value;
+      TBN_INDEPENDENT_ITERATIONS
       for (int64_t c = c0; c < c1; ++c) {
         const GradSums s = sums[c];
         // Training: about the batch mean, not save_mean's float32 rounding of it.
         const auto centred = kTraining ? math::centre_grad_sums(s.dy, s.dy_xmu, s.xmu, total)
                                        : math::CentredGradSums<double>{s.dy_xmu, 0.0};
-        if (gw != nullptr) {
-          gw[c] = static_cast<param_t>(static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c]);
-        }
-        if (gb != nullptr) {
-          gb[c] = static_cast<param_t>(static_cast<acc_t>(s.dy));
-        }
+        gw[c] = static_cast<param_t>(static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c]);
+        gb[c] = static_cast<param_t>(static_cast<acc_t>(s.dy));
         const auto coeffs = math::grad_input_coeffs<acc_t>(
             w[c], invstd[c], static_cast<acc_t>(s.dy), static_cast<acc_t>(centred.sum_dy_xmu),
             total, kTraining, static_cast<acc_t>(centred.residual));
