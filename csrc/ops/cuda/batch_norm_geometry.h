@@ -208,7 +208,10 @@ constexpr int64_t kLongTiles = 12;
 // channels-last reductions took 11-16% off their gradient kernels ([64, 256, 56, 56]:
 // training step 307 -> 261 us), but float32 ones (3 blocks per SM, cooperatively 2) and
 // short ones lost up to 35%.
-inline bool launch_cooperatively(int64_t splits, int64_t tiles, int64_t cooperative, int64_t plain) {
+inline bool launch_cooperatively(int64_t splits,
+                                 int64_t tiles,
+                                 int64_t cooperative,
+                                 int64_t plain) {
   return splits > 1 && cooperative > 0 && (2 * cooperative > plain || tiles < kLongTiles);
 }
 

@@ -597,8 +597,8 @@ struct TileView {
 
 // Op's centre (StatsOp::centre, GradOp::centre) for channel c of planes and of rows: the
 // same for every thread and block of the channel and for its finalization. A block takes
-// it once and shares it: the values it reads are the same few for every block of the
-// channel, and a load of them by every thread of every block queues at their L2 lines.
+// it once, in one thread per column (rows) or per block (planes), and shares it through
+// shared memory with its other threads and with the finalization after the merge.
 template <typename Op, int VEC, typename scalar_t>
 TBN_HOST_DEVICE at::opmath_type<scalar_t> plane_centre(const PlaneGeom& g,
                                                        int64_t c,

@@ -226,8 +226,8 @@ void emulate_reduce(const Layout& l,
       std::vector<Acc> partial(g.splits);
       for (int64_t s = 0; s < g.splits; ++s) {
         for (int tid = 0; tid < kThreads; ++tid) {
-          v[tid] = thread_reduce_planes<Op, VEC>(
-              g, c, g.begin(s), g.begin(s + 1), tid, args, centre[c]);
+          v[tid] =
+              thread_reduce_planes<Op, VEC>(g, c, g.begin(s), g.begin(s + 1), tid, args, centre[c]);
         }
         partial[s] = block_reduce_all<Op>(v);
       }
