@@ -45,6 +45,16 @@ TBN_HOST_DEVICE T merged_mean(T a, T b, T b_frac) {
   return is_finite(a) ? a + (b - a) * b_frac : a + b;
 }
 
+// The M2 term of a merge of two disjoint sets of values, delta^2 * n_a * n_b / (n_a + n_b),
+// from the means' difference and weight = n_a * n_b / (n_a + n_b): 0 where a side is empty
+// (weight 0). There delta is the other side's mean, whose square alone may overflow (a
+// mean beyond 1.8e19 in float, 1.3e154 in double) where M2 does not, and inf * 0 would
+// make M2 NaN. A select rather than a branch, so that loops over channels vectorise.
+template <typename T>
+TBN_HOST_DEVICE T merge_m2_term(T delta, T weight) {
+  return weight != T(0) ? delta * delta * weight : T(0);
+}
+
 // Adds one value.
 template <typename T>
 TBN_HOST_DEVICE void welford_step(Welford<T>& w, T x) {
@@ -62,7 +72,7 @@ TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& 
   const T delta = b.mean - a.mean;
   Welford<T> out;
   out.mean = merged_mean(a.mean, b.mean, b_frac);
-  out.m2 = a.m2 + b.m2 + delta * delta * static_cast<T>(a.count) * b_frac;
+  out.m2 = a.m2 + b.m2 + merge_m2_term(delta, static_cast<T>(a.count) * b_frac);
   out.count = a.count + b.count;
   return out;
 }

@@ -345,3 +345,65 @@ def test_close_values_against_float64(shape, layout, values, device):
     out64.backward(grad_out.double())
     assert_close(out, out64.float(), "output")
     assert_close(x_ours.grad, x64.grad.float(), "input grad")
+
+
+# Values whose squares overflow their dtype while their M2 does not. float64: a channel
+# constant at 1e160 (squares past 1.8e308; a spread that float64 resolves there squares
+# to some 1e280, so only a constant channel has a variance in range).
+# float32: values about 2e19 (squares past 3.4e38) with a spread of 4e17, the first two of
+# each channel 3e18 to either side, so that the CUDA kernels' centre (StatsOp::centre) is 0
+# and the statistics are gathered about it.
+OVERFLOW_SHAPES = [
+    ((300, 4), "contiguous"),
+    ((8, 4, 10, 10), "contiguous"),
+    ((8, 4, 6, 6), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "shape,layout", OVERFLOW_SHAPES, ids=[f"{s}-{l}" for s, l in OVERFLOW_SHAPES]
+)
+def test_values_whose_squares_overflow(shape, layout, dtype, device):
+    """Finite statistics and outputs, those of a float64 computation (for the constant
+    channel, the exact ones: mean 1e160, variance 0, outputs equal to the bias): a first
+    merge of partial statistics into an empty total took delta^2 * 0 = inf * 0, and the
+    variance and every output of the channel came out NaN."""
+    C = shape[1]
+    count = math.prod(shape) // C
+    if dtype == torch.float64:
+        values = torch.full((C, count), 1e160, dtype=torch.float64)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        values = torch.randn(C, count, generator=generator, dtype=torch.float64) * 4e17 + 2e19
+        values[:, 0] -= 3e18
+        values[:, 1] += 3e18
+    # [C, count] in the order (N, spatial...) of the values of a channel.
+    logical = values.view((C, shape[0]) + shape[2:]).transpose(0, 1).to(dtype)
+    x = logical.contiguous(
+        memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    )
+    weight, bias = torch.rand(C, dtype=dtype) + 0.5, torch.rand(C, dtype=dtype) - 0.5
+    running_mean, running_var = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
+    momentum, eps = 0.1, 1e-5
+    if dtype == torch.float64:
+        # Exact (torch's own float64 mean of the constant may round away from it).
+        mean_ref = torch.full((C,), 1e160, dtype=torch.float64)
+        invstd_ref = torch.full((C,), 1 / math.sqrt(eps), dtype=torch.float64)
+        out_ref = bias.view((1, C) + (1,) * (len(shape) - 2)).expand(shape)
+        rm_ref = momentum * mean_ref + (1 - momentum) * running_mean
+        rv_ref = (1 - momentum) * running_var
+    else:
+        out_ref, mean_ref, invstd_ref, rm_ref, rv_ref = _reference(
+            x, running_mean, running_var, weight, bias, momentum, eps
+        )
+
+    params = [t.to(device) for t in (weight, bias, running_mean, running_var)]
+    out, save_mean, save_invstd = (
+        t.cpu() for t in ops.batch_norm_forward(x.to(device), *params, True, momentum, eps)
+    )
+    assert_close(save_mean.double(), mean_ref, "save_mean", dtype)
+    assert_close(save_invstd.double(), invstd_ref, "save_invstd", dtype)
+    assert_close(params[2].cpu().double(), rm_ref, "running_mean", dtype)
+    assert_close(params[3].cpu().double(), rv_ref, "running_var", dtype)
+    assert_close(out.double(), out_ref, "output", dtype)

@@ -250,7 +250,7 @@ void merge_channel_stats(
   for (int64_t c = 0; c < C; ++c) {
     const double delta = mean_b[c] - mean[c];
     mean[c] = math::merged_mean(mean[c], mean_b[c], frac);
-    m2[c] += m2_b[c] + delta * delta * weight;
+    m2[c] += m2_b[c] + math::merge_m2_term(delta, weight);
   }
   *n_a = n;
 }

@@ -997,7 +997,7 @@ void rows_stats(
       const double mean_b = static_cast<double>(shift[c]) + corr;
       const double delta = mean_b - mean[c];
       mean[c] = math::merged_mean(mean[c], mean_b, frac);
-      m2[c] += m2_b + delta * delta * weight;
+      m2[c] += m2_b + math::merge_m2_term(delta, weight);
     }
   }
 }

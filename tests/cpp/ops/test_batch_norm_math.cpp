@@ -144,6 +144,25 @@ TYPED_TEST(WelfordTest, MergeWithEmpty) {
   EXPECT_EQ(none.m2, T(0));
 }
 
+// Values whose mean squared overflows, with an M2 that does not: merged into nothing (the
+// first merge of a running total, with the share 1 as with the share of the values),
+// they keep their statistics rather than an M2 of inf * 0 = NaN.
+TYPED_TEST(WelfordTest, MergeIntoEmptyPastTheSquaresRange) {
+  using T = TypeParam;
+  const T big = std::sqrt(std::numeric_limits<T>::max()) * T(4);
+  const T spread = big / T(1024);
+  const std::vector<T> x{big, big + spread, big - spread};
+  const Welford<T> w = steps(x, 0, x.size());
+  ASSERT_TRUE(std::isfinite(w.m2));
+  for (const Welford<T>& m :
+       {welford_merge(Welford<T>{}, w, T(1)), welford_merge(Welford<T>{}, w)}) {
+    EXPECT_EQ(m.count, w.count);
+    EXPECT_EQ(m.mean, w.mean);
+    EXPECT_EQ(m.m2, w.m2);
+  }
+  EXPECT_EQ(merge_m2_term(big, T(0)), T(0));
+}
+
 TYPED_TEST(WelfordTest, FromShiftedSums) {
   using T = TypeParam;
   const auto x = random_values<T>(513, 100.0, 0.25, 5);

@@ -706,6 +706,45 @@ TEST(CudaThread, FirstValueOutliers) {
   }
 }
 
+// Values about 2e19, whose squares overflow float32 and whose M2 does not, with the first
+// two of each channel 3e18 to either side, so that the three a centre is taken from
+// disagree and the statistics are gathered about 0: a thread's first tile, merged into its
+// empty total, still gives its M2 rather than inf * 0 = NaN, and the statistics agree
+// with the CPU kernels', which accumulate in double.
+TEST(CudaThread, ValuesWhoseSquaresOverflow) {
+  const Agreement tol = agreement(at::kFloat);
+  at::manual_seed(0);
+  for (const at::Tensor& like : {at::empty({8, 4, 10, 10}),
+                                 at::empty({8, 8, 6, 6}, at::MemoryFormat::ChannelsLast),
+                                 at::empty({300, 8})}) {
+    const int64_t C = like.size(1);
+    // [C, values] in the order the kernels reduce them, written back into x's layout.
+    const at::Tensor values = at::randn({C, like.numel() / C}, at::kDouble).mul_(4e17).add_(2e19);
+    values.select(1, 0).sub_(3e18);
+    values.select(1, 1).add_(3e18);
+    at::Tensor x = at::empty_like(like);
+    x.transpose(0, 1).copy_(values.view(x.transpose(0, 1).sizes()));
+    SCOPED_TRACE(testing::Message() << "[" << x.sizes() << "]");
+    for (int64_t wave : kWaves) {
+      SCOPED_TRACE(testing::Message() << "wave " << wave);
+      at::Tensor rm = at::zeros({C});
+      at::Tensor rv = at::ones({C});
+      at::Tensor rm_cpu = rm.clone();
+      at::Tensor rv_cpu = rv.clone();
+      const auto [y, save_mean, save_invstd] =
+          Emulated<float, 4>{wave}.forward(x, at::Tensor(), at::Tensor(), rm, rv, true, 0.1, 1e-5);
+      const auto [y_cpu, save_mean_cpu, save_invstd_cpu] =
+          batch_norm_forward(x, std::nullopt, std::nullopt, rm_cpu, rv_cpu, true, 0.1, 1e-5);
+      ASSERT_TRUE(save_invstd_cpu.isfinite().all().item<bool>());
+      EXPECT_TRUE(all_close(y, y_cpu, tol.out)) << "output";
+      EXPECT_TRUE(all_close(save_mean, save_mean_cpu, tol.stats)) << "saved mean";
+      EXPECT_TRUE(all_close(save_invstd, save_invstd_cpu, tol.stats)) << "saved invstd";
+      EXPECT_TRUE(all_close(rm, rm_cpu, tol.stats)) << "running mean";
+      EXPECT_TRUE(all_close(rv, rv_cpu, tol.stats)) << "running var";
+    }
+  }
+}
+
 TEST(CudaThread, Double) {
   expect_matches_cpu<double, 2>(at::kDouble, 0.0);
   expect_matches_cpu<double, 1>(at::kDouble, 0.0);
