@@ -413,6 +413,29 @@ def test_functional(precision, shape, momentum, eps, training, stats, device):
                 assert_close(ours.grad, t.grad.to(ours.dtype), f"{name} grad")
 
 
+@pytest.mark.parametrize(
+    "training,stats",
+    [(True, True), (True, False), (False, True)],
+    ids=["train", "train_no_stats", "eval"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_float32_bias_without_weight(dtype, training, stats, device):
+    """A float32 bias and no weight make a float16/bfloat16 call mixed precision, as in
+    torch's kernels: the bias gradient is a float32 sum of grad_out, not that sum rounded
+    to the input's dtype (0.35 off in bfloat16 here, where the backward op, which takes no
+    bias, was told of no float32 parameter)."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (64, 3, 8, 8)
+    x = (torch.randn(shape, generator=generator) * 3 + 1).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(shape, generator=generator).to(device, dtype)
+    bias = torch.zeros(3, device=device, requires_grad=True)
+    rm, rv = (torch.zeros(3, device=device), torch.ones(3, device=device)) if stats else (None,) * 2
+    out = tbn.functional.batch_norm(x, rm, rv, None, bias, training=training)
+    out.backward(grad_out)
+    assert bias.grad.dtype == torch.float32
+    assert_close(bias.grad, grad_out.double().sum((0, 2, 3)).float(), "bias grad")
+
+
 # torch's forward reads a weight and bias of any shape that holds C values as if flat:
 # parameters kept as [1, C, 1, 1] to broadcast against the input, say. (Its backward then
 # raises "TensorAccessor expected 1 dims" on the CPU; ours gives their gradients.)

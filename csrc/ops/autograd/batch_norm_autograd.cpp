@@ -456,6 +456,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
   return grads;
 }
 
+// The weight the backward node saves. Without a weight, a float32 bias of a float16 or
+// bfloat16 input makes torch's kernels run in mixed precision, and its gradient a float32
+// sum; batch_norm_backward, which takes no bias, learns of mixed precision from the weight
+// and the running statistics alone, and would round that sum to the input's dtype. A
+// weight of ones in the bias's dtype tells it, and leaves every other gradient as it is.
+std::optional<at::Tensor> backward_weight(const at::Tensor& input,
+                                          const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias) {
+  if (is_defined(weight) || !is_defined(bias) || bias->scalar_type() == input.scalar_type()) {
+    return weight;
+  }
+  return at::ones({bias->numel()}, bias->options());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -483,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_autograd(
     // The arguments are saved before the kernel runs: one that cannot be saved (an
     // inference tensor) fails the call before the running statistics are updated.
     grad_fn->saved_[0] = Node::save(input);
-    grad_fn->saved_[1] = Node::save(weight);
+    grad_fn->saved_[1] = Node::save(backward_weight(input, weight, bias));
     grad_fn->saved_[2] = Node::save(training ? std::nullopt : running_mean);
     grad_fn->saved_[3] = Node::save(training ? std::nullopt : running_var);
   }
