@@ -5,12 +5,16 @@
 #include <array>
 #include <optional>
 
+#include "torch_batchnorm/macros.h"
+
 namespace torch_batchnorm {
 
 // The one validation routine of batch_norm_forward. Every backend kernel calls it
-// before it reads or writes anything, so a rejected call leaves all buffers untouched.
-// Messages and exception types follow torch.nn.functional.batch_norm.
-void check_batch_norm_forward(
+// before it reads or writes anything, so a rejected call leaves all buffers untouched,
+// and so does the fake kernel (through the Python module), so that tracing rejects it too.
+// Messages and exception types follow torch.nn.functional.batch_norm. Exported for that
+// module, as are the other ops' routines.
+TBN_API void check_batch_norm_forward(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
@@ -20,7 +24,7 @@ void check_batch_norm_forward(
     double eps);
 
 // The one validation routine of batch_norm_backward.
-void check_batch_norm_backward(
+TBN_API void check_batch_norm_backward(
     const at::Tensor& grad_out,
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -34,9 +38,9 @@ void check_batch_norm_backward(
 // Validation of the ops that split training into pieces, for statistics that span
 // several processes (SyncBatchNorm): local statistics, normalisation with given (global)
 // statistics, the local backward sums, and the input gradient from global sums.
-void check_batch_norm_stats(const at::Tensor& input);
+TBN_API void check_batch_norm_stats(const at::Tensor& input);
 
-void check_batch_norm_forward_with_stats(
+TBN_API void check_batch_norm_forward_with_stats(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
@@ -47,13 +51,13 @@ void check_batch_norm_forward_with_stats(
     int64_t count,
     double eps);
 
-void check_batch_norm_backward_reduce(
+TBN_API void check_batch_norm_backward_reduce(
     const at::Tensor& grad_out,
     const at::Tensor& input,
     const at::Tensor& mean,
     const at::Tensor& invstd);
 
-void check_batch_norm_backward_elemt(
+TBN_API void check_batch_norm_backward_elemt(
     const at::Tensor& grad_out,
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,

@@ -5,10 +5,26 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "ops/batch_norm_check.h"
 #include "torch_batchnorm/functional.h"
 #include "torch_batchnorm/ops.h"
 
 namespace py = pybind11;
+
+namespace {
+
+// Binds an op's validation routine, raising torch's exception types (ValueError,
+// IndexError, ...) as the op does.
+template <typename... Args>
+void def_check(py::module_& m, const char* name, void (*check)(Args...)) {
+  m.def(name, [check](Args... args) {
+    HANDLE_TH_ERRORS
+    check(args...);
+    END_HANDLE_TH_ERRORS_PYBIND
+  });
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_batchnorm native library: BatchNorm ops under torch.ops.torch_batchnorm";
@@ -34,4 +50,13 @@ PYBIND11_MODULE(_C, m) {
         END_HANDLE_TH_ERRORS_PYBIND
       },
       "torch_batchnorm::batch_norm (the output of batch_norm_forward), for eager calls.");
+  // The ops' validation routines, for their fake kernels (_fake.py): tracing (torch.compile,
+  // torch.export, the meta device) rejects what the kernels would, in the same words.
+  namespace tbn = torch_batchnorm;
+  def_check(m, "check_batch_norm_forward", &tbn::check_batch_norm_forward);
+  def_check(m, "check_batch_norm_backward", &tbn::check_batch_norm_backward);
+  def_check(m, "check_batch_norm_stats", &tbn::check_batch_norm_stats);
+  def_check(m, "check_batch_norm_forward_with_stats", &tbn::check_batch_norm_forward_with_stats);
+  def_check(m, "check_batch_norm_backward_reduce", &tbn::check_batch_norm_backward_reduce);
+  def_check(m, "check_batch_norm_backward_elemt", &tbn::check_batch_norm_backward_elemt);
 }

@@ -4,6 +4,8 @@ torch.export trace them without running the kernels."""
 import torch
 from torch._prims_common import check_same_device, suggest_memory_format
 
+from . import _C
+
 _ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
@@ -16,6 +18,21 @@ def _same_device(input, *others):
     statistics on the meta device dispatches to these kernels, not to the CPU kernel
     (Meta outranks CPU), so without it that call would return an empty CPU tensor."""
     check_same_device(input, *(t for t in others if t is not None), allow_cpu_scalar_tensors=False)
+
+
+def _check(check, *args):
+    """Runs the op's validation routine, the one its kernels run first (batch_norm_check.cpp),
+    so that a call that the kernels would reject fails while it is traced, with their
+    exception and words, rather than as a graph that fails when it runs (torch.export) or
+    as an error about the gradients it was traced to have (torch.compile). Not where a size
+    is symbolic (dynamic shapes): the routine reads sizes as integers, and the kernels
+    check such a call when it runs."""
+    for arg in args:
+        if isinstance(arg, torch.SymInt) or (
+            isinstance(arg, torch.Tensor) and not all(isinstance(size, int) for size in arg.shape)
+        ):
+            return
+    check(*args)
 
 
 def _dense_format(t):
@@ -62,6 +79,9 @@ def _batch_norm_forward_fake(
     input, weight, bias, running_mean, running_var, training, momentum, eps
 ):
     _same_device(input, weight, bias, running_mean, running_var)
+    _check(
+        _C.check_batch_norm_forward, input, weight, bias, running_mean, running_var, training, eps
+    )
     channels = input.shape[1] if training else 0
     stats = input.new_empty((channels,), dtype=_acc_dtype(input.dtype))
     return _like_input(input), stats, stats.clone()
@@ -81,6 +101,18 @@ def _batch_norm_backward_fake(
     output_mask,
 ):
     _same_device(input, grad_out, weight, running_mean, running_var, save_mean, save_invstd)
+    _check(
+        _C.check_batch_norm_backward,
+        grad_out,
+        input,
+        weight,
+        running_mean,
+        running_var,
+        save_mean,
+        save_invstd,
+        training,
+        eps,
+    )
     channels = input.shape[1]
     mixed = input.dtype in _ACC and any(
         t is not None and t.dtype == torch.float32 for t in (weight, running_mean, running_var)
@@ -99,6 +131,7 @@ def _channel_stats(input, n=2):
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_stats")
 def _batch_norm_stats_fake(input):
+    _check(_C.check_batch_norm_stats, input)
     return _channel_stats(input)
 
 
@@ -107,12 +140,25 @@ def _batch_norm_forward_with_stats_fake(
     input, weight, bias, running_mean, running_var, mean, m2, count, momentum, eps
 ):
     _same_device(input, weight, bias, running_mean, running_var, mean, m2)
+    _check(
+        _C.check_batch_norm_forward_with_stats,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        mean,
+        m2,
+        count,
+        eps,
+    )
     return (_like_input(input), *_channel_stats(input))
 
 
 @torch.library.register_fake("torch_batchnorm::batch_norm_backward_reduce")
 def _batch_norm_backward_reduce_fake(grad_out, input, mean, invstd):
     _same_device(input, grad_out, mean, invstd)
+    _check(_C.check_batch_norm_backward_reduce, grad_out, input, mean, invstd)
     return _channel_stats(input)
 
 
@@ -121,4 +167,15 @@ def _batch_norm_backward_elemt_fake(
     grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count
 ):
     _same_device(input, grad_out, weight, mean, invstd, sum_dy, sum_dy_xmu)
+    _check(
+        _C.check_batch_norm_backward_elemt,
+        grad_out,
+        input,
+        weight,
+        mean,
+        invstd,
+        sum_dy,
+        sum_dy_xmu,
+        count,
+    )
     return _like_input(input)

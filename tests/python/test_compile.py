@@ -155,6 +155,34 @@ def test_export_train():
     assert exported.bn1d.num_batches_tracked.item() == 3
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("transform", ["compile", "export"])
+def test_rejected_while_traced(transform, training):
+    """A layer of 3 channels given 4: torch.compile and torch.export fail while they trace
+    it, with the exception and words of torch's (the op's validation routine runs in its
+    fake kernel), rather than as a program that fails when it runs or, compiled, as an
+    error about the gradients it was traced to have."""
+
+    def trace(cls):
+        layer = cls(3).train(training)
+        x = torch.randn(4, 4, 5, 5)
+        if transform == "export":
+            torch.export.export(layer, (x,))
+        else:
+            torch._dynamo.reset()
+            torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+
+    errors = []
+    for cls in (torch.nn.BatchNorm2d, tbn.BatchNorm2d):
+        with pytest.raises(Exception) as info:
+            trace(cls)
+        errors.append((info.type, str(info.value)))
+    (torch_type, torch_message), (ours_type, ours_message) = errors
+    assert ours_type is torch_type
+    assert "running_mean should contain 4 elements not 3" in torch_message
+    assert "running_mean should contain 4 elements not 3" in ours_message
+
+
 @pytest.mark.parametrize("dynamo", [True, False], ids=["torch.export", "torch.jit.trace"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_onnx_export(training, dynamo):

@@ -510,6 +510,19 @@ def test_forward_op_rejects(case):
     assert_unchanged(before, [args["running_mean"], args["running_var"]], "running stats")
 
 
+def _on_meta(args):
+    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@pytest.mark.parametrize("case", FORWARD_OP_CASES, ids=[c[0] for c in FORWARD_OP_CASES])
+def test_forward_op_rejects_on_meta(case):
+    """The fake kernel runs the op's validation routine: on the meta device, and so while
+    torch.compile and torch.export trace a call, it fails as the kernels fail it."""
+    _, overrides, message = case
+    with pytest.raises((RuntimeError, IndexError), match=message):
+        ops.batch_norm_forward(**_on_meta(_forward_args(**overrides)))
+
+
 def _backward_args(**overrides):
     x = torch.randn(4, C, 3)
     args = {
@@ -565,6 +578,17 @@ def test_backward_op_rejects(case):
     _, overrides, message = case
     with pytest.raises((RuntimeError, ValueError, NotImplementedError), match=message):
         ops.batch_norm_backward(**_backward_args(**overrides))
+
+
+_BACKWARD_OFF_META = [c for c in BACKWARD_OP_CASES if not c[0].endswith("_on_meta")]
+
+
+@pytest.mark.parametrize("case", _BACKWARD_OFF_META, ids=[c[0] for c in _BACKWARD_OFF_META])
+def test_backward_op_rejects_on_meta(case):
+    """As test_forward_op_rejects_on_meta."""
+    _, overrides, message = case
+    with pytest.raises((RuntimeError, ValueError, NotImplementedError), match=message):
+        ops.batch_norm_backward(**_on_meta(_backward_args(**overrides)))
 
 
 # ---------------------------------------------------------------------------------------
