@@ -153,7 +153,10 @@ class SyncBatchNorm(_Freezable, torch.nn.modules.batchnorm._BatchNorm):
         momentum = 0.0 if self.momentum is None else self.momentum
         training = self.training and not self.frozen
         track = training and self.track_running_stats
-        if track and self.num_batches_tracked is not None and self.momentum is None:
+        if track and self.num_batches_tracked is None:
+            # torch's SyncBatchNorm refuses it here (its BatchNormNd skip the count).
+            raise AssertionError("num_batches_tracked must not be None")
+        if track and self.momentum is None:
             momentum = 1.0 / float(self.num_batches_tracked + 1)
         bn_training = training or (self.running_mean is None and self.running_var is None)
         use_buffers = not training or self.track_running_stats

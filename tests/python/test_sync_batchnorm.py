@@ -224,6 +224,20 @@ def test_sync_batchnorm_without_process_group_is_batchnorm():
     torch.testing.assert_close(sync(x), ref(x))
 
 
+def test_training_without_num_batches_tracked_is_refused_as_torchs():
+    """torch's SyncBatchNorm refuses to train tracking running statistics without the
+    count (its BatchNormNd skip it), before any buffer changes."""
+    errors = []
+    for cls in (torch.nn.SyncBatchNorm, tbn.SyncBatchNorm):
+        layer = cls(3)
+        layer.num_batches_tracked = None
+        with pytest.raises(AssertionError) as info:
+            layer(torch.randn(4, 3))
+        errors.append(str(info.value))
+        assert torch.equal(layer.running_mean, torch.zeros(3))
+    assert errors[0] == errors[1]
+
+
 def _local_module(case):
     """The case's module, in the mode of the case ("eval" or "frozen", which normalises
     with the rank's own data when there are no running statistics)."""
