@@ -159,19 +159,40 @@ def _split_training_samples(channels_last):
     return {
         ops.batch_norm_stats.default: (x,),
         ops.batch_norm_forward_with_stats.default: (
-            x, weight, bias, running_mean, running_var, mean, m2, count, 0.1, 1e-5,
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            mean,
+            m2,
+            count,
+            0.1,
+            1e-5,
         ),
         ops.batch_norm_backward_reduce.default: (grad_out, x, save_mean, save_invstd),
         ops.batch_norm_backward_elemt.default: (
-            grad_out, x, weight, save_mean, save_invstd, sum_dy, sum_dy_xmu, count,
+            grad_out,
+            x,
+            weight,
+            save_mean,
+            save_invstd,
+            sum_dy,
+            sum_dy_xmu,
+            count,
         ),
     }
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize(
-    "op", ["batch_norm_stats", "batch_norm_forward_with_stats", "batch_norm_backward_reduce",
-           "batch_norm_backward_elemt"],
+    "op",
+    [
+        "batch_norm_stats",
+        "batch_norm_forward_with_stats",
+        "batch_norm_backward_reduce",
+        "batch_norm_backward_elemt",
+    ],
 )
 def test_split_training_ops(op, channels_last):
     samples = _split_training_samples(channels_last)
@@ -188,7 +209,9 @@ def test_split_training_ops_compose_to_the_training_ops():
     out, save_mean, save_invstd = ops.batch_norm_forward_with_stats(
         x, weight, bias, None, None, mean, m2, count, 0.1, 1e-5
     )
-    ref_out, ref_mean, ref_invstd = ops.batch_norm_forward(x, weight, bias, None, None, True, 0.1, 1e-5)
+    ref_out, ref_mean, ref_invstd = ops.batch_norm_forward(
+        x, weight, bias, None, None, True, 0.1, 1e-5
+    )
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(save_mean, ref_mean)
     torch.testing.assert_close(save_invstd, ref_invstd)

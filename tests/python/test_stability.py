@@ -362,7 +362,7 @@ OVERFLOW_SHAPES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(
-    "shape,layout", OVERFLOW_SHAPES, ids=[f"{s}-{l}" for s, l in OVERFLOW_SHAPES]
+    "shape,layout", OVERFLOW_SHAPES, ids=[f"{shape}-{layout}" for shape, layout in OVERFLOW_SHAPES]
 )
 def test_values_whose_squares_overflow(shape, layout, dtype, device):
     """Finite statistics and outputs, those of a float64 computation (for the constant
