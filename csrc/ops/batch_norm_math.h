@@ -49,7 +49,8 @@ TBN_HOST_DEVICE T merged_mean(T a, T b, T b_frac) {
 // from the means' difference and weight = n_a * n_b / (n_a + n_b): 0 where a side is empty
 // (weight 0). There delta is the other side's mean, whose square alone may overflow (a
 // mean beyond 1.8e19 in float, 1.3e154 in double) where M2 does not, and inf * 0 would
-// make M2 NaN. A select rather than a branch, so that loops over channels vectorise.
+// make M2 NaN. Branch-free (both sides computed, one kept), so that the loops over
+// channels that take it still vectorise.
 template <typename T>
 TBN_HOST_DEVICE T merge_m2_term(T delta, T weight) {
   return weight != T(0) ? delta * delta * weight : T(0);
@@ -79,8 +80,7 @@ TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& 
 
 // Combines the statistics of two disjoint sets of values. An empty side leaves the other
 // as it is (as ATen's WelfordOps::combine): no division, which on a GPU takes its slow path
-// for a zero share, and no M2 term, which for a mean whose square overflows would be
-// inf * 0 = NaN.
+// for a zero share.
 template <typename T>
 TBN_HOST_DEVICE Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
   if (b.count == 0) {

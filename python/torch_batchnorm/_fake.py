@@ -24,12 +24,12 @@ def _check(check, *args):
     """Runs the op's validation routine, the one its kernels run first (batch_norm_check.cpp),
     so that a call that the kernels would reject fails while it is traced, with their
     exception and words, rather than as a graph that fails when it runs (torch.export) or
-    as an error about the gradients it was traced to have (torch.compile). Not where a size
-    is symbolic (dynamic shapes): the routine reads sizes as integers, and the kernels
-    check such a call when it runs."""
+    as an error about the gradients it was traced to have (torch.compile). Not where a
+    size, stride or offset is symbolic (dynamic shapes): the routine reads the tensors'
+    metadata as integers, and the kernels check such a call when it runs."""
     for arg in args:
         if isinstance(arg, torch.SymInt) or (
-            isinstance(arg, torch.Tensor) and not all(isinstance(size, int) for size in arg.shape)
+            isinstance(arg, torch.Tensor) and arg._has_symbolic_sizes_strides
         ):
             return
     check(*args)

@@ -37,7 +37,14 @@ def _merge_statistics(gathered: Tensor, channels: int):
         # (an infinity among its values) takes the other as a sum would, inf + finite = inf,
         # where the difference would make it NaN.
         mean = torch.where(mean.isfinite(), mean + delta * frac, mean + row[:channels])
-        m2 = m2 + row[channels : 2 * channels] + delta * delta * count * frac
+        # No M2 term next to an empty side (batch_norm_math.h, merge_m2_term): there delta
+        # is the other side's mean, whose square alone may overflow (inf * 0 = NaN).
+        weight = count * frac
+        m2 = (
+            m2
+            + row[channels : 2 * channels]
+            + torch.where(weight != 0, delta * delta * weight, 0.0)
+        )
         count = total
     return mean, m2, count
 

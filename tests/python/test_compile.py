@@ -183,6 +183,26 @@ def test_rejected_while_traced(transform, training):
     assert "running_mean should contain 4 elements not 3" in ours_message
 
 
+@pytest.mark.parametrize("dynamic", ["all", "weight_stride"])
+def test_valid_calls_trace_with_symbolic_shapes(dynamic):
+    """The fake kernels leave calls with a symbolic size, stride or offset to the kernels'
+    own validation, which reads them as integers: a compiled call with dynamic shapes, and
+    one whose sizes are static but whose weight, a column of a table of dynamic width, has
+    a symbolic stride, run as eagerly."""
+
+    def fn(x, table):
+        return tbn.functional.batch_norm(x, None, None, table[:, 0], None, training=True)
+
+    x, table = torch.randn(4, 3, 5), torch.rand(3, 6)
+    torch._dynamo.reset()
+    if dynamic == "weight_stride":
+        torch._dynamo.mark_dynamic(table, 1)
+    compiled = torch.compile(
+        fn, backend="aot_eager", fullgraph=True, dynamic=True if dynamic == "all" else None
+    )
+    assert_close(compiled(x, table), fn(x, table), "output")
+
+
 @pytest.mark.parametrize("dynamo", [True, False], ids=["torch.export", "torch.jit.trace"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_onnx_export(training, dynamo):
