@@ -199,6 +199,34 @@ def test_split_training_ops(op, channels_last):
     torch.library.opcheck(getattr(ops, op).default, samples[getattr(ops, op).default])
 
 
+def _faulty(samples, op, position, value):
+    args = list(samples[op])
+    args[position] = value
+    return op, args
+
+
+def test_split_training_ops_reject_on_meta_as_on_cpu():
+    """Each split op's fake kernel runs its validation routine: a faulty call on the meta
+    device (as while torch.compile traces it) fails with the CPU kernel's exception and
+    words."""
+    samples = _split_training_samples(channels_last=False)
+    x = samples[ops.batch_norm_stats.default][0]
+    cases = [
+        _faulty(samples, ops.batch_norm_stats.default, 0, x.long()),
+        _faulty(samples, ops.batch_norm_forward_with_stats.default, 7, 1),
+        _faulty(samples, ops.batch_norm_backward_reduce.default, 2, torch.zeros(C - 1)),
+        _faulty(samples, ops.batch_norm_backward_elemt.default, 7, 0),
+    ]
+    for op, args in cases:
+        errors = []
+        for device in ("cpu", "meta"):
+            moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+            with pytest.raises(Exception) as info:
+                op(*moved)
+            errors.append((info.type, str(info.value)))
+        assert errors[0] == errors[1], op
+
+
 def test_split_training_ops_compose_to_the_training_ops():
     """stats + forward_with_stats and reduce + elemt give what the training forward and
     backward give for the same batch."""
