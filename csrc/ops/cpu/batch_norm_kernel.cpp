@@ -110,6 +110,16 @@ bool streams(const at::Tensor& out, const Layout& l, int64_t tensors, int64_t mi
 template <typename T>
 using Buffer = c10::SmallVector<T, 2048 / sizeof(T)>;
 
+// A Buffer of n values left unset, for callers that write each before they read it: the
+// per-channel coefficients of a pass, zeroed, took 7-11% of a backward with many channels
+// and few rows.
+template <typename T>
+Buffer<T> unset_buffer(int64_t n) {
+  Buffer<T> out;
+  out.resize_for_overwrite(static_cast<size_t>(n));
+  return out;
+}
+
 // grad_out walked like the input: as it usually has the input's strides already, that
 // case skips same_layout's views.
 at::Tensor grad_in_layout(const at::Tensor& grad_out, const at::Tensor& x, const Layout& l) {
@@ -504,7 +514,7 @@ void forward_impl(
   const bool stream = streams(out, l, /*tensors=*/2, training ? kStreamBytes : kStreamEvalBytes);
 
   // Per channel: weight, bias, and y = (x - centre) * scale + shift.
-  Buffer<acc_t> buffer(5 * C);
+  auto buffer = unset_buffer<acc_t>(5 * C);
   acc_t* w = buffer.data();
   acc_t* b = w + C;
   acc_t* centre = b + C;
@@ -684,12 +694,12 @@ void backward_impl(
       mask[0] && streams(grad_input, l, /*tensors=*/training ? 3 : 2, kStreamBytes);
   // grad_weight and grad_bias not asked for go to scratch arrays, so that the per-channel
   // loop stores without a branch and vectorises.
-  Buffer<param_t> discard(mask[1] && mask[2] ? 0 : 2 * C);
+  auto discard = unset_buffer<param_t>(mask[1] && mask[2] ? 0 : 2 * C);
   param_t* gw = mask[1] ? grad_weight.mutable_data_ptr<param_t>() : discard.data();
   param_t* gb = mask[2] ? grad_bias.mutable_data_ptr<param_t>() : discard.data() + C;
 
   // Per channel: mean, invstd, weight, and dx = a * dy + b * (x - mean) + k.
-  Buffer<acc_t> buffer(6 * C);
+  auto buffer = unset_buffer<acc_t>(6 * C);
   acc_t* mean = buffer.data();
   acc_t* invstd = mean + C;
   acc_t* w = invstd + C;
