@@ -271,6 +271,14 @@ void merge_channel_stats(
 template <typename param_t, typename acc_t>
 void load_channels(const std::optional<at::Tensor>& t, int64_t C, acc_t fallback, acc_t* out) {
   if (t.has_value() && t->defined()) {
+    if constexpr (std::is_same_v<param_t, acc_t>) {
+      // A copy, not a loop through the accessor's stride: with many channels and few rows
+      // the per-channel arrays are a good part of a call's traffic.
+      if (t->is_contiguous()) {
+        std::copy_n(t->const_data_ptr<param_t>(), C, out);
+        return;
+      }
+    }
     const auto a = t->accessor<param_t, 1>();
     for (int64_t c = 0; c < C; ++c) {
       out[c] = static_cast<acc_t>(a[c]);
@@ -297,13 +305,19 @@ Welford<double> channel_piece_stats(
 
 // K per-channel arrays of C doubles, one after another: the layout in which the
 // channels-last reductions leave their results (rows_stats, rows_grad_sums), so that the
-// per-channel finish reads them where they lie. Zero on construction; `pieces` reserves
-// room for that many sets of K arrays after the first (a reduction's per-piece partial
-// results, merged into the first).
+// per-channel finish reads them where they lie. Zero on construction, or left unset
+// (Unset) for a reduction that writes every value; `pieces` reserves room for that many
+// sets of K arrays after the first (a reduction's per-piece partial results, merged into
+// the first).
 template <int K>
 class ChannelArrays {
  public:
-  explicit ChannelArrays(int64_t C, int64_t pieces = 1) : C_(C), values_(K * C * pieces, 0.0) {}
+  struct Unset {};
+
+  explicit ChannelArrays(int64_t C) : C_(C), values_(K * C, 0.0) {}
+  ChannelArrays(int64_t C, int64_t pieces, Unset) : C_(C) {
+    values_.resize_for_overwrite(static_cast<size_t>(K * C * pieces));
+  }
 
   // The K arrays of piece p, array k at [k * C, (k + 1) * C).
   double* piece(int64_t p) {
@@ -358,7 +372,7 @@ ChannelStats channel_stats(const scalar_t* x, const Layout& l) {
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
     const int64_t blocks = cl_channel_blocks(l, pieces);
-    ChannelStats result(C, pieces);
+    ChannelStats result(C, pieces, ChannelStats::Unset{});  // each piece written by its tasks
     for_each_cl_task<acc_t>(
         l, pieces, blocks, 3 * C,
         [&](int64_t p, int64_t r0, int64_t r1, int64_t c0, int64_t c1, acc_t* scratch) {
@@ -441,7 +455,7 @@ ChannelGradSums channel_grad_sums(
     const int64_t pieces = cl_pieces(l);
     const int64_t block = rows_per_block(C);
     const int64_t blocks = cl_channel_blocks(l, pieces);
-    ChannelGradSums result(C, pieces);
+    ChannelGradSums result(C, pieces, ChannelGradSums::Unset{});  // as in channel_stats
     for_each_cl_task<acc_t>(
         l, pieces, blocks, 3 * C,
         [&](int64_t p, int64_t r0, int64_t r1, int64_t c0, int64_t c1, acc_t* scratch) {

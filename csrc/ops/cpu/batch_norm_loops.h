@@ -76,7 +76,7 @@ struct Loops {
 
   // Rows of C channels (channels-last, 2D), with per-channel arrays of C values; the
   // reductions take C channels of rows `ld` apart (a block of the channels).
-  // Statistics of the rows into mean/m2 (zero on entry); scratch: 3 * C values.
+  // Statistics of the rows (at least one) into mean/m2, overwritten; scratch: 3 * C values.
   void (*rows_stats)(
       const scalar_t* x, int64_t rows, int64_t C, int64_t ld, int64_t rows_per_block,
       double* mean, double* m2, acc_t* scratch);
@@ -84,8 +84,8 @@ struct Loops {
   void (*rows_affine)(
       const scalar_t* x, scalar_t* y, int64_t rows, int64_t C, const acc_t* centre,
       const acc_t* scale, const acc_t* shift, bool stream);
-  // Adds the sums about `mean` (GradSums) to sum_dy, sum_dy_xmu and sum_xmu; scratch:
-  // 3 * C values.
+  // The sums about `mean` (GradSums) of the rows (at least one) into sum_dy, sum_dy_xmu
+  // and sum_xmu, overwritten; scratch: 3 * C values.
   void (*rows_grad_sums)(
       const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C, int64_t ld,
       int64_t rows_per_block, const acc_t* mean, double* sum_dy, double* sum_dy_xmu,
