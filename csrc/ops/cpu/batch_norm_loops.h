@@ -15,6 +15,18 @@
 
 #include "ops/batch_norm_math.h"
 
+// Before a loop over channels whose arrays are distinct: no iteration depends on another.
+// A per-channel loop that reads and writes ten arrays has more pairs than GCC checks for
+// overlap at run time (10, --param vect-max-version-for-alias-checks), and it then leaves
+// the loop scalar.
+#if defined(__clang__)
+#define TBN_INDEPENDENT_ITERATIONS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define TBN_INDEPENDENT_ITERATIONS _Pragma("GCC ivdep")
+#else
+#define TBN_INDEPENDENT_ITERATIONS
+#endif
+
 namespace torch_batchnorm {
 namespace cpu {
 
@@ -97,6 +109,23 @@ struct Loops {
   void (*rows_grad_input_eval)(
       const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t C,
       const acc_t* mean, const acc_t* a, const acc_t* b, const acc_t* k, bool stream);
+
+  // The backward's per-channel finish of C channels, from their sums (GradSums over
+  // `total` values each, about the mean whose invstd is given): grad_weight (gw),
+  // grad_bias (gb) and dx's coefficients a, b and k (math::grad_input_coeffs).
+  void (*grad_coeffs)(const double* sum_dy,
+                      const double* sum_dy_xmu,
+                      const double* sum_xmu,
+                      int64_t C,
+                      int64_t total,
+                      bool training,
+                      const acc_t* invstd,
+                      const acc_t* w,
+                      acc_t* gw,
+                      acc_t* gb,
+                      acc_t* a,
+                      acc_t* b,
+                      acc_t* k);
 };
 
 // The elementwise loops take `stream`: write the output with streaming stores, for

@@ -1336,6 +1336,58 @@ void rows_grad_input(
   }
 }
 
+// ---------------------------------------------------------------------------------
+// Per-channel arrays
+
+// Loops::grad_coeffs, in one loop compiled for training and for evaluation: with
+// `training` a run-time value, the loop divided by the count for every channel (the
+// division sits behind the branch on it, and may trap, so the compiler leaves it there).
+// Vectorised: no branch in it (the math's selects, the callers' scratch arrays for
+// gradients not asked for) and no check for overlap between its arrays
+// (TBN_INDEPENDENT_ITERATIONS).
+template <typename acc_t>
+void grad_coeffs(const double* sum_dy,
+                 const double* sum_dy_xmu,
+                 const double* sum_xmu,
+                 int64_t C,
+                 int64_t total,
+                 bool training,
+                 const acc_t* invstd,
+                 const acc_t* w,
+                 acc_t* gw,
+                 acc_t* gb,
+                 acc_t* a,
+                 acc_t* b,
+                 acc_t* k) {
+  const auto finish = [&](auto is_training) {
+    constexpr bool kTraining = decltype(is_training)::value;
+    TBN_INDEPENDENT_ITERATIONS
+    for (int64_t c = 0; c < C; ++c) {
+      // Training: about the batch mean, not save_mean's float32 rounding of it.
+      const auto centred = kTraining
+                               ? math::centre_grad_sums(sum_dy[c], sum_dy_xmu[c], sum_xmu[c], total)
+                               : math::CentredGradSums<double>{sum_dy_xmu[c], 0.0};
+      gw[c] = static_cast<acc_t>(centred.sum_dy_xmu) * invstd[c];
+      gb[c] = static_cast<acc_t>(sum_dy[c]);
+      const auto coeffs = math::grad_input_coeffs<acc_t>(w[c],
+                                                         invstd[c],
+                                                         static_cast<acc_t>(sum_dy[c]),
+                                                         static_cast<acc_t>(centred.sum_dy_xmu),
+                                                         total,
+                                                         kTraining,
+                                                         static_cast<acc_t>(centred.residual));
+      a[c] = coeffs.a;
+      b[c] = coeffs.b;
+      k[c] = coeffs.c;
+    }
+  };
+  if (training) {
+    finish(std::true_type{});
+  } else {
+    finish(std::false_type{});
+  }
+}
+
 template <typename scalar_t>
 Loops<scalar_t> make_loops() {
   Loops<scalar_t> l;
@@ -1349,6 +1401,7 @@ Loops<scalar_t> make_loops() {
   l.rows_grad_sums = &rows_grad_sums<scalar_t>;
   l.rows_grad_input = &rows_grad_input<true, scalar_t>;
   l.rows_grad_input_eval = &rows_grad_input<false, scalar_t>;
+  l.grad_coeffs = &grad_coeffs<at::opmath_type<scalar_t>>;
   return l;
 }
 
