@@ -218,7 +218,8 @@ TBN_HOST_DEVICE CentredGradSums<T> centre_grad_sums(T sum_dy,
   // A multiply by 1 / n, which a loop over channels computes once, rather than a division
   // per channel: the residual is a correction far below mean's last place, and half a unit
   // more of rounding in it changes nothing, where the divisions held up the CPU backward's
-  // loop over channels (float32 [2, 16384], cpu-optimisations.md).
+  // loop over channels (float32 [2, 16384], cpu-optimisations.md). (A CUDA thread finishes
+  // one channel: there it is one division either way.)
   const T n = static_cast<T>(count);
   const T inv_n = T(1) / (n > T(0) ? n : T(1));
   const T residual = n > T(0) ? sum_xmu * inv_n : T(0);

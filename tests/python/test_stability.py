@@ -108,6 +108,9 @@ THREAD_CASES = [
     # runs, and the threads split them at run boundaries.
     ("nchw_short_runs", (32, 64, 7, 7), "contiguous", torch.float32),
     ("bfloat16_nchw_short_runs", (32, 64, 7, 7), "contiguous", torch.bfloat16),
+    # Blocks of channels whose size follows the thread count (13 channels, 10 with 5
+    # threads): each channel's per-channel finish falls in a vector or the tail by it.
+    ("nchw_channel_blocks", (8, 200, 7, 7), "contiguous", torch.float32),
     ("channels_last", (16, 5, 40, 40), "channels_last", torch.float32),
     ("channels_last_3d", (4, 6, 10, 20, 20), "channels_last", torch.float32),
     ("strided", (16, 5, 40, 20), "sliced", torch.float32),
@@ -142,7 +145,7 @@ def test_thread_count_independent(name, shape, layout, dtype, training):
     threads = torch.get_num_threads()
     try:
         results = []
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, 5):
             torch.set_num_threads(n)
             results.append(_run(x, grad_out, training))
     finally:

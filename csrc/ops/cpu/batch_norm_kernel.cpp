@@ -293,10 +293,9 @@ Welford<double> channel_piece_stats(
 
 // K per-channel arrays of C doubles, one after another: the layout in which the
 // channels-last reductions leave their results (rows_stats, rows_grad_sums), so that the
-// per-channel finish reads them where they lie. Zero on construction, or left unset
-// (Unset) for a reduction that writes every value; `pieces` reserves room for that many
-// sets of K arrays after the first (a reduction's per-piece partial results, merged into
-// the first).
+// per-channel finish reads them where they lie. Zero on construction, or, for a reduction
+// that writes every value, left unset (Unset) with room for `pieces` sets of K arrays (its
+// per-piece partial results, merged into the first set).
 template <int K>
 class ChannelArrays {
  public:

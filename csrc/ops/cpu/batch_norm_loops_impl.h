@@ -1339,12 +1339,11 @@ void rows_grad_input(
 // ---------------------------------------------------------------------------------
 // Per-channel arrays
 
-// Loops::grad_coeffs, in one loop compiled for training and for evaluation: with
-// `training` a run-time value, the loop divided by the count for every channel (the
-// division sits behind the branch on it, and may trap, so the compiler leaves it there).
-// Vectorised: no branch in it (the math's selects, the callers' scratch arrays for
-// gradients not asked for) and no check for overlap between its arrays
-// (TBN_INDEPENDENT_ITERATIONS).
+// Loops::grad_coeffs, in one loop compiled for training and for evaluation, so that
+// neither tests `training` per channel (with it a run-time value, the loop once divided by
+// the count for every channel, behind the branch on it). Vectorised: no branch in it (the
+// math's selects, the callers' scratch arrays for gradients not asked for) and no check
+// for overlap between its arrays (TBN_INDEPENDENT_ITERATIONS).
 template <typename acc_t>
 void grad_coeffs(const double* sum_dy,
                  const double* sum_dy_xmu,

@@ -2,7 +2,8 @@
 // on every copy of the loops this machine runs (with AVX-512 BF16 or F16C: the conversion
 // instructions, and the exact path for vectors holding what they convert differently).
 // Every loop converts through the same helpers, so one affine loop per layout, with and
-// without streaming stores, covers them.
+// without streaming stores, covers them. Then the row reductions' contract with their
+// callers: they write their per-channel totals, which callers leave unset.
 
 #include <gtest/gtest.h>
 
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -156,6 +158,64 @@ TYPED_TEST(Stores16, EveryValueLoadsAsC10) {
     }
     EXPECT_EQ(wrong, 0);
   });
+}
+
+// rows_stats and rows_grad_sums write their totals whatever the arrays held (the kernels
+// leave them unset): NaN in, the exact statistics and sums out, for one block of rows and
+// for several, rows wider than a vector (33 channels: the last vector overlaps the one
+// before it) and narrower (5).
+TEST(RowReductions, WriteTheirTotals) {
+  at::manual_seed(0);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (const int64_t C : {33, 5}) {
+    for (const int64_t rows : {7, 40}) {
+      SCOPED_TRACE(::testing::Message() << "[" << rows << ", " << C << "]");
+      const at::Tensor x = at::randn({rows, C}, at::kFloat);
+      const at::Tensor dy = at::randn({rows, C}, at::kFloat);
+      const at::Tensor x64 = x.to(at::kDouble);
+      const at::Tensor dy64 = dy.to(at::kDouble);
+      const at::Tensor mean = x64.mean(0);
+      const at::Tensor m2 = (x64 - mean).square().sum(0);
+      const std::vector<float> centre(C, 0.25f);
+      const at::Tensor xmu = x64 - 0.25;
+      const at::Tensor want[] = {dy64.sum(0), (dy64 * xmu).sum(0), xmu.sum(0)};
+      for_each_copy<float>([&](const Loops<float>& copy) {
+        std::vector<float> scratch(3 * C);
+        std::vector<double> stats(2 * C, nan);
+        copy.rows_stats(x.const_data_ptr<float>(),
+                        rows,
+                        C,
+                        /*ld=*/C,
+                        /*rows_per_block=*/16,
+                        stats.data(),
+                        stats.data() + C,
+                        scratch.data());
+        std::vector<double> sums(3 * C, nan);
+        copy.rows_grad_sums(dy.const_data_ptr<float>(),
+                            x.const_data_ptr<float>(),
+                            rows,
+                            C,
+                            /*ld=*/C,
+                            /*rows_per_block=*/16,
+                            centre.data(),
+                            sums.data(),
+                            sums.data() + C,
+                            sums.data() + 2 * C,
+                            scratch.data());
+        const auto near = [&](const double* got, const at::Tensor& expected, const char* what) {
+          const auto e = expected.accessor<double, 1>();
+          for (int64_t c = 0; c < C; ++c) {
+            EXPECT_NEAR(got[c], e[c], 1e-5 * (1 + std::abs(e[c]))) << what << ", channel " << c;
+          }
+        };
+        near(stats.data(), mean, "mean");
+        near(stats.data() + C, m2, "m2");
+        near(sums.data(), want[0], "sum(dy)");
+        near(sums.data() + C, want[1], "sum(dy * (x - centre))");
+        near(sums.data() + 2 * C, want[2], "sum(x - centre)");
+      });
+    }
+  }
 }
 
 }  // namespace
