@@ -259,14 +259,6 @@ void merge_channel_stats(
 template <typename param_t, typename acc_t>
 void load_channels(const std::optional<at::Tensor>& t, int64_t C, acc_t fallback, acc_t* out) {
   if (t.has_value() && t->defined()) {
-    if constexpr (std::is_same_v<param_t, acc_t>) {
-      // A copy, not a loop through the accessor's stride: with many channels and few rows
-      // the per-channel arrays are a good part of a call's traffic.
-      if (t->is_contiguous()) {
-        std::copy_n(t->const_data_ptr<param_t>(), C, out);
-        return;
-      }
-    }
     const auto a = t->accessor<param_t, 1>();
     for (int64_t c = 0; c < C; ++c) {
       out[c] = static_cast<acc_t>(a[c]);
