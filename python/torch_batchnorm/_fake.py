@@ -24,15 +24,38 @@ def _check(check, *args):
     """Runs the op's validation routine, the one its kernels run first (batch_norm_check.cpp),
     so that a call that the kernels would reject fails while it is traced, with their
     exception and words, rather than as a graph that fails when it runs (torch.export) or
-    as an error about the gradients it was traced to have (torch.compile). Not where a
-    size, stride or offset is symbolic (dynamic shapes): the routine reads the tensors'
-    metadata as integers, and the kernels check such a call when it runs."""
-    for arg in args:
-        if isinstance(arg, torch.SymInt) or (
-            isinstance(arg, torch.Tensor) and arg._has_symbolic_sizes_strides
-        ):
-            return
-    check(*args)
+    as an error about the gradients it was traced to have (torch.compile).
+
+    The routine reads sizes as integers, so a symbolic size (dynamic shapes) is read as its
+    value in the call being traced. That adds no guard: a call with other sizes is checked
+    by the kernels when it runs. A size that depends on data has no such value; the call is
+    then left to the kernels."""
+    args = [_concrete(arg) for arg in args]
+    if not any(arg is _UNKNOWN for arg in args):
+        check(*args)
+
+
+_UNKNOWN = object()
+
+
+def _size_hint(size):
+    if isinstance(size, int):
+        return size
+    node = size.node
+    return node.hint if node.has_hint() and isinstance(node.hint, int) else _UNKNOWN
+
+
+def _concrete(arg):
+    """`arg` with its symbolic sizes read as their values in the call being traced (a
+    tensor of those sizes, with its dtype and device, where the sizes are symbolic), or
+    _UNKNOWN."""
+    if isinstance(arg, torch.SymInt):
+        return _size_hint(arg)
+    if isinstance(arg, torch.Tensor) and arg._has_symbolic_sizes_strides:
+        sizes = [_size_hint(size) for size in arg.shape]
+        # Strides and offset are left out: the routine reads neither.
+        return _UNKNOWN if _UNKNOWN in sizes else arg.new_empty(sizes)
+    return arg
 
 
 def _dense_format(t):
