@@ -32,7 +32,9 @@ class TextbookBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 self.running_mean.lerp_(mean.flatten(), self.momentum)
                 self.running_var.lerp_(var.flatten() * n / (n - 1), self.momentum)
                 self.num_batches_tracked.add_(1)
-        return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(
+            shape
+        )
 
 
 def textbook(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,7 +88,9 @@ def main() -> None:
         "torch_batchnorm": ours,
         "textbook": textbook(copy.deepcopy(reference)),
     }
-    optimizers = {k: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for k, m in models.items()}
+    optimizers = {
+        k: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for k, m in models.items()
+    }
     losses = {k: [] for k in models}
 
     print(f"{'epoch':>5} {'torch.nn.BatchNorm':>20} {'torch_batchnorm':>18} {'|difference|':>14}")

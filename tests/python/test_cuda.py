@@ -146,14 +146,17 @@ def _run(device, x_cpu, layout, dtype, params, training, momentum=0.1, eps=1e-5,
         "running_mean": rm,
         "running_var": rv,
     }
-    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    # Named by what they are: an empty input takes no gradient, weight and bias still do.
+    leaves = {
+        name: t
+        for name, t in zip(("grad_input", "grad_weight", "grad_bias"), (x, w, b))
+        if t is not None and t.requires_grad
+    }
     if grad is not None and leaves:
         y = tbn.functional.batch_norm(
             x, None if training else rm, None if training else rv, w, b, training, momentum, eps
         )
-        grads = torch.autograd.grad(y, leaves, grad.to(device))
-        for name, t, g in zip(("grad_input", "grad_weight", "grad_bias"), leaves, grads):
-            result[name] = g
+        result.update(zip(leaves, torch.autograd.grad(y, list(leaves.values()), grad.to(device))))
     return {k: (None if v is None else v.detach().cpu()) for k, v in result.items()}
 
 

@@ -213,7 +213,7 @@ def test_backward_from_threads_sharing_a_graph():
         losses = [out.sum() * (i + 1) for i in range(4)]
         errors = []
 
-        def backward(loss):
+        def backward(loss, errors=errors):
             try:
                 loss.backward()
             except RuntimeError as e:
@@ -224,4 +224,4 @@ def test_backward_from_threads_sharing_a_graph():
             t.start()
         for t in threads:
             t.join()
-        assert all("a second time" in e for e in errors), errors
+        assert all("a second time" in message for message in errors), errors

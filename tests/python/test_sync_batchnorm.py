@@ -48,7 +48,7 @@ def _layout(t, case):
 def _run_steps(module, xs, grads, case):
     """Training steps (and an eval step) recording outputs, input and parameter grads."""
     record = []
-    for step in range(case["steps"]):
+    for _ in range(case["steps"]):
         module.train()
         x = _layout(xs.clone(), case).requires_grad_()
         if case.get("checkpoint"):
