@@ -156,9 +156,11 @@ std::pair<int64_t, int64_t> channel_block(int64_t C, int64_t blocks, int64_t b) 
 
 // Calls f(offset, spans, len) on the cache-sized groups of runs n0..n1-1 of channel c
 // (NCHW; runs are `inner` long, C * inner apart): several short runs per group, or
-// pieces of one long run.
+// pieces of one long run. `f` by reference: this runs once per channel, and a lambda
+// passed by value went to the stack as 8-byte stores read back as 16-byte loads, two
+// store-forwarding stalls a channel (NCHW [8, 256, 7, 7]: 11% of a backward).
 template <typename F>
-void for_each_group(const Layout& l, int64_t c, int64_t n0, int64_t n1, F f) {
+void for_each_group(const Layout& l, int64_t c, int64_t n0, int64_t n1, const F& f) {
   if (l.inner >= kGroupElems) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t base = (n * l.channels + c) * l.inner;
