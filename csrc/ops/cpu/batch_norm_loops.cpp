@@ -41,14 +41,10 @@ namespace torch_batchnorm {
 namespace cpu {
 
 #if TBN_X86_CLONES
-// Elementwise loops over NCHW runs use 256-bit vectors even here: runs start anywhere, and
-// a 512-bit access at an unaligned address always splits across two cache lines, which
-// costs more than the wider vector gains in a loop bound by memory.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 namespace avx512 {
 #define TBN_VEC_BYTES 64
-#define TBN_RUN_BYTES 32
 #define TBN_HAVE_AVX512 1
 #define TBN_HAVE_AVX2 1
 #define TBN_HAVE_AVX512_BF16 0
@@ -56,7 +52,6 @@ namespace avx512 {
 #undef TBN_HAVE_AVX512_BF16
 #undef TBN_HAVE_AVX2
 #undef TBN_HAVE_AVX512
-#undef TBN_RUN_BYTES
 #undef TBN_VEC_BYTES
 }  // namespace avx512
 #pragma GCC pop_options
@@ -69,7 +64,6 @@ namespace avx512 {
     "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,prefer-vector-width=512")
 namespace avx512_bf16 {
 #define TBN_VEC_BYTES 64
-#define TBN_RUN_BYTES 32
 #define TBN_HAVE_AVX512 1
 #define TBN_HAVE_AVX2 1
 #define TBN_HAVE_AVX512_BF16 1
@@ -77,7 +71,6 @@ namespace avx512_bf16 {
 #undef TBN_HAVE_AVX512_BF16
 #undef TBN_HAVE_AVX2
 #undef TBN_HAVE_AVX512
-#undef TBN_RUN_BYTES
 #undef TBN_VEC_BYTES
 }  // namespace avx512_bf16
 #pragma GCC pop_options
@@ -87,7 +80,6 @@ namespace avx512_bf16 {
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #define TBN_VEC_BYTES 32
-#define TBN_RUN_BYTES 32
 #define TBN_HAVE_AVX512 0
 #define TBN_HAVE_AVX2 1
 #define TBN_HAVE_AVX512_BF16 0
@@ -95,7 +87,6 @@ namespace avx2 {
 #undef TBN_HAVE_AVX512_BF16
 #undef TBN_HAVE_AVX2
 #undef TBN_HAVE_AVX512
-#undef TBN_RUN_BYTES
 #undef TBN_VEC_BYTES
 }  // namespace avx2
 #pragma GCC pop_options
@@ -103,7 +94,6 @@ namespace avx2 {
 
 namespace base {
 #define TBN_VEC_BYTES 16
-#define TBN_RUN_BYTES 16
 #define TBN_HAVE_AVX512 0
 #define TBN_HAVE_AVX2 0
 #define TBN_HAVE_AVX512_BF16 0
@@ -111,7 +101,6 @@ namespace base {
 #undef TBN_HAVE_AVX512_BF16
 #undef TBN_HAVE_AVX2
 #undef TBN_HAVE_AVX512
-#undef TBN_RUN_BYTES
 #undef TBN_VEC_BYTES
 }  // namespace base
 

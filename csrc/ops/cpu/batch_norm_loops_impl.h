@@ -2,10 +2,9 @@
 //
 // batch_norm_loops.cpp includes this file several times, each time inside a namespace of
 // its own compiled for one instruction set (AVX-512, AVX2+FMA, baseline x86-64), with
-// TBN_VEC_BYTES set to that set's vector width, TBN_RUN_BYTES to the width of the
-// memory accesses of elementwise loops over NCHW runs, and TBN_HAVE_AVX512 /
-// TBN_HAVE_AVX2 to 0 or 1, and TBN_HAVE_AVX512_BF16 to 1 in a fourth copy, built for
-// bfloat16 only, whose stores round with the AVX-512 BF16 conversion.
+// TBN_VEC_BYTES set to that set's vector width, TBN_HAVE_AVX512 and TBN_HAVE_AVX2 to 0
+// or 1, and TBN_HAVE_AVX512_BF16 to 1 in a fourth copy, built for bfloat16 only, whose
+// stores round with the AVX-512 BF16 conversion.
 // Hence no include guard, and no includes:
 // the includer brings in every header first (<immintrin.h> too, for the few conversions
 // written with intrinsics), so that no inline function of a shared header is ever
@@ -415,14 +414,6 @@ TBN_INLINE void stream_map(scalar_t* q, int64_t len, VecFn vec, Tail tail) {
   }
 }
 
-// The acc_t vector width of elementwise loops over NCHW runs: accesses of TBN_RUN_BYTES
-// of scalar_t, so bfloat16 runs take float vectors twice as wide (and store whole
-// 256-bit halves: 128-bit streaming stores made a bfloat16 pass 15% slower than
-// ordinary stores).
-template <typename scalar_t, typename acc_t>
-constexpr int64_t kRunBytes = std::min<int64_t>(
-    TBN_VEC_BYTES, TBN_RUN_BYTES * sizeof(acc_t) / sizeof(scalar_t));
-
 // The elementwise loop over one run: stream_map when `stream`, else vec_map.
 template <typename acc_t, int64_t kBytes, typename scalar_t, typename VecFn, typename Tail>
 TBN_INLINE void map_run(scalar_t* q, int64_t len, bool stream, VecFn vec, Tail tail) {
@@ -626,7 +617,7 @@ void runs_affine(
     const scalar_t* x, scalar_t* y, int64_t spans, int64_t stride, int64_t runs, int64_t len,
     int64_t c0, int64_t C, const acc_t* centre, const acc_t* scale, const acc_t* shift,
     bool stream) {
-  constexpr int64_t kBytes = kRunBytes<scalar_t, acc_t>;
+  constexpr int64_t kBytes = TBN_VEC_BYTES;
   const auto load = [&](int64_t i) { return vload<acc_t, kBytes>(x + i); };
   const auto value = [&](int64_t i) { return static_cast<acc_t>(x[i]); };
   // ch: the per-channel values, in the order of the arrays passed to map_runs.
@@ -752,7 +743,7 @@ void runs_grad_input(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t spans, int64_t stride,
     int64_t runs, int64_t len, int64_t c0, int64_t C, const acc_t* mean, const acc_t* a,
     const acc_t* b, const acc_t* k, bool stream) {
-  constexpr int64_t kBytes = kRunBytes<scalar_t, acc_t>;
+  constexpr int64_t kBytes = TBN_VEC_BYTES;
   const auto load = [&](const scalar_t* p, int64_t i) { return vload<acc_t, kBytes>(p + i); };
   const auto value = [&](const scalar_t* p, int64_t i) { return static_cast<acc_t>(p[i]); };
   // ch: the per-channel values, in the order of the arrays passed to map_runs.
