@@ -184,7 +184,7 @@ def test_rejected_while_traced(transform, training, dynamic):
         errors.append((info.type, str(info.value)))
     (torch_type, torch_message), (ours_type, ours_message) = errors
     assert ours_type is torch_type
-    # Compiled with dynamic shapes, torch's words name the channel count's symbol (s0);
+    # Compiled with dynamic shapes, torch's words name the channel count by its symbol;
     # ours give its value in the call.
     assert re.search(r"running_mean should contain (4|s\d+) elements not 3", torch_message)
     assert "running_mean should contain 4 elements not 3" in ours_message
