@@ -332,17 +332,6 @@ TBN_INLINE V zero_lanes_below(V v, int64_t from) {
   return select_below(from, V{}, v);
 }
 
-// (a, b, c, d) = (b, c, d, a): single vectors added to a, then rotated, spread over four
-// accumulators instead of waiting on one. (Register renames, no data moves.)
-template <typename V>
-TBN_INLINE void rotate(V& a, V& b, V& c, V& d) {
-  const V t = a;
-  a = b;
-  b = c;
-  c = d;
-  d = t;
-}
-
 // Visits [0, len): body4(i) for 4 vectors at a time, body1(i, 0) for one vector; the last
 // len % L values, when len >= L, as the vector ending at len with its first lanes
 // (already visited) masked: body1(len - L, lanes_to_skip); else tail(i) for each value.
@@ -378,8 +367,8 @@ using Set = std::integral_constant<size_t, k>;
 // than a vector. A run gives four vectors at a time to the four sets, and its last few
 // vectors (see vec_loop) to the first set, rotated after each. Runs shorter than four
 // vectors (7x7 planes) go four at a time instead, each into a set of its own: rotated
-// through the sets, their few vectors each cost the rotations too ([8, 256, 7, 7] float32
-// backward, 1 thread: 47-49 us rotated, 42-45 us four runs at a time).
+// through the sets, their few vectors each cost the rotations too ([8, 256, 7, 7] float32,
+// 1 thread: backward 47-52 us rotated, 43-50 us four runs at a time; forward 43-44, 37-41).
 template <typename acc_t, typename Body, typename Rotate, typename Tail>
 TBN_INLINE void span_vectors(
     int64_t spans, int64_t len, int64_t stride, Body body, Rotate rotate, Tail tail) {
@@ -440,6 +429,8 @@ struct Sets {
       return d;
     }
   }
+  // (a, b, c, d) = (b, c, d, a): single vectors added to a, then rotated, spread over the
+  // four instead of waiting on one. (Register renames, no data moves.)
   TBN_INLINE void rotate() {
     const V t = a;
     a = b;
